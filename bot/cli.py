@@ -1,0 +1,113 @@
+"""The ``rwkv-discord`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from bot.settings import ConfigError, load_settings
+from chat.presets import PresetError
+from chat.store import StoreError
+from engine.errors import EngineError
+from engine.make_model import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape, write_random_model
+
+PROG = "rwkv-discord"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A Discord bot (and terminal chat) for RWKV language models. Settings come "
+        "from RWKV_DISCORD_* environment variables or a .env file; see the README.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with the model in the terminal",
+        description="Chat in the terminal with the RWKV chat grammar (+help lists it), on the "
+        "same database as the bot. With --jsonl: one message per input line, one JSON object "
+        "per message on stdout.",
+    )
+    chat.add_argument("--model", type=Path, help="RWKV .pth file (default: RWKV_DISCORD_MODEL)")
+    chat.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    chat.add_argument("--channel", default="console", help="conversation name (default: console)")
+    chat.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)")
+    chat.add_argument("--tokenizer", help="auto, world, or a tokenizer.json path")
+    chat.add_argument("--preset", help="default prompt preset (default: RWKV_DISCORD_PRESET)")
+    chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    chat.add_argument("--jsonl", action="store_true", help="JSON lines in and out, for scripts")
+
+    make = sub.add_parser(
+        "make-model",
+        help="write a random-weight model file (for tests and benchmarks)",
+        description="Write an RWKV .pth file with random weights in the real key layout of the "
+        "chosen version. Give a size name (RWKV-7 G1 shapes) or --layers/--embd/--vocab.",
+    )
+    make.add_argument("path", type=Path, help="output file, ending in .pth")
+    make.add_argument("--version", type=int, choices=SUPPORTED_VERSIONS, default=7,
+                      help="RWKV version (default: 7)")
+    make.add_argument("--size", choices=sorted(NAMED_SHAPES), help="a real RWKV-7 shape")
+    make.add_argument("--layers", type=int, default=2, help="layers (default: 2)")
+    make.add_argument("--embd", type=int, default=64, help="width (default: 64)")
+    make.add_argument("--vocab", type=int, default=65536, help="vocabulary size (default: 65536, World)")
+    make.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="stored precision")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    return parser
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    if args.path.suffix != ".pth":
+        raise ConfigError(f"the output file must end in .pth: {args.path}")
+    shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers, args.embd, args.vocab)
+    try:
+        write_random_model(args.path, args.version, shape, seed=args.seed, dtype=_DTYPES[args.dtype])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    size_mb = args.path.stat().st_size / 1e6
+    print(f"wrote {args.path}: RWKV-{args.version} L{shape.n_layer} D{shape.n_embd} "
+          f"vocab {shape.vocab_size}, {args.dtype}, {size_mb:.1f} MB")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from bot.app import open_chat  # noqa: PLC0415 (imports torch models only when needed)
+    from bot.console import run_console  # noqa: PLC0415
+
+    settings = load_settings(
+        model=args.model, db=args.db, strategy=args.strategy, tokenizer=args.tokenizer,
+        preset=args.preset, seed=args.seed,
+    )
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        async with open_chat(settings) as service:
+            return await run_console(service, args.channel, args.jsonl)
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for a usage or setting error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "make-model":
+            return _make_model(args)
+        return _chat(args)
+    except (ConfigError, EngineError, StoreError, PresetError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The one settings object: environment variables (``RWKV_DISCORD_*``) and a ``.env`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RWKV_DISCORD_"
+
+# How to fix each setting, for the one-line start-up error.
+FIXES: dict[str, str] = {
+    "model": "point it at an RWKV .pth file, e.g. RWKV_DISCORD_MODEL=/models/rwkv7-g1-1.5b.pth",
+    "strategy": "use 'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp16i8'",
+    "tokenizer": "use 'auto', 'world', or the path of a tokenizer.json",
+    "db": "give a writable file path, e.g. RWKV_DISCORD_DB=data/rwkv-discord.sqlite3",
+    "preset": "use 'auto' or the name of a preset (g1-chat, raven-chat, raven-qa, or your own)",
+    "presets_dir": "give an existing folder of .toml presets, or leave it unset",
+    "max_input_tokens": "use a whole number from 16 to 1000000",
+    "gen_max_tokens": "use a whole number from 1 to 4096",
+    "chat_max_tokens": "use a whole number from 1 to 4096",
+    "seed": "use a whole number, or leave it unset",
+    "log_level": "use DEBUG, INFO, WARNING or ERROR",
+    "token": "set it to your bot token from the Discord developer portal",
+}
+
+
+class ConfigError(Exception):
+    """A wrong setting; the message is one line that names the setting and the fix."""
+
+
+class Settings(BaseSettings):
+    """Every setting of rwkv-discord. Environment variables are ``RWKV_DISCORD_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        protected_namespaces=(),
+    )
+
+    model: Path | None = Field(None, description="RWKV .pth model file")
+    strategy: str = Field("cpu fp32", description="device and precision, as the rwkv package")
+    tokenizer: str = Field("auto", description="auto, world, or a tokenizer.json path")
+    db: Path = Field(Path("data/rwkv-discord.sqlite3"), description="SQLite database file")
+    preset: str = Field("auto", description="default prompt preset")
+    presets_dir: Path | None = Field(None, description="folder of extra .toml presets")
+    max_input_tokens: int = Field(2048, ge=16, le=1_000_000, description="cap on a message's tokens")
+    gen_max_tokens: int = Field(256, ge=1, le=4096, description="length of +gen/+i/+qq/+qa")
+    chat_max_tokens: int = Field(999, ge=1, le=4096, description="hard cap of a chat reply")
+    seed: int | None = Field(None, description="seed for reproducible sampling")
+    log_level: str = Field("INFO", description="logging level")
+    token: SecretStr | None = Field(None, description="Discord bot token")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_shape(cls, value: str) -> str:
+        parts = value.split()
+        if len(parts) < 2 or parts[0].split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"{value!r} is not a strategy")
+        return " ".join(parts)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"{value!r} is not a log level")
+        return value.upper()
+
+    @field_validator("presets_dir")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return value
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; command-line values (not None) override the environment.
+
+    Raises :class:`ConfigError` with one line naming the variable and how to fix it.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        fix = FIXES.get(name, "see the configuration table in the README")
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()} is wrong ({reason}): {fix}") from None
+
+
+def require_model(settings: Settings) -> Path:
+    """The model path, or a :class:`ConfigError` saying how to set it."""
+    if settings.model is None:
+        raise ConfigError(
+            f"{ENV_PREFIX}MODEL is not set: {FIXES['model']} (or pass --model; "
+            "`rwkv-discord make-model` writes a random one to try things out)"
+        )
+    return settings.model

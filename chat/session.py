@@ -1,0 +1,377 @@
+"""The chat session: what a channel message does to that channel's conversation.
+
+This sits between the front ends (terminal, Discord) and the engine. It knows the grammar, the
+snapshots of the reference chat and the sampling policy; it imports neither discord nor CUDA code.
+
+Snapshots per channel, as in the reference: ``chat`` (after the last reply), ``chat_pre`` (after
+the last user message, before the reply; read by ``+``), ``gen_0`` (after a free-generation
+prompt; read by ``++``), ``gen_1`` (after a free generation; read by ``+++``). ``chat_init`` is
+the state after a preset's opening prompt, shared by all channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from chat.grammar import HELP_TEXT, Command, GrammarError, Overrides, Parsed, parse_message
+from chat.presets import Preset
+from chat.store import Store, Turn
+from engine.errors import EngineError, StateMismatchError
+from engine.generation import visible_text
+from engine.interface import (
+    Engine,
+    Finished,
+    GenerationRequest,
+    PromptRead,
+    ReplyMode,
+    TextDelta,
+)
+from engine.sampling import SamplingParams
+from engine.state import Snapshot
+from engine.tokenizer import encode_prompt
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION_TEMPLATE = (
+    "\nBelow is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n# Instruction:\n{text}\n\n# Response:\n"
+)
+_FREE_COMMANDS = {Command.GEN, Command.INSTRUCT, Command.QQ, Command.QA}
+_SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                    "penalty_decay")
+_THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+
+
+class FaqLookup(Protocol):
+    """Answers ``+faq`` questions from the bundled knowledge base."""
+
+    def answer(self, query: str) -> str | None:
+        """The answer text, or None when no topic matches well enough."""
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """Limits and defaults of the chat, from the settings."""
+
+    default_preset: str
+    max_input_tokens: int = 2048
+    gen_max_tokens: int = 256  # +gen/+i/+qq/+qa length (then up to 100 more to end cleanly)
+    chat_max_tokens: int = 999  # hard cap of a chat reply
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one message: what the front end shows (and ``--jsonl`` prints)."""
+
+    kind: str  # reply, generation, notice, error, help, faq
+    text: str
+    notices: tuple[str, ...] = ()
+    sampling: dict[str, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    stop_reason: str | None = None
+    thinking: str | None = None  # the text of <think> sections, for a front end to fold or hide
+
+    @property
+    def answer(self) -> str:
+        """The text without thinking sections."""
+        return visible_text(self.text).strip() if self.thinking is not None else self.text
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON object of ``--jsonl`` output."""
+        data: dict[str, Any] = {"kind": self.kind, "text": self.text}
+        if self.notices:
+            data["notices"] = list(self.notices)
+        if self.sampling is not None:
+            data["sampling"] = self.sampling
+            data["tokens"] = self.tokens
+            data["prompt_tokens"] = self.prompt_tokens
+            data["stop_reason"] = self.stop_reason
+            data["thinking"] = self.thinking
+            data["answer"] = self.answer
+        return data
+
+
+ChatEvent = TextDelta | Outcome
+
+
+def split_thinking(text: str) -> str | None:
+    """The content of ``<think>`` sections of a reply, or None when it has none."""
+    parts = _THINK_RE.findall(text)
+    return "\n".join(p.strip() for p in parts) if parts else None
+
+
+class ChatService:
+    """Handles the messages of every channel, one at a time per channel."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        presets: dict[str, Preset],
+        config: ChatConfig,
+        faq: FaqLookup | None = None,
+    ) -> None:
+        if config.default_preset not in presets:
+            raise ValueError(
+                f"unknown preset {config.default_preset!r}; known: {', '.join(sorted(presets))}"
+            )
+        self.engine = engine
+        self.store = store
+        self.presets = presets
+        self.config = config
+        self.faq = faq
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._init_cache: dict[str, Snapshot] = {}
+        self._seeds = random.Random(config.seed)
+
+    # ----------------------------------------------------------------- entry points
+
+    async def respond(self, channel_id: str, message: str) -> Outcome:
+        """Handle a message and return only its outcome (no streaming)."""
+        outcome: Outcome | None = None
+        async for event in self.handle(channel_id, message):
+            if isinstance(event, Outcome):
+                outcome = event
+        assert outcome is not None
+        return outcome
+
+    async def handle(self, channel_id: str, message: str) -> AsyncIterator[ChatEvent]:
+        """Handle a message: text pieces while the model writes, then one :class:`Outcome`."""
+        parsed = parse_message(message)
+        if isinstance(parsed, GrammarError):
+            yield Outcome("error", parsed.message)
+            return
+        lock = self._locks.setdefault(channel_id, asyncio.Lock())
+        async with lock:
+            async for event in self._dispatch(channel_id, parsed):
+                yield event
+
+    async def prepare(self) -> None:
+        """Compute (or load) the default preset's initial snapshot before the first message."""
+        await self._init_snapshot(self.presets[self.config.default_preset])
+
+    # ----------------------------------------------------------------- helpers
+
+    async def channel_preset(self, channel_id: str) -> Preset:
+        """The preset a channel uses (its own setting, else the default)."""
+        settings = await self.store.channel_settings(channel_id)
+        return self.presets.get(str(settings.get("preset")), self.presets[self.config.default_preset])
+
+    async def _sampling(self, channel_id: str, preset: Preset, overrides: Overrides) -> SamplingParams:
+        settings = await self.store.channel_settings(channel_id)
+        own = {k: float(settings[k]) for k in _SAMPLING_FIELDS if k in settings}
+        return replace(preset.sampling, **{**own, **overrides.items()})
+
+    async def _init_snapshot(self, preset: Preset) -> Snapshot:
+        cached = self._init_cache.get(preset.key)
+        if cached is not None:
+            return cached
+        fingerprint = self.engine.spec.fingerprint
+        snapshot = await self.store.load_init(preset.key, fingerprint)
+        if snapshot is None:
+            tokens = encode_prompt(self.engine.tokenizer, preset.init_prompt)
+            snapshot = await self.engine.read(None, tokens)
+            await self.store.save_init(preset.key, snapshot)
+        self._init_cache[preset.key] = snapshot
+        return snapshot
+
+    async def _load(self, channel_id: str, name: str, notices: list[str]) -> tuple[Snapshot, str] | None:
+        try:
+            return await self.store.load_snapshot(channel_id, name, self.engine.spec.fingerprint)
+        except StateMismatchError as exc:
+            log.warning("channel %s: %s", channel_id, exc)
+            notices.append(f"The stored conversation could not be used ({exc}); starting afresh.")
+            return None
+
+    def _cap_input(self, text: str, notices: list[str]) -> str:
+        limit = self.config.max_input_tokens
+        if len(text) > limit * 16:  # no token is longer than this; keeps tokenizing cheap
+            text = text[: limit * 16]
+        ids = self.engine.tokenizer.encode(text)
+        if len(ids) <= limit:
+            return text
+        notices.append(f"Your message was longer than {limit} tokens, so only the first {limit} were read.")
+        return self.engine.tokenizer.decode(ids[:limit]).rstrip("\ufffd")
+
+    # ----------------------------------------------------------------- commands
+
+    async def _dispatch(self, channel_id: str, parsed: Parsed) -> AsyncIterator[ChatEvent]:
+        notices = list(parsed.notices)
+        command = parsed.command
+        if command is Command.HELP:
+            head = f"Unknown command {parsed.unknown}.\n" if parsed.unknown else ""
+            yield Outcome("help", head + HELP_TEXT, tuple(notices))
+        elif command is Command.SETTINGS:
+            yield await self._save_settings(channel_id, parsed.overrides, notices)
+        elif command is Command.FAQ:
+            answer = self.faq.answer(parsed.text) if self.faq is not None else None
+            if answer is None:
+                text = (f"No FAQ entry matches {parsed.text!r}." if self.faq is not None
+                        else "The FAQ is not available here.")
+                yield Outcome("notice", text, tuple(notices))
+            else:
+                yield Outcome("faq", answer, tuple(notices))
+        elif command is Command.RESET:
+            preset = await self.channel_preset(channel_id)
+            init = await self._init_snapshot(preset)
+            await self.store.commit(channel_id, preset.key, {"chat": init}, delete=("chat_pre",),
+                                    turn=Turn("+reset", "", "", 0))
+            yield Outcome("notice", "Chat reset.", tuple(notices))
+        elif command is Command.CHAT:
+            async for event in self._chat(channel_id, parsed, notices):
+                yield event
+        elif command is Command.RETRY_CHAT:
+            async for event in self._retry_chat(channel_id, parsed, notices):
+                yield event
+        else:
+            async for event in self._free(channel_id, parsed, notices):
+                yield event
+
+    async def _save_settings(self, channel_id: str, overrides: Overrides, notices: list[str]) -> Outcome:
+        settings = await self.store.channel_settings(channel_id)
+        settings.update(overrides.items())
+        await self.store.set_channel_settings(channel_id, settings)
+        shown = ", ".join(f"{k} {v:g}" for k, v in overrides.items().items())
+        return Outcome("notice", f"Saved as this channel's defaults: {shown}.", tuple(notices))
+
+    async def _chat(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
+        preset = await self.channel_preset(channel_id)
+        loaded = await self._load(channel_id, "chat", notices)
+        if loaded is not None and loaded[1] != preset.key:
+            notices.append("This channel's prompt preset changed, so the conversation starts afresh.")
+            loaded = None
+        start = loaded[0] if loaded is not None else await self._init_snapshot(preset)
+        text = self._cap_input(parsed.text, notices)
+        prompt = encode_prompt(self.engine.tokenizer, preset.chat_turn(text))
+        sampling = await self._sampling(channel_id, preset, parsed.overrides)
+        async for event in self._run(channel_id, preset, "reply", start, prompt, sampling,
+                                     ReplyMode.CHAT, 0.0, notices, ("chat_pre", "chat"),
+                                     Turn("chat", parsed.text, "", 0)):
+            yield event
+
+    async def _retry_chat(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
+        loaded = await self._load(channel_id, "chat_pre", notices)
+        if loaded is None:
+            yield Outcome("notice", "There is no chat reply to retry yet: send a message first.",
+                          tuple(notices))
+            return
+        snapshot, preset_key = loaded
+        preset = await self.channel_preset(channel_id)
+        sampling = await self._sampling(channel_id, preset, parsed.overrides)
+        async for event in self._run(channel_id, preset, "reply", snapshot, [], sampling,
+                                     ReplyMode.CHAT, 0.0, notices, (None, "chat"),
+                                     Turn("+", "", "", 0), preset_key=preset_key):
+            yield event
+
+    async def _free(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
+        command = parsed.command
+        preset = await self.channel_preset(channel_id)
+        sampling = await self._sampling(channel_id, preset, parsed.overrides)
+        tok = self.engine.tokenizer
+        newline_bias = 0.0
+        start: Snapshot | None = None
+        prompt: list[int] = []
+        if command in _FREE_COMMANDS:
+            text = self._cap_input(parsed.text, notices)
+            if command is Command.GEN:
+                prompt = encode_prompt(tok, "\n" + text.strip())
+            elif command is Command.INSTRUCT:
+                prompt = encode_prompt(tok, INSTRUCTION_TEMPLATE.format(text=text))
+            elif command is Command.QQ:
+                prompt = encode_prompt(tok, "\nQ: " + text.strip() + "\nA:")
+            else:
+                start = await self._init_snapshot(preset)
+                prompt = encode_prompt(tok, preset.chat_turn(text))
+                newline_bias = -2.0
+            targets: tuple[str | None, str] = ("gen_0", "gen_1")
+        else:
+            name = "gen_1" if command is Command.CONTINUE else "gen_0"
+            loaded = await self._load(channel_id, name, notices)
+            if loaded is None:
+                what = "continue" if command is Command.CONTINUE else "retry"
+                yield Outcome(
+                    "notice",
+                    f"There is no free generation to {what} yet: start one with +gen, +i, +qq or +qa.",
+                    tuple(notices),
+                )
+                return
+            start = loaded[0]
+            newline_bias = float(start.meta.get("newline_bias", 0.0))
+            # +++ continues from gen_1 and makes it the new gen_0, as in the reference.
+            targets = ("gen_0", "gen_1") if command is Command.CONTINUE else (None, "gen_1")
+        async for event in self._run(channel_id, preset, "generation", start, prompt, sampling,
+                                     ReplyMode.FREE, newline_bias, notices, targets,
+                                     Turn(command.value, parsed.text, "", 0)):
+            yield event
+
+    async def _run(
+        self,
+        channel_id: str,
+        preset: Preset,
+        kind: str,
+        start: Snapshot | None,
+        prompt: list[int],
+        sampling: SamplingParams,
+        mode: ReplyMode,
+        newline_bias: float,
+        notices: list[str],
+        targets: tuple[str | None, str],
+        turn: Turn,
+        preset_key: str | None = None,
+    ) -> AsyncIterator[ChatEvent]:
+        """Generate, stream, then store the snapshots of the turn in one transaction.
+
+        ``targets`` names the snapshots to write: (after the prompt, after the reply); a
+        failed generation stores nothing, so the channel keeps its last good state.
+        """
+        request = GenerationRequest(
+            start=start,
+            prompt=prompt,
+            sampling=sampling,
+            mode=mode,
+            max_tokens=self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens,
+            newline_bias=newline_bias,
+            seed=self._seeds.randrange(2**63),
+        )
+        if start is None and not prompt:
+            raise ValueError("nothing to generate from")
+        before: Snapshot | None = start
+        finished: Finished | None = None
+        try:
+            async for event in self.engine.generate(request):
+                if isinstance(event, PromptRead):
+                    before = event.snapshot
+                elif isinstance(event, TextDelta):
+                    yield event
+                else:
+                    finished = event
+        except EngineError as exc:
+            log.error("channel %s: generation failed: %s", channel_id, exc)
+            yield Outcome("error", f"Sorry, the reply failed ({exc}). The conversation is unchanged.",
+                          tuple(notices))
+            return
+        assert finished is not None and before is not None
+        put = {targets[1]: finished.snapshot}
+        if targets[0] is not None:
+            put[targets[0]] = before
+        text = finished.text.strip() if mode is ReplyMode.CHAT else finished.text
+        turn = replace(turn, reply_text=text, reply_tokens=len(finished.tokens))
+        await self.store.commit(channel_id, preset_key or preset.key, put, turn=turn)
+        yield Outcome(
+            kind,
+            text,
+            tuple(notices),
+            sampling=sampling.as_dict(),
+            tokens=finished.tokens,
+            prompt_tokens=finished.prompt_tokens,
+            stop_reason=finished.reason.value,
+            thinking=split_thinking(text),
+        )

@@ -1,0 +1,251 @@
+"""The one database access layer: channels, snapshots and transcripts in SQLite (aiosqlite).
+
+Numbered migrations from ``migrations/`` run at open, each in its own transaction, and the schema
+version lives in the database (``PRAGMA user_version``). The database runs in WAL mode and every
+change of a turn is one transaction, so a kill at any moment leaves it consistent: a turn is
+either wholly stored or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import json
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from engine.errors import StateMismatchError
+from engine.state import Snapshot, checksum
+
+SNAPSHOT_NAMES = ("chat", "chat_pre", "gen_0", "gen_1")
+_MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
+
+
+class StoreError(Exception):
+    """The database cannot be used (wrong file, newer schema, disk trouble)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One answered message, for the channel's transcript."""
+
+    command: str
+    user_text: str
+    reply_text: str
+    reply_tokens: int
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every bundled migration, in order."""
+    found = []
+    for entry in importlib.resources.files("migrations").iterdir():
+        match = _MIGRATION_RE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise StoreError(f"migrations must be numbered 1, 2, 3... without gaps, found {versions}")
+    return found
+
+
+class Store:
+    """An open database. Create with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        """Open (creating if needed) and migrate the database at ``path``."""
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db, path)
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process kill loses nothing
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await store._migrate()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreError(f"{path} is not a usable rwkv-discord database: {exc}") from exc
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        try:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            await self._db.close()
+
+    async def schema_version(self) -> int:
+        """The migration number the database is at."""
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _migrate(self) -> None:
+        current = await self.schema_version()
+        available = migrations()
+        if current > len(available):
+            raise StoreError(
+                f"database {self.path} has schema version {current}, newer than this program "
+                f"knows ({len(available)}): upgrade rwkv-discord or use another --db"
+            )
+        for version, name, sql in available[current:]:
+            try:
+                await self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
+                )
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                raise StoreError(f"migration {name} failed: {exc}") from exc
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        async with self._db.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def channel_settings(self, channel_id: str) -> dict[str, Any]:
+        """The channel's own settings (empty for a new channel)."""
+        row = await self._fetchone("SELECT settings FROM channels WHERE channel_id = ?", (channel_id,))
+        return dict(json.loads(row[0])) if row else {}
+
+    async def set_channel_settings(self, channel_id: str, settings: dict[str, Any]) -> None:
+        """Replace the channel's own settings."""
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._ensure_channel(channel_id)
+                await self._db.execute(
+                    "UPDATE channels SET settings = ?, updated_at = ? WHERE channel_id = ?",
+                    (json.dumps(settings, sort_keys=True), time.time(), channel_id),
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def _ensure_channel(self, channel_id: str) -> None:
+        now = time.time()
+        await self._db.execute(
+            "INSERT OR IGNORE INTO channels (channel_id, created_at, updated_at) VALUES (?, ?, ?)",
+            (channel_id, now, now),
+        )
+
+    async def load_snapshot(
+        self, channel_id: str, name: str, fingerprint: str
+    ) -> tuple[Snapshot, str] | None:
+        """The channel's snapshot ``name`` and its preset key, or None when there is none.
+
+        Raises :class:`StateMismatchError` when it is damaged or belongs to another model.
+        """
+        row = await self._fetchone(
+            "SELECT data, checksum, preset_key, model_fingerprint FROM snapshots "
+            "WHERE channel_id = ? AND name = ?",
+            (channel_id, name),
+        )
+        if row is None:
+            return None
+        data, digest, preset_key, model = row
+        if model != fingerprint:
+            raise StateMismatchError(f"the stored {name} state was made with another model ({model})")
+        snapshot = await asyncio.to_thread(_decode, bytes(data), digest, fingerprint)
+        return snapshot, str(preset_key)
+
+    async def load_init(self, preset_key: str, fingerprint: str) -> Snapshot | None:
+        """The shared initial snapshot of a preset for a model, if it was stored."""
+        row = await self._fetchone(
+            "SELECT data, checksum FROM init_snapshots WHERE preset_key = ? AND model_fingerprint = ?",
+            (preset_key, fingerprint),
+        )
+        if row is None:
+            return None
+        try:
+            return await asyncio.to_thread(_decode, bytes(row[0]), row[1], fingerprint)
+        except StateMismatchError:
+            return None  # recomputed by the caller and stored again
+
+    async def save_init(self, preset_key: str, snapshot: Snapshot) -> None:
+        """Store the shared initial snapshot of a preset."""
+        data = await asyncio.to_thread(snapshot.to_bytes)
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO init_snapshots VALUES (?, ?, ?, ?, ?)",
+                (preset_key, snapshot.fingerprint, data, checksum(data), time.time()),
+            )
+
+    async def commit(
+        self,
+        channel_id: str,
+        preset_key: str,
+        put: dict[str, Snapshot],
+        delete: tuple[str, ...] = (),
+        turn: Turn | None = None,
+    ) -> None:
+        """Store a turn's snapshots (and transcript line) in one transaction."""
+        encoded = await asyncio.to_thread(
+            lambda: {name: snap.to_bytes() for name, snap in put.items()}
+        )
+        now = time.time()
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._ensure_channel(channel_id)
+                for name in delete:
+                    await self._db.execute(
+                        "DELETE FROM snapshots WHERE channel_id = ? AND name = ?", (channel_id, name)
+                    )
+                for name, data in encoded.items():
+                    await self._db.execute(
+                        "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (channel_id, name, put[name].fingerprint, preset_key, data,
+                         checksum(data), now),
+                    )
+                if turn is not None:
+                    fingerprint = next(iter(put.values())).fingerprint if put else ""
+                    await self._db.execute(
+                        "INSERT INTO turns (channel_id, command, user_text, reply_text, "
+                        "reply_tokens, model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (channel_id, turn.command, turn.user_text, turn.reply_text,
+                         turn.reply_tokens, fingerprint, now),
+                    )
+                await self._db.execute(
+                    "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def transcript(self, channel_id: str) -> list[Turn]:
+        """Every stored turn of a channel, oldest first."""
+        async with self._db.execute(
+            "SELECT command, user_text, reply_text, reply_tokens FROM turns "
+            "WHERE channel_id = ? ORDER BY id",
+            (channel_id,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [Turn(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
+def _decode(data: bytes, digest: str, fingerprint: str) -> Snapshot:
+    if checksum(data) != digest:
+        raise StateMismatchError("a stored state failed its checksum")
+    return Snapshot.from_bytes(data, fingerprint)

@@ -1,0 +1,23 @@
+"""Errors the engine raises, each with a message meant for the person who caused it."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine reports."""
+
+
+class ModelFileError(EngineError):
+    """A model file that cannot be used: missing, unreadable, truncated or not an RWKV model."""
+
+
+class TokenizerError(EngineError):
+    """A tokenizer that cannot be loaded or does not fit the model."""
+
+
+class StateMismatchError(EngineError):
+    """A stored state that does not belong to the loaded model."""
+
+
+class EngineDiedError(EngineError):
+    """The engine's worker is gone; no further requests can be served."""

@@ -1,0 +1,108 @@
+"""Sampling policy of the reference chat, as pure functions over one sequence's logits.
+
+- penalties: before each token, every id seen in this reply loses ``presence + count*frequency``;
+  after sampling, all counts decay by ``penalty_decay`` and the new token's count grows by one.
+- top-p: keep the tokens at or above the probability where the sorted cumulative sum first reaches
+  ``top_p``; raise to ``1/temperature``; renormalise; sample. ``top_p == 0`` is greedy.
+- newline shaping of chat replies by the index of the token being generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BANNED = -1e9  # the reference's "-999999999": a logit no token comes back from
+
+TEMPERATURE_RANGE = (0.2, 5.0)
+TOP_P_RANGE = (0.0, 1.0)
+CHAT_LEN_SHORT = 40  # newlines are discouraged before this many reply tokens
+CHAT_LEN_LONG = 150  # and pushed for after this many, so the reply ends
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens: the knobs of the reference sampler."""
+
+    temperature: float = 1.0
+    top_p: float = 0.3
+    presence_penalty: float = 0.5
+    frequency_penalty: float = 0.5
+    penalty_decay: float = 0.996
+    top_k: int = 0  # 0 = off
+
+    def as_dict(self) -> dict[str, float]:
+        """The values, for logs and JSON output."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "penalty_decay": self.penalty_decay,
+            "top_k": self.top_k,
+        }
+
+
+class PenaltyTracker:
+    """Occurrence counts of the tokens of one reply, decayed per token as in the reference."""
+
+    def __init__(self, presence: float, frequency: float, decay: float) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.decay = decay
+        self.counts: dict[int, float] = {}
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Lower, in place, the logit of every token seen so far."""
+        if not self.counts:
+            return
+        ids = torch.tensor(list(self.counts), dtype=torch.long, device=logits.device)
+        counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= self.presence + counts * self.frequency
+
+    def add(self, token: int) -> None:
+        """Record a sampled token: decay every count, then count the new one."""
+        for key in self.counts:
+            self.counts[key] *= self.decay
+        self.counts[token] = self.counts.get(token, 0.0) + 1.0
+
+
+def chat_newline_bias(index: int) -> float:
+    """Bias added to the newline logit for the ``index``-th token of a chat reply (from 0)."""
+    if index <= 0:
+        return BANNED
+    if index <= CHAT_LEN_SHORT:
+        return (index - CHAT_LEN_SHORT) / 10
+    if index <= CHAT_LEN_LONG:
+        return 0.0
+    return min(3.0, (index - CHAT_LEN_LONG) * 0.25)
+
+
+def sample_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick one token id from a 1-D tensor of logits (already penalised and shaped)."""
+    if top_p <= 0 or temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs = torch.sort(probs, descending=True).values
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    # First place where the cumulative sum reaches top_p; when rounding keeps the sum below 1,
+    # top_p = 1 keeps everything (the reference's argmax over all-False would turn it greedy).
+    cut = int(torch.searchsorted(cumulative, torch.tensor([top_p], device=probs.device)).item())
+    cutoff = sorted_probs[min(cut, sorted_probs.numel() - 1)]
+    probs = torch.where(probs < cutoff, torch.zeros_like(probs), probs)
+    if 0 < top_k < probs.numel():
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if temperature != 1.0:
+        probs = probs ** (1.0 / temperature)
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return int(torch.argmax(logits).item())
+    return int(torch.multinomial(probs / total, 1, generator=generator).item())

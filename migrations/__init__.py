@@ -1,0 +1,1 @@
+"""Numbered SQL migrations (``V<N>__<name>.sql``), applied in order at start-up by ``chat.store``."""
