@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
     chat.add_argument("--jsonl", action="store_true", help="JSON lines in and out, for scripts")
 
+    faq = sub.add_parser(
+        "faq",
+        help="answer a question from the bundled RWKV FAQ (faq --help for options)",
+        add_help=False,
+    )
+    faq.add_argument("args", nargs=argparse.REMAINDER)
+
     make = sub.add_parser(
         "make-model",
         help="write a random-weight model file (for tests and benchmarks)",
@@ -52,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "chosen version. Give a size name (RWKV-7 G1 shapes) or --layers/--embd/--vocab.",
     )
     make.add_argument("path", type=Path, help="output file, ending in .pth")
-    make.add_argument("--version", type=int, choices=SUPPORTED_VERSIONS, default=7,
-                      help="RWKV version (default: 7)")
+    make.add_argument(
+        "--version", type=int, choices=SUPPORTED_VERSIONS, default=7, help="RWKV version (default: 7)"
+    )
     make.add_argument("--size", choices=sorted(NAMED_SHAPES), help="a real RWKV-7 shape")
     make.add_argument("--layers", type=int, default=2, help="layers (default: 2)")
     make.add_argument("--embd", type=int, default=64, help="width (default: 64)")
@@ -72,21 +80,28 @@ def _make_model(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     size_mb = args.path.stat().st_size / 1e6
-    print(f"wrote {args.path}: RWKV-{args.version} L{shape.n_layer} D{shape.n_embd} "
-          f"vocab {shape.vocab_size}, {args.dtype}, {size_mb:.1f} MB")
+    print(
+        f"wrote {args.path}: RWKV-{args.version} L{shape.n_layer} D{shape.n_embd} "
+        f"vocab {shape.vocab_size}, {args.dtype}, {size_mb:.1f} MB"
+    )
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from bot.app import open_chat  # noqa: PLC0415 (imports torch models only when needed)
-    from bot.console import run_console  # noqa: PLC0415
+    from bot.app import open_chat
+    from bot.console import run_console
 
     settings = load_settings(
-        model=args.model, db=args.db, strategy=args.strategy, tokenizer=args.tokenizer,
-        preset=args.preset, seed=args.seed,
+        model=args.model,
+        db=args.db,
+        strategy=args.strategy,
+        tokenizer=args.tokenizer,
+        preset=args.preset,
+        seed=args.seed,
     )
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     async def main() -> int:
         async with open_chat(settings) as service:
@@ -97,6 +112,11 @@ def _chat(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a usage or setting error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["faq"]:  # its own parser, so that `faq --help` and `faq -- -temp` work
+        from faq.cli import main as faq_main
+
+        return faq_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "make-model":

@@ -18,6 +18,7 @@ FIXES: dict[str, str] = {
     "db": "give a writable file path, e.g. RWKV_DISCORD_DB=data/rwkv-discord.sqlite3",
     "preset": "use 'auto' or the name of a preset (g1-chat, raven-chat, raven-qa, or your own)",
     "presets_dir": "give an existing folder of .toml presets, or leave it unset",
+    "faq_dir": "give an existing folder of FAQ .md topics, or leave it unset",
     "max_input_tokens": "use a whole number from 16 to 1000000",
     "gen_max_tokens": "use a whole number from 1 to 4096",
     "chat_max_tokens": "use a whole number from 1 to 4096",
@@ -35,7 +36,10 @@ class Settings(BaseSettings):
     """Every setting of rwkv-discord. Environment variables are ``RWKV_DISCORD_<NAME>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
         protected_namespaces=(),
     )
 
@@ -45,6 +49,7 @@ class Settings(BaseSettings):
     db: Path = Field(Path("data/rwkv-discord.sqlite3"), description="SQLite database file")
     preset: str = Field("auto", description="default prompt preset")
     presets_dir: Path | None = Field(None, description="folder of extra .toml presets")
+    faq_dir: Path | None = Field(None, description="folder of extra or overriding FAQ topics")
     max_input_tokens: int = Field(2048, ge=16, le=1_000_000, description="cap on a message's tokens")
     gen_max_tokens: int = Field(256, ge=1, le=4096, description="length of +gen/+i/+qq/+qa")
     chat_max_tokens: int = Field(999, ge=1, le=4096, description="hard cap of a chat reply")
@@ -67,7 +72,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level")
         return value.upper()
 
-    @field_validator("presets_dir")
+    @field_validator("presets_dir", "faq_dir")
     @classmethod
     def _folder(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():

@@ -33,8 +33,13 @@ class Command(enum.Enum):
 
 
 # Commands that take a text, and the ones that must stand alone.
-_WITH_TEXT = {"gen": Command.GEN, "i": Command.INSTRUCT, "qq": Command.QQ, "qa": Command.QA,
-              "faq": Command.FAQ}
+_WITH_TEXT = {
+    "gen": Command.GEN,
+    "i": Command.INSTRUCT,
+    "qq": Command.QQ,
+    "qa": Command.QA,
+    "faq": Command.FAQ,
+}
 _PLUSES = {"+": Command.RETRY_CHAT, "++": Command.RETRY_GEN, "+++": Command.CONTINUE}
 
 # name as typed -> (setting field, allowed range)
@@ -59,8 +64,7 @@ class Overrides:
 
     def items(self) -> dict[str, float]:
         """The values that were given, by setting name."""
-        return {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p))
-                if v is not None}
+        return {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,7 @@ def parse_message(raw: str) -> Parsed | GrammarError:
                 raise ValueError
         except ValueError:
             shown = raw_value or "nothing"
-            errors.append(
-                f"-{typed}= needs a number from {_format(low)} to {_format(high)}, not {shown}"
-            )
+            errors.append(f"-{typed}= needs a number from {_format(low)} to {_format(high)}, not {shown}")
             continue
         if field in values:
             errors.append(f"-{typed}= is given twice; give it once")
@@ -143,11 +145,11 @@ def parse_message(raw: str) -> Parsed | GrammarError:
     if set(first) == {"+"} and len(first) <= 3:
         return GrammarError(f"{first} takes no text: send {first} on its own.")
 
-    match = _COMMAND_RE.match(text)
-    if match is None:
+    command_match = _COMMAND_RE.match(text)
+    if command_match is None:
         return Parsed(Command.CHAT, normalise_chat(text), overrides, tuple(notices))
-    word = match.group(1).lower()
-    rest = text[match.end():].strip()
+    word = command_match.group(1).lower()
+    rest = text[command_match.end() :].strip()
     if word in _WITH_TEXT:
         command = _WITH_TEXT[word]
         if not rest:
@@ -158,8 +160,7 @@ def parse_message(raw: str) -> Parsed | GrammarError:
     if word in ("reset", "help"):
         if rest:
             return GrammarError(f"+{word} takes no text: send +{word} on its own.")
-        return Parsed(Command.RESET if word == "reset" else Command.HELP, "", overrides,
-                      tuple(notices))
+        return Parsed(Command.RESET if word == "reset" else Command.HELP, "", overrides, tuple(notices))
     return Parsed(Command.HELP, "", overrides, tuple(notices), unknown=f"+{word}")
 
 
@@ -176,4 +177,3 @@ How to talk to me:
 - +: retry my last chat reply.
 - +faq WORDS: look up the RWKV FAQ. +help: this text.
 In a message, the two characters \\n stand for a new line."""
-

@@ -43,8 +43,7 @@ INSTRUCTION_TEMPLATE = (
     "completes the request.\n\n# Instruction:\n{text}\n\n# Response:\n"
 )
 _FREE_COMMANDS = {Command.GEN, Command.INSTRUCT, Command.QQ, Command.QA}
-_SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
-                    "penalty_decay")
+_SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay")
 _THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
 
 
@@ -120,9 +119,7 @@ class ChatService:
         faq: FaqLookup | None = None,
     ) -> None:
         if config.default_preset not in presets:
-            raise ValueError(
-                f"unknown preset {config.default_preset!r}; known: {', '.join(sorted(presets))}"
-            )
+            raise ValueError(f"unknown preset {config.default_preset!r}; known: {', '.join(sorted(presets))}")
         self.engine = engine
         self.store = store
         self.presets = presets
@@ -167,8 +164,9 @@ class ChatService:
 
     async def _sampling(self, channel_id: str, preset: Preset, overrides: Overrides) -> SamplingParams:
         settings = await self.store.channel_settings(channel_id)
-        own = {k: float(settings[k]) for k in _SAMPLING_FIELDS if k in settings}
-        return replace(preset.sampling, **{**own, **overrides.items()})
+        values: dict[str, Any] = {k: float(settings[k]) for k in _SAMPLING_FIELDS if k in settings}
+        values.update(overrides.items())
+        return replace(preset.sampling, **values)
 
     async def _init_snapshot(self, preset: Preset) -> Snapshot:
         cached = self._init_cache.get(preset.key)
@@ -214,16 +212,20 @@ class ChatService:
         elif command is Command.FAQ:
             answer = self.faq.answer(parsed.text) if self.faq is not None else None
             if answer is None:
-                text = (f"No FAQ entry matches {parsed.text!r}." if self.faq is not None
-                        else "The FAQ is not available here.")
+                text = (
+                    f"No FAQ entry matches {parsed.text!r}."
+                    if self.faq is not None
+                    else "The FAQ is not available here."
+                )
                 yield Outcome("notice", text, tuple(notices))
             else:
                 yield Outcome("faq", answer, tuple(notices))
         elif command is Command.RESET:
             preset = await self.channel_preset(channel_id)
             init = await self._init_snapshot(preset)
-            await self.store.commit(channel_id, preset.key, {"chat": init}, delete=("chat_pre",),
-                                    turn=Turn("+reset", "", "", 0))
+            await self.store.commit(
+                channel_id, preset.key, {"chat": init}, delete=("chat_pre",), turn=Turn("+reset", "", "", 0)
+            )
             yield Outcome("notice", "Chat reset.", tuple(notices))
         elif command is Command.CHAT:
             async for event in self._chat(channel_id, parsed, notices):
@@ -252,23 +254,47 @@ class ChatService:
         text = self._cap_input(parsed.text, notices)
         prompt = encode_prompt(self.engine.tokenizer, preset.chat_turn(text))
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
-        async for event in self._run(channel_id, preset, "reply", start, prompt, sampling,
-                                     ReplyMode.CHAT, 0.0, notices, ("chat_pre", "chat"),
-                                     Turn("chat", parsed.text, "", 0)):
+        async for event in self._run(
+            channel_id=channel_id,
+            preset=preset,
+            kind="reply",
+            start=start,
+            prompt=prompt,
+            sampling=sampling,
+            mode=ReplyMode.CHAT,
+            newline_bias=0.0,
+            notices=notices,
+            targets=("chat_pre", "chat"),
+            turn=Turn("chat", parsed.text, "", 0),
+        ):
             yield event
 
-    async def _retry_chat(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
+    async def _retry_chat(
+        self, channel_id: str, parsed: Parsed, notices: list[str]
+    ) -> AsyncIterator[ChatEvent]:
         loaded = await self._load(channel_id, "chat_pre", notices)
         if loaded is None:
-            yield Outcome("notice", "There is no chat reply to retry yet: send a message first.",
-                          tuple(notices))
+            yield Outcome(
+                "notice", "There is no chat reply to retry yet: send a message first.", tuple(notices)
+            )
             return
         snapshot, preset_key = loaded
         preset = await self.channel_preset(channel_id)
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
-        async for event in self._run(channel_id, preset, "reply", snapshot, [], sampling,
-                                     ReplyMode.CHAT, 0.0, notices, (None, "chat"),
-                                     Turn("+", "", "", 0), preset_key=preset_key):
+        async for event in self._run(
+            channel_id=channel_id,
+            preset=preset,
+            kind="reply",
+            start=snapshot,
+            prompt=[],
+            sampling=sampling,
+            mode=ReplyMode.CHAT,
+            newline_bias=0.0,
+            notices=notices,
+            targets=(None, "chat"),
+            turn=Turn("+", "", "", 0),
+            preset_key=preset_key,
+        ):
             yield event
 
     async def _free(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
@@ -307,13 +333,24 @@ class ChatService:
             newline_bias = float(start.meta.get("newline_bias", 0.0))
             # +++ continues from gen_1 and makes it the new gen_0, as in the reference.
             targets = ("gen_0", "gen_1") if command is Command.CONTINUE else (None, "gen_1")
-        async for event in self._run(channel_id, preset, "generation", start, prompt, sampling,
-                                     ReplyMode.FREE, newline_bias, notices, targets,
-                                     Turn(command.value, parsed.text, "", 0)):
+        async for event in self._run(
+            channel_id=channel_id,
+            preset=preset,
+            kind="generation",
+            start=start,
+            prompt=prompt,
+            sampling=sampling,
+            mode=ReplyMode.FREE,
+            newline_bias=newline_bias,
+            notices=notices,
+            targets=targets,
+            turn=Turn(command.value, parsed.text, "", 0),
+        ):
             yield event
 
     async def _run(
         self,
+        *,
         channel_id: str,
         preset: Preset,
         kind: str,
@@ -355,8 +392,9 @@ class ChatService:
                     finished = event
         except EngineError as exc:
             log.error("channel %s: generation failed: %s", channel_id, exc)
-            yield Outcome("error", f"Sorry, the reply failed ({exc}). The conversation is unchanged.",
-                          tuple(notices))
+            yield Outcome(
+                "error", f"Sorry, the reply failed ({exc}). The conversation is unchanged.", tuple(notices)
+            )
             return
         assert finished is not None and before is not None
         put = {targets[1]: finished.snapshot}

@@ -200,9 +200,7 @@ class Store:
         turn: Turn | None = None,
     ) -> None:
         """Store a turn's snapshots (and transcript line) in one transaction."""
-        encoded = await asyncio.to_thread(
-            lambda: {name: snap.to_bytes() for name, snap in put.items()}
-        )
+        encoded = await asyncio.to_thread(lambda: {name: snap.to_bytes() for name, snap in put.items()})
         now = time.time()
         async with self._write_lock:
             await self._db.execute("BEGIN IMMEDIATE")
@@ -215,16 +213,22 @@ class Store:
                 for name, data in encoded.items():
                     await self._db.execute(
                         "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (channel_id, name, put[name].fingerprint, preset_key, data,
-                         checksum(data), now),
+                        (channel_id, name, put[name].fingerprint, preset_key, data, checksum(data), now),
                     )
                 if turn is not None:
                     fingerprint = next(iter(put.values())).fingerprint if put else ""
                     await self._db.execute(
                         "INSERT INTO turns (channel_id, command, user_text, reply_text, "
                         "reply_tokens, model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (channel_id, turn.command, turn.user_text, turn.reply_text,
-                         turn.reply_tokens, fingerprint, now),
+                        (
+                            channel_id,
+                            turn.command,
+                            turn.user_text,
+                            turn.reply_text,
+                            turn.reply_tokens,
+                            fingerprint,
+                            now,
+                        ),
                     )
                 await self._db.execute(
                     "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
@@ -237,8 +241,7 @@ class Store:
     async def transcript(self, channel_id: str) -> list[Turn]:
         """Every stored turn of a channel, oldest first."""
         async with self._db.execute(
-            "SELECT command, user_text, reply_text, reply_tokens FROM turns "
-            "WHERE channel_id = ? ORDER BY id",
+            "SELECT command, user_text, reply_text, reply_tokens FROM turns WHERE channel_id = ? ORDER BY id",
             (channel_id,),
         ) as cursor:
             rows = await cursor.fetchall()

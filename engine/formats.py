@@ -24,28 +24,82 @@ WORLD_VOCAB_SIZE = 65536
 # reference implementation sees it (it would fail with a bare KeyError).
 _BLOCK_KEYS: dict[int, tuple[str, ...]] = {
     4: (
-        "ln1.weight", "ln2.weight", "att.time_decay", "att.time_first", "att.time_mix_k",
-        "att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
-        "ffn.time_mix_k", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight",
+        "ln1.weight",
+        "ln2.weight",
+        "att.time_decay",
+        "att.time_first",
+        "att.time_mix_k",
+        "att.key.weight",
+        "att.value.weight",
+        "att.receptance.weight",
+        "att.output.weight",
+        "ffn.time_mix_k",
+        "ffn.key.weight",
+        "ffn.value.weight",
+        "ffn.receptance.weight",
     ),
     5: (
-        "ln1.weight", "ln2.weight", "att.time_decay", "att.ln_x.weight",
-        "att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
-        "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight",
+        "ln1.weight",
+        "ln2.weight",
+        "att.time_decay",
+        "att.ln_x.weight",
+        "att.key.weight",
+        "att.value.weight",
+        "att.receptance.weight",
+        "att.output.weight",
+        "ffn.key.weight",
+        "ffn.value.weight",
+        "ffn.receptance.weight",
     ),
     6: (
-        "ln1.weight", "ln2.weight", "att.time_maa_x", "att.time_maa_w1", "att.time_maa_w2",
-        "att.time_decay", "att.time_decay_w1", "att.time_decay_w2", "att.time_faaaa",
-        "att.key.weight", "att.value.weight", "att.receptance.weight", "att.gate.weight",
-        "att.output.weight", "att.ln_x.weight",
-        "ffn.time_maa_k", "ffn.key.weight", "ffn.value.weight", "ffn.receptance.weight",
+        "ln1.weight",
+        "ln2.weight",
+        "att.time_maa_x",
+        "att.time_maa_w1",
+        "att.time_maa_w2",
+        "att.time_decay",
+        "att.time_decay_w1",
+        "att.time_decay_w2",
+        "att.time_faaaa",
+        "att.key.weight",
+        "att.value.weight",
+        "att.receptance.weight",
+        "att.gate.weight",
+        "att.output.weight",
+        "att.ln_x.weight",
+        "ffn.time_maa_k",
+        "ffn.key.weight",
+        "ffn.value.weight",
+        "ffn.receptance.weight",
     ),
     7: (
-        "ln1.weight", "ln2.weight", "att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a",
-        "att.x_g", "att.w0", "att.w1", "att.w2", "att.a0", "att.a1", "att.a2", "att.g1",
-        "att.g2", "att.k_k", "att.k_a", "att.r_k", "att.key.weight", "att.value.weight",
-        "att.receptance.weight", "att.output.weight", "att.ln_x.weight",
-        "ffn.x_k", "ffn.key.weight", "ffn.value.weight",
+        "ln1.weight",
+        "ln2.weight",
+        "att.x_r",
+        "att.x_w",
+        "att.x_k",
+        "att.x_v",
+        "att.x_a",
+        "att.x_g",
+        "att.w0",
+        "att.w1",
+        "att.w2",
+        "att.a0",
+        "att.a1",
+        "att.a2",
+        "att.g1",
+        "att.g2",
+        "att.k_k",
+        "att.k_a",
+        "att.r_k",
+        "att.key.weight",
+        "att.value.weight",
+        "att.receptance.weight",
+        "att.output.weight",
+        "att.ln_x.weight",
+        "ffn.x_k",
+        "ffn.key.weight",
+        "ffn.value.weight",
     ),
 }
 _TOP_KEYS = ("emb.weight", "head.weight", "ln_out.weight", "ln_out.bias", "blocks.0.ln0.weight")
@@ -108,13 +162,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelFileError(f"model path is not a file: {path}")
     if path.suffix != ".pth":
-        raise ModelFileError(
-            f"model file must be a PyTorch .pth file (the name must end in .pth): {path}"
-        )
+        raise ModelFileError(f"model file must be a PyTorch .pth file (the name must end in .pth): {path}")
     try:
         loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile, KeyError, AttributeError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+    ) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelFileError(
             f"{path} is not a readable PyTorch .pth file (is it truncated or corrupt?): {reason}"
@@ -130,9 +190,7 @@ def inspect_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> ModelSpe
     """Check that a state dict is a complete RWKV model and describe it."""
     missing = [k for k in _TOP_KEYS if k not in weights]
     if missing:
-        raise ModelFileError(
-            f"{path} does not look like an RWKV model: it has no {', '.join(missing)}"
-        )
+        raise ModelFileError(f"{path} does not look like an RWKV model: it has no {', '.join(missing)}")
     version = detect_version(weights)
     layer_ids = {int(k.split(".")[1]) for k in weights if k.startswith("blocks.")}
     n_layer = max(layer_ids) + 1
@@ -150,8 +208,7 @@ def inspect_weights(path: Path, weights: Mapping[str, torch.Tensor]) -> ModelSpe
     head = weights["head.weight"]
     if emb.dim() != 2 or head.shape != emb.shape:
         raise ModelFileError(
-            f"{path} has inconsistent shapes: emb.weight {tuple(emb.shape)}, "
-            f"head.weight {tuple(head.shape)}"
+            f"{path} has inconsistent shapes: emb.weight {tuple(emb.shape)}, head.weight {tuple(head.shape)}"
         )
     vocab_size, n_embd = emb.shape
     if version >= 7:

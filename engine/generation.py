@@ -128,9 +128,7 @@ class SequenceRunner:
             elif request.newline_bias:
                 shaped[tok.newline_id] += request.newline_bias
             penalties.apply(shaped)
-            token = sample_token(
-                shaped, sampling.temperature, sampling.top_p, sampling.top_k, generator
-            )
+            token = sample_token(shaped, sampling.temperature, sampling.top_p, sampling.top_k, generator)
             if not chat and token == tok.eos_id:
                 reason = StopReason.END_OF_TEXT
                 break

@@ -69,7 +69,8 @@ class ReferenceEngine(Engine):
     async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
         """Feed tokens to a snapshot (or a zero state) in the model thread."""
         try:
-            return await self._submit(self._runner.feed, start, tokens)
+            snapshot: Snapshot = await self._submit(self._runner.feed, start, tokens)
+            return snapshot
         except torch.cuda.OutOfMemoryError as exc:
             raise EngineError("the GPU ran out of memory while reading the prompt") from exc
         except RuntimeError as exc:

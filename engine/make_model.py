@@ -39,7 +39,7 @@ HEAD_SIZE = 64
 
 def _lora_dim(n_embd: int, factor: float, power: float) -> int:
     """Low-rank sizes of RWKV-7, by the rule of the official training code (multiples of 32)."""
-    return max(32, int(round(factor * n_embd**power / 32)) * 32)
+    return max(32, round(float(factor * n_embd**power) / 32) * 32)
 
 
 def rwkv7_lora_dims(n_embd: int) -> tuple[int, int, int, int]:

@@ -53,7 +53,7 @@ class WorldTokenizer:
         if spec is None or not spec.submodule_search_locations:
             raise TokenizerError("the rwkv package is not installed: pip install rwkv")
         folder = Path(next(iter(spec.submodule_search_locations)))
-        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER  # noqa: PLC0415 (heavy, load on demand)
+        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
         self._trie = TRIE_TOKENIZER(str(folder / "rwkv_vocab_v20230424.txt"))
         self._pieces: dict[int, bytes] = self._trie.idx2token
@@ -75,7 +75,7 @@ class JsonTokenizer:
     """A Hugging Face ``tokenizer.json`` file (the 20B tokenizer of Pile and Raven models)."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
+        from tokenizers import Tokenizer as HFTokenizer
 
         try:
             self._tok = HFTokenizer.from_file(str(path))

@@ -60,8 +60,7 @@ def engine7(model_dir: Path) -> ReferenceEngine:
 async def open_service(engine: ReferenceEngine, db: Path, **config: object) -> ChatService:
     """A chat service on a real SQLite file (the caller closes ``service.store``)."""
     store = await Store.open(db)
-    options: dict[str, object] = {"default_preset": "g1-chat", "gen_max_tokens": 24,
-                                  "chat_max_tokens": 48}
+    options: dict[str, object] = {"default_preset": "g1-chat", "gen_max_tokens": 24, "chat_max_tokens": 48}
     options.update(config)
     service = ChatService(engine, store, load_presets(), ChatConfig(**options))  # type: ignore[arg-type]
     await service.prepare()

@@ -21,8 +21,8 @@ import contextlib  # noqa: E402
 import torch  # noqa: E402
 
 with contextlib.redirect_stdout(sys.stderr):
-    from rwkv.model import RWKV  # noqa: E402
-    from rwkv.utils import PIPELINE  # noqa: E402
+    from rwkv.model import RWKV
+    from rwkv.utils import PIPELINE
 
     if version == 7:
         model = RWKV(model_path.removesuffix(".pth"), "cpu fp32")

@@ -20,10 +20,21 @@ def reference_tokens(model: Path, version: int, prompt: str, count: int, service
     """Token ids from tests/reference_loop.py, run in a fresh interpreter."""
     preset = service.presets[service.config.default_preset].sampling
     result = subprocess.run(
-        [sys.executable, str(HERE / "reference_loop.py"), str(model), str(version), prompt,
-         str(count), str(preset.presence_penalty), str(preset.frequency_penalty),
-         str(preset.penalty_decay)],
-        capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            str(HERE / "reference_loop.py"),
+            str(model),
+            str(version),
+            prompt,
+            str(count),
+            str(preset.presence_penalty),
+            str(preset.frequency_penalty),
+            str(preset.penalty_decay),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 

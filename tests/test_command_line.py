@@ -1,0 +1,201 @@
+"""The rwkv-discord command line, run as a user would: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.settings import ConfigError, load_settings
+from engine.formats import inspect_model
+
+CLI = [sys.executable, "-m", "bot"]
+
+
+def chat_env() -> dict[str, str]:
+    """The environment without the user's settings, with short replies (random models never
+    end a turn by themselves, so a reply would run to the 999-token cap)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_DISCORD_")}
+    env.update(RWKV_DISCORD_CHAT_MAX_TOKENS="40", RWKV_DISCORD_GEN_MAX_TOKENS="20")
+    return env
+
+
+def run_chat(model: Path, db: Path, messages: list[str], *extra: str) -> list[dict[str, object]]:
+    """Run ``chat --jsonl`` over the messages; one JSON object per message comes back."""
+    result = subprocess.run(
+        [*CLI, "chat", "--model", str(model), "--db", str(db), "--jsonl", *extra],
+        input="\n".join(messages) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=chat_env(),
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(messages), result.stderr[-2000:]
+    return [json.loads(line) for line in lines]
+
+
+def test_jsonl_output_has_one_object_per_message(model_dir: Path, tmp_path: Path) -> None:
+    """Every input line gives exactly one JSON object with kind, text and, for model output,
+    the sampling used and the token ids."""
+    messages = ["Hello", "+gen -temp=0.9 Once", "-temp=abc", "+reset", "", "+nope", "+", "+faq license"]
+    out = run_chat(model_dir / "v7.pth", tmp_path / "db.sqlite3", messages, "--seed", "3")
+    kinds = [o["kind"] for o in out]
+    assert kinds == ["reply", "generation", "error", "notice", "help", "help", "notice", "faq"]
+    assert out[1]["sampling"]["temperature"] == 0.9  # type: ignore[index]
+    assert all(isinstance(t, int) for t in out[0]["tokens"])  # type: ignore[attr-defined]
+    assert "Apache" in str(out[7]["text"])
+
+
+def test_seed_makes_sampling_reproducible(model_dir: Path, tmp_path: Path) -> None:
+    """The same --seed gives the same sampled tokens; another seed differs."""
+    messages = ["-temp=1.5 -top_p=1 Hi", "+gen -temp=1.5 -top_p=1 A"]
+    a = run_chat(model_dir / "v7.pth", tmp_path / "a.sqlite3", messages, "--seed", "5")
+    b = run_chat(model_dir / "v7.pth", tmp_path / "b.sqlite3", messages, "--seed", "5")
+    c = run_chat(model_dir / "v7.pth", tmp_path / "c.sqlite3", messages, "--seed", "6")
+    assert [o["tokens"] for o in a] == [o["tokens"] for o in b]
+    assert [o["tokens"] for o in a] != [o["tokens"] for o in c]
+
+
+def test_greedy_conversation_survives_restarts(model_dir: Path, tmp_path: Path) -> None:
+    """With -top_p=0, a conversation split across program restarts gives the same replies."""
+    messages = ["-top_p=0", "Hi there", "+gen A story", "What is RWKV?", "+++", "+", "+qa Why?", "Bye"]
+    whole = run_chat(model_dir / "v7.pth", tmp_path / "whole.sqlite3", messages)
+    split_db = tmp_path / "split.sqlite3"
+    parts = (
+        run_chat(model_dir / "v7.pth", split_db, messages[:2])
+        + run_chat(model_dir / "v7.pth", split_db, messages[2:5])
+        + run_chat(model_dir / "v7.pth", split_db, messages[5:])
+    )
+    assert [o.get("tokens") for o in parts] == [o.get("tokens") for o in whole]
+    assert [o["text"] for o in parts] == [o["text"] for o in whole]
+    assert [o["kind"] for o in whole][1:] == [
+        "reply",
+        "generation",
+        "reply",
+        "generation",
+        "reply",
+        "generation",
+        "reply",
+    ]
+
+
+def test_kill_leaves_every_answered_turn(model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL during a conversation: every answered turn is stored and the file is sound."""
+    db = tmp_path / "kill.sqlite3"
+    answered = 0
+    for attempt in range(3):
+        proc = subprocess.Popen(
+            [
+                *CLI,
+                "chat",
+                "--model",
+                str(model_dir / "v7.pth"),
+                "--db",
+                str(db),
+                "--jsonl",
+                "--channel",
+                "k",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=chat_env(),
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        for i in range(2 + attempt):
+            proc.stdin.write(f"message {attempt}-{i}\n")
+            proc.stdin.flush()
+            json.loads(proc.stdout.readline())
+            answered += 1
+        proc.stdin.write("one more that may or may not finish\n")
+        proc.stdin.flush()
+        time.sleep(0.05 + 0.1 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = conn.execute("SELECT user_text FROM turns WHERE channel_id = 'k'").fetchall()
+        conn.close()
+        assert answered <= len(stored) <= answered + attempt + 1
+    after = run_chat(model_dir / "v7.pth", db, ["And now?"], "--channel", "k")
+    assert after[0]["kind"] == "reply"
+
+
+def test_missing_model_setting_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a model, start-up says which variable to set, in one line, exit 2."""
+    monkeypatch.delenv("RWKV_DISCORD_MODEL", raising=False)
+    monkeypatch.chdir(Path(__file__).parent)  # no .env here
+    assert main(["chat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "RWKV_DISCORD_MODEL" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("RWKV_DISCORD_STRATEGY", "gpu fast", "RWKV_DISCORD_STRATEGY"),
+        ("RWKV_DISCORD_MAX_INPUT_TOKENS", "lots", "RWKV_DISCORD_MAX_INPUT_TOKENS"),
+        ("RWKV_DISCORD_GEN_MAX_TOKENS", "0", "RWKV_DISCORD_GEN_MAX_TOKENS"),
+        ("RWKV_DISCORD_PRESETS_DIR", "/no/such/folder", "RWKV_DISCORD_PRESETS_DIR"),
+        ("RWKV_DISCORD_LOG_LEVEL", "LOUD", "RWKV_DISCORD_LOG_LEVEL"),
+    ],
+)
+def test_wrong_setting_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    """A wrong setting stops start-up with one line naming it and the fix."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert named in message and "\n" not in message and ":" in message
+
+
+def test_broken_model_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A broken model file gives one error line and exit status 2, not a traceback."""
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x00" * 1000)
+    assert main(["chat", "--model", str(broken), "--db", str(tmp_path / "db.sqlite3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rwkv-discord: error:") and "\n" not in err
+
+
+def test_make_model_writes_a_loadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """make-model writes the requested version and shape."""
+    path = tmp_path / "m.pth"
+    assert (
+        main(["make-model", str(path), "--version", "6", "--layers", "3", "--embd", "128", "--vocab", "1000"])
+        == 0
+    )
+    spec = inspect_model(path)
+    assert (spec.version, spec.n_layer, spec.n_embd, spec.vocab_size) == (6.0, 3, 128, 1000)
+    assert "RWKV-6 L3 D128" in capsys.readouterr().out
+    assert main(["make-model", str(tmp_path / "bad.bin")]) == 2
+    assert main(["make-model", str(tmp_path / "bad.pth"), "--embd", "4"]) == 2
+
+
+def test_interactive_console_streams_text(model_dir: Path, tmp_path: Path) -> None:
+    """Without --jsonl the terminal chat prints replies and notices as text."""
+    result = subprocess.run(
+        [*CLI, "chat", "--model", str(model_dir / "v7.pth"), "--db", str(tmp_path / "db.sqlite3")],
+        input="+reset\n+help\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=chat_env(),
+    )
+    assert "Chat reset." in result.stdout and "+gen TEXT" in result.stdout

@@ -1,0 +1,290 @@
+"""The chat commands of the reference, checked through the stored states (greedy runs)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from chat.session import INSTRUCTION_TEMPLATE, ChatService, split_thinking
+from engine.generation import visible_text
+from engine.inprocess import ReferenceEngine
+from engine.state import Snapshot
+from engine.tokenizer import encode_prompt
+from tests.conftest import open_service
+
+GREEDY = "-top_p=0 "
+
+
+def same_state(a: Snapshot, b: Snapshot) -> bool:
+    """Equal recurrent tensors and logits (feeding tokens one by one or as a sequence rounds
+    differently in float32, hence the tolerance; different states differ by far more)."""
+    return (
+        len(a.tensors) == len(b.tensors)
+        and all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(a.tensors, b.tensors, strict=True))
+        and torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    )
+
+
+async def stored(service: ChatService, channel: str, name: str) -> Snapshot | None:
+    loaded = await service.store.load_snapshot(channel, name, service.engine.spec.fingerprint)
+    return loaded[0] if loaded else None
+
+
+async def init_state(service: ChatService) -> Snapshot:
+    return await service._init_snapshot(service.presets["g1-chat"])
+
+
+async def test_chat_feeds_the_template_and_stores_chat_pre(service: ChatService) -> None:
+    """A chat message is fed as 'User: MSG\\n\\nAssistant:' on top of chat_init."""
+    outcome = await service.respond("c", GREEDY + "Hello there")
+    assert outcome.kind == "reply" and outcome.tokens
+    expected_pre = await service.engine.read(
+        await init_state(service),
+        encode_prompt(service.engine.tokenizer, "User: Hello there\n\nAssistant:"),
+    )
+    pre = await stored(service, "c", "chat_pre")
+    chat = await stored(service, "c", "chat")
+    assert pre is not None and chat is not None
+    assert same_state(pre, expected_pre)
+    assert same_state(chat, await service.engine.read(pre, outcome.tokens))
+
+
+async def test_retry_chat_goes_back_to_chat_pre(service: ChatService) -> None:
+    """'+' samples the reply again from chat_pre; greedy gives the same reply and state."""
+    first = await service.respond("c", GREEDY + "Tell me a story")
+    pre_before = await stored(service, "c", "chat_pre")
+    chat_before = await stored(service, "c", "chat")
+    retry = await service.respond("c", GREEDY + "+")
+    assert retry.kind == "reply"
+    assert retry.tokens == first.tokens
+    pre_after = await stored(service, "c", "chat_pre")
+    chat_after = await stored(service, "c", "chat")
+    assert pre_before and pre_after and chat_before and chat_after
+    assert same_state(pre_after, pre_before)
+    assert same_state(chat_after, chat_before)
+
+
+async def test_retry_chat_with_sampling_can_differ_but_starts_from_chat_pre(service: ChatService) -> None:
+    """A sampled '+' reply is a continuation of chat_pre, not of the last reply."""
+    await service.respond("c", "-temp=5 -top_p=1 Hi")
+    pre = await stored(service, "c", "chat_pre")
+    retry = await service.respond("c", "-temp=5 -top_p=1 +")
+    chat = await stored(service, "c", "chat")
+    assert pre is not None and chat is not None
+    assert same_state(chat, await service.engine.read(pre, retry.tokens))
+
+
+async def test_gen_retry_and_continue(service: ChatService) -> None:
+    """+gen writes gen_0/gen_1; ++ regenerates from gen_0; +++ continues from gen_1."""
+    tok = service.engine.tokenizer
+    gen = await service.respond("c", GREEDY + "+gen The river")
+    assert gen.kind == "generation"
+    gen_0 = await stored(service, "c", "gen_0")
+    gen_1 = await stored(service, "c", "gen_1")
+    assert gen_0 is not None and gen_1 is not None
+    assert same_state(gen_0, await service.engine.read(None, encode_prompt(tok, "\nThe river")))
+    assert same_state(gen_1, await service.engine.read(gen_0, gen.tokens))
+
+    again = await service.respond("c", GREEDY + "++")
+    assert again.kind == "generation" and again.tokens == gen.tokens
+    regen_0 = await stored(service, "c", "gen_0")
+    assert regen_0 is not None and same_state(regen_0, gen_0)
+
+    more = await service.respond("c", GREEDY + "+++")
+    assert more.kind == "generation" and more.tokens
+    new_0 = await stored(service, "c", "gen_0")
+    new_1 = await stored(service, "c", "gen_1")
+    assert new_0 is not None and new_1 is not None
+    assert same_state(new_0, gen_1)  # +++ copies gen_1 to gen_0
+    assert same_state(new_1, await service.engine.read(gen_1, more.tokens))
+
+
+async def test_free_generations_do_not_touch_the_chat(service: ChatService) -> None:
+    """+gen, +i, +qq and +qa leave the channel's conversation as it was."""
+    await service.respond("c", GREEDY + "Hi")
+    chat = await stored(service, "c", "chat")
+    for message in ("+gen x", "+i write a haiku", "+qq why?", "+qa who are you?"):
+        outcome = await service.respond("c", GREEDY + message)
+        assert outcome.kind == "generation"
+    after = await stored(service, "c", "chat")
+    assert chat is not None and after is not None and same_state(after, chat)
+
+
+async def test_instruction_and_qq_templates(service: ChatService) -> None:
+    """+i and +qq read their templates from a blank state."""
+    tok = service.engine.tokenizer
+    await service.respond("c", GREEDY + "+i Sort these words")
+    gen_0 = await stored(service, "c", "gen_0")
+    prompt = INSTRUCTION_TEMPLATE.format(text="Sort these words")
+    assert gen_0 is not None and same_state(
+        gen_0, await service.engine.read(None, encode_prompt(tok, prompt))
+    )
+    await service.respond("c", GREEDY + "+qq What is RWKV?")
+    gen_0 = await stored(service, "c", "gen_0")
+    prompt = "\nQ: What is RWKV?\nA:"
+    assert gen_0 is not None and same_state(
+        gen_0, await service.engine.read(None, encode_prompt(tok, prompt))
+    )
+
+
+async def test_qa_starts_from_the_initial_prompt(service: ChatService) -> None:
+    """+qa reads 'User: Q\\n\\nAssistant:' on top of chat_init, not the conversation."""
+    await service.respond("c", GREEDY + "Something to change the conversation")
+    await service.respond("c", GREEDY + "+qa What is the capital of France?")
+    gen_0 = await stored(service, "c", "gen_0")
+    expected = await service.engine.read(
+        await init_state(service),
+        encode_prompt(service.engine.tokenizer, "User: What is the capital of France?\n\nAssistant:"),
+    )
+    assert gen_0 is not None and same_state(gen_0, expected)
+    assert gen_0.meta["newline_bias"] == -2.0  # ++ after +qa keeps the newline penalty
+
+
+async def test_reset_returns_to_chat_init(service: ChatService) -> None:
+    """+reset puts chat back to chat_init; the next reply equals a new channel's first reply."""
+    first = await service.respond("c", GREEDY + "Hi")
+    await service.respond("c", GREEDY + "How are you?")
+    reset = await service.respond("c", "+reset")
+    assert (reset.kind, reset.text) == ("notice", "Chat reset.")
+    chat = await stored(service, "c", "chat")
+    assert chat is not None and same_state(chat, await init_state(service))
+    assert await stored(service, "c", "chat_pre") is None
+    nothing = await service.respond("c", "+")
+    assert nothing.kind == "notice" and "no chat reply to retry" in nothing.text
+    again = await service.respond("c", GREEDY + "Hi")
+    assert again.tokens == first.tokens
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("+", "no chat reply to retry"),
+        ("++", "no free generation to retry"),
+        ("+++", "no free generation to continue"),
+    ],
+)
+async def test_nothing_to_retry_says_so(service: ChatService, message: str, expected: str) -> None:
+    """+, ++ and +++ with nothing before them answer why nothing happened."""
+    outcome = await service.respond("fresh", message)
+    assert outcome.kind == "notice" and expected in outcome.text
+    assert await service.store.transcript("fresh") == []
+
+
+async def test_settings_only_message_sets_channel_defaults(service: ChatService) -> None:
+    """'-temp=0.7 -top_p=0.3' alone becomes the channel's default; inline ones apply once."""
+    saved = await service.respond("c", "-temp=0.7 -top_p=0.3")
+    assert saved.kind == "notice" and "temperature 0.7" in saved.text and "top_p 0.3" in saved.text
+    reply = await service.respond("c", "hello")
+    assert reply.sampling is not None
+    assert (reply.sampling["temperature"], reply.sampling["top_p"]) == (0.7, 0.3)
+    once = await service.respond("c", "-temp=2 hello")
+    assert once.sampling is not None and once.sampling["temperature"] == 2.0
+    later = await service.respond("c", "hello")
+    assert later.sampling is not None and later.sampling["temperature"] == 0.7
+    other = await service.respond("other", "hello")
+    assert other.sampling is not None and other.sampling["temperature"] == 1.0
+
+
+async def test_bad_value_changes_nothing(service: ChatService) -> None:
+    """A wrong -temp= is answered with an error and nothing is stored."""
+    outcome = await service.respond("c", "-temp=abc hello")
+    assert outcome.kind == "error" and "-temp=" in outcome.text
+    assert await service.store.channel_settings("c") == {}
+    assert await stored(service, "c", "chat") is None
+
+
+async def test_clamped_value_is_used_and_reported(service: ChatService) -> None:
+    """-top_p=7 is clamped to 1, the reply says so, and the reply is generated."""
+    outcome = await service.respond("c", "-top_p=7 hello")
+    assert outcome.kind == "reply"
+    assert outcome.sampling is not None and outcome.sampling["top_p"] == 1.0
+    assert any("out of range" in n for n in outcome.notices)
+
+
+async def test_long_input_is_capped_with_a_notice(engine7: ReferenceEngine, tmp_path: Path) -> None:
+    """A 20,000-character message is cut to the token cap, with a notice; junk and empty lines pass."""
+    service = await open_service(engine7, tmp_path / "db.sqlite3", max_input_tokens=64)
+    try:
+        outcome = await service.respond("c", "word " * 4000)
+        assert outcome.kind == "reply"
+        assert any("longer than 64 tokens" in n for n in outcome.notices)
+        assert outcome.prompt_tokens <= 64 + 8  # the template adds a few tokens
+        junk = await service.respond("c", "\x00\xff\ufffe\udc80" + "".join(map(chr, range(1, 64))))
+        assert junk.kind == "reply"
+        empty = await service.respond("c", "")
+        assert empty.kind == "help"
+    finally:
+        await service.store.close()
+
+
+async def test_engine_failure_keeps_the_last_good_state(
+    engine7: ReferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure midway (as a CUDA out-of-memory would be) stores nothing and says so."""
+    service = await open_service(engine7, tmp_path / "db.sqlite3")
+    try:
+        await service.respond("c", GREEDY + "Hi")
+        chat = await stored(service, "c", "chat")
+        turns = await service.store.transcript("c")
+        calls = {"n": 0}
+        real = engine7._runner.forward
+
+        def failing(
+            tokens: list[int], state: list[torch.Tensor] | None
+        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(tokens, state)
+
+        monkeypatch.setattr(engine7._runner, "forward", failing)
+        outcome = await service.respond("c", GREEDY + "And now?")
+        assert outcome.kind == "error" and "unchanged" in outcome.text
+        monkeypatch.setattr(engine7._runner, "forward", real)
+        after = await stored(service, "c", "chat")
+        assert chat is not None and after is not None and same_state(after, chat)
+        assert await service.store.transcript("c") == turns
+        assert (await service.respond("c", GREEDY + "And now?")).kind == "reply"
+    finally:
+        await service.store.close()
+
+
+async def test_damaged_or_foreign_state_falls_back_with_a_notice(service: ChatService) -> None:
+    """A snapshot that fails its checksum, or belongs to another model, is never loaded."""
+    first = await service.respond("c", GREEDY + "Hi")
+    db = sqlite3.connect(service.store.path)
+    (data,) = db.execute("SELECT data FROM snapshots WHERE channel_id = 'c' AND name = 'chat'").fetchone()
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    db.execute("UPDATE snapshots SET data = ? WHERE channel_id = 'c' AND name = 'chat'", (bytes(flipped),))
+    db.commit()
+    damaged = await service.respond("c", GREEDY + "Hi")
+    assert any("could not be used" in n for n in damaged.notices)
+    assert damaged.tokens == first.tokens  # started afresh from chat_init
+    db.execute("UPDATE snapshots SET model_fingerprint = 'another-model' WHERE channel_id = 'c'")
+    db.commit()
+    db.close()
+    foreign = await service.respond("c", GREEDY + "Hi")
+    assert any("another model" in n for n in foreign.notices)
+    assert foreign.tokens == first.tokens
+
+
+async def test_transcript_records_turns(service: ChatService) -> None:
+    """Each answered message is one transcript line."""
+    await service.respond("c", GREEDY + "Hi")
+    await service.respond("c", "+gen story")
+    await service.respond("c", "+reset")
+    commands = [t.command for t in await service.store.transcript("c")]
+    assert commands == ["chat", "+gen", "+reset"]
+
+
+def test_thinking_sections_are_recognised() -> None:
+    """<think> sections are split from the answer; an open one hides the rest."""
+    text = "<think>Let me see.\n\nTwo plus two.</think>\nIt is 4."
+    assert split_thinking(text) == "Let me see.\n\nTwo plus two."
+    assert visible_text(text).strip() == "It is 4."
+    assert visible_text("<think>still thinking\n\n") == ""
+    assert split_thinking("plain answer") is None

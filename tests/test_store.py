@@ -1,0 +1,98 @@
+"""The database: migrations, schema version, WAL, transactional turns."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from chat.store import Store, StoreError, Turn, migrations
+from engine.state import Snapshot
+
+
+def snapshot(value: float = 1.0) -> Snapshot:
+    return Snapshot(
+        [torch.full((4,), value), torch.full((2, 2), value, dtype=torch.bfloat16)],
+        torch.arange(5, dtype=torch.float32),
+        7,
+        "fp",
+        {"mode": "chat"},
+    )
+
+
+async def test_migrations_run_once_and_record_the_version(tmp_path: Path) -> None:
+    """A new file gets every migration; reopening applies nothing twice."""
+    db = tmp_path / "a.sqlite3"
+    store = await Store.open(db)
+    assert await store.schema_version() == len(migrations())
+    await store.close()
+    store = await Store.open(db)
+    assert await store.schema_version() == len(migrations())
+    await store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"channels", "snapshots", "init_snapshots", "turns"} <= tables
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A database from a newer version of the program is not touched."""
+    db = tmp_path / "b.sqlite3"
+    await (await Store.open(db)).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this program"):
+        await Store.open(db)
+
+
+async def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    """A file that is not SQLite gives a clear error and is left as it was."""
+    db = tmp_path / "c.sqlite3"
+    db.write_bytes(b"hello, I am a text file" * 100)
+    with pytest.raises(StoreError, match="not a usable rwkv-discord database"):
+        await Store.open(db)
+    assert db.read_bytes() == b"hello, I am a text file" * 100
+
+
+async def test_snapshot_round_trip_and_commit(tmp_path: Path) -> None:
+    """Snapshots come back bit for bit; a turn's writes land together."""
+    store = await Store.open(tmp_path / "d.sqlite3")
+    try:
+        await store.commit(
+            "ch",
+            "preset:1",
+            {"chat": snapshot(1.0), "chat_pre": snapshot(2.0)},
+            turn=Turn("chat", "hi", "hello", 3),
+        )
+        loaded = await store.load_snapshot("ch", "chat", "fp")
+        assert loaded is not None
+        snap, key = loaded
+        assert key == "preset:1" and snap.last_token == 7 and snap.meta == {"mode": "chat"}
+        assert torch.equal(snap.tensors[1], snapshot(1.0).tensors[1])
+        assert snap.tensors[1].dtype == torch.bfloat16
+        assert await store.transcript("ch") == [Turn("chat", "hi", "hello", 3)]
+        await store.commit("ch", "preset:1", {"chat": snapshot(3.0)}, delete=("chat_pre",))
+        assert await store.load_snapshot("ch", "chat_pre", "fp") is None
+    finally:
+        await store.close()
+
+
+async def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
+    """A commit that fails midway is rolled back whole."""
+    store = await Store.open(tmp_path / "e.sqlite3")
+    try:
+        await store.commit("ch", "p", {"chat": snapshot(1.0)}, turn=Turn("chat", "a", "b", 1))
+        bad = snapshot(5.0)
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.commit(
+                "ch", "p", {"chat": bad, "not-a-snapshot-name": bad}, turn=Turn("chat", "c", "d", 1)
+            )
+        loaded = await store.load_snapshot("ch", "chat", "fp")
+        assert loaded is not None and torch.equal(loaded[0].tensors[0], snapshot(1.0).tensors[0])
+        assert len(await store.transcript("ch")) == 1
+    finally:
+        await store.close()
