@@ -175,7 +175,7 @@ class ChatService:
         fingerprint = self.engine.spec.fingerprint
         snapshot = await self.store.load_init(preset.key, fingerprint)
         if snapshot is None:
-            tokens = encode_prompt(self.engine.tokenizer, preset.init_prompt)
+            tokens = await self._encode(preset.init_prompt)
             snapshot = await self.engine.read(None, tokens)
             await self.store.save_init(preset.key, snapshot)
         self._init_cache[preset.key] = snapshot
@@ -189,15 +189,26 @@ class ChatService:
             notices.append(f"The stored conversation could not be used ({exc}); starting afresh.")
             return None
 
-    def _cap_input(self, text: str, notices: list[str]) -> str:
+    async def _encode(self, prompt: str) -> list[int]:
+        """Tokenize off the event loop (a long text takes milliseconds the gateway can't spare)."""
+        return await asyncio.to_thread(encode_prompt, self.engine.tokenizer, prompt)
+
+    async def _cap_input(self, text: str, notices: list[str]) -> str:
+        """The message cut to ``max_input_tokens`` tokens (with a notice when it was cut)."""
+        cut, notice = await asyncio.to_thread(self._cap_tokens, text)
+        if notice:
+            notices.append(notice)
+        return cut
+
+    def _cap_tokens(self, text: str) -> tuple[str, str | None]:
         limit = self.config.max_input_tokens
         if len(text) > limit * 16:  # no token is longer than this; keeps tokenizing cheap
             text = text[: limit * 16]
         ids = self.engine.tokenizer.encode(text)
         if len(ids) <= limit:
-            return text
-        notices.append(f"Your message was longer than {limit} tokens, so only the first {limit} were read.")
-        return self.engine.tokenizer.decode(ids[:limit]).rstrip("\ufffd")
+            return text, None
+        notice = f"Your message was longer than {limit} tokens, so only the first {limit} were read."
+        return self.engine.tokenizer.decode(ids[:limit]).rstrip("\ufffd"), notice
 
     # ----------------------------------------------------------------- commands
 
@@ -251,8 +262,8 @@ class ChatService:
             notices.append("This channel's prompt preset changed, so the conversation starts afresh.")
             loaded = None
         start = loaded[0] if loaded is not None else await self._init_snapshot(preset)
-        text = self._cap_input(parsed.text, notices)
-        prompt = encode_prompt(self.engine.tokenizer, preset.chat_turn(text))
+        text = await self._cap_input(parsed.text, notices)
+        prompt = await self._encode(preset.chat_turn(text))
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
         async for event in self._run(
             channel_id=channel_id,
@@ -301,21 +312,20 @@ class ChatService:
         command = parsed.command
         preset = await self.channel_preset(channel_id)
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
-        tok = self.engine.tokenizer
         newline_bias = 0.0
         start: Snapshot | None = None
         prompt: list[int] = []
         if command in _FREE_COMMANDS:
-            text = self._cap_input(parsed.text, notices)
+            text = await self._cap_input(parsed.text, notices)
             if command is Command.GEN:
-                prompt = encode_prompt(tok, "\n" + text.strip())
+                prompt = await self._encode("\n" + text.strip())
             elif command is Command.INSTRUCT:
-                prompt = encode_prompt(tok, INSTRUCTION_TEMPLATE.format(text=text))
+                prompt = await self._encode(INSTRUCTION_TEMPLATE.format(text=text))
             elif command is Command.QQ:
-                prompt = encode_prompt(tok, "\nQ: " + text.strip() + "\nA:")
+                prompt = await self._encode("\nQ: " + text.strip() + "\nA:")
             else:
                 start = await self._init_snapshot(preset)
-                prompt = encode_prompt(tok, preset.chat_turn(text))
+                prompt = await self._encode(preset.chat_turn(text))
                 newline_bias = -2.0
             targets: tuple[str | None, str] = ("gen_0", "gen_1")
         else:

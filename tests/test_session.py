@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -288,3 +289,26 @@ def test_thinking_sections_are_recognised() -> None:
     assert visible_text(text).strip() == "It is 4."
     assert visible_text("<think>still thinking\n\n") == ""
     assert split_thinking("plain answer") is None
+
+
+async def test_generation_does_not_block_the_event_loop(service: ChatService) -> None:
+    """While the model writes, the event loop keeps running (ticks every 10 ms stay on time)."""
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    outcome = await service.respond("c", "+gen " + "long prompt text " * 200)
+    done.set()
+    await task
+    assert outcome.kind == "generation"
+    assert len(gaps) > 10
+    assert max(gaps) < 0.25, f"the loop stalled for {max(gaps):.3f} s"
