@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine.errors import StateMismatchError
 from engine.interface import (
     Finished,
     GenerationEvent,
@@ -68,8 +69,12 @@ class SequenceRunner:
         tokenizer: Tokenizer,
         fingerprint: str,
         chunk_len: int = 256,
+        layout: list[tuple[torch.dtype, torch.device]] | None = None,
     ) -> None:
         self.forward = forward
+        # dtype and device of each state tensor where the model reads it: a snapshot stored by a
+        # run with another strategy (fp32 on the CPU, say) is moved and cast on the way in.
+        self.layout = layout
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.chunk_len = chunk_len
@@ -77,7 +82,7 @@ class SequenceRunner:
 
     def feed(self, start: Snapshot | None, tokens: list[int], meta: dict[str, Any] | None = None) -> Snapshot:
         """Feed tokens in chunks; the start snapshot is copied, never changed."""
-        state = [t.clone() for t in start.tensors] if start is not None else None
+        state = self.adopt(start.tensors) if start is not None else None
         logits = start.logits if start is not None else None
         last = start.last_token if start is not None else None
         for i in range(0, len(tokens), self.chunk_len):
@@ -88,6 +93,19 @@ class SequenceRunner:
             raise ValueError("a generation needs a prompt or a start snapshot with logits")
         assert state is not None
         return Snapshot(list(state), logits, last, self.fingerprint, dict(meta or {}))
+
+    def adopt(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Fresh copies of state tensors, on the model's device and in its dtypes."""
+        if self.layout is None:
+            return [t.clone() for t in tensors]
+        if len(tensors) != len(self.layout):
+            raise StateMismatchError(
+                f"a state of {len(tensors)} tensors does not fit this model ({len(self.layout)})"
+            )
+        return [
+            t.to(device=device, dtype=dtype, copy=True)
+            for t, (dtype, device) in zip(tensors, self.layout, strict=True)
+        ]
 
     def run(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Yield :class:`PromptRead`, then :class:`TextDelta` pieces, then :class:`Finished`."""
@@ -105,7 +123,7 @@ class SequenceRunner:
             sampling.presence_penalty, sampling.frequency_penalty, sampling.penalty_decay
         )
         tok = self.tokenizer
-        state = [t.clone() for t in snapshot.tensors]
+        state = self.adopt(snapshot.tensors)
         logits = snapshot.logits
         last = snapshot.last_token
         tokens: list[int] = []

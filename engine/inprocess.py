@@ -38,7 +38,9 @@ class ReferenceEngine(Engine):
         self.spec = spec
         self.tokenizer = tokenizer
         self.strategy = strategy
-        self._runner = SequenceRunner(self._forward, tokenizer, spec.fingerprint)
+        _, zero = self._forward([0], None)
+        layout = [(t.dtype, t.device) for t in zero]
+        self._runner = SequenceRunner(self._forward, tokenizer, spec.fingerprint, layout=layout)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rwkv-model")
         self._closed = False
 
@@ -57,9 +59,26 @@ class ReferenceEngine(Engine):
     def _forward(
         self, tokens: list[int], state: list[torch.Tensor] | None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if state is None and self.spec.family >= 7:
+            state = self._rwkv7_zero_state()
         with torch.no_grad():
             out, new_state = self.model.forward(tokens, state)
         return out, list(new_state)
+
+    def _rwkv7_zero_state(self) -> list[torch.Tensor]:
+        """A blank RWKV-7 state in this model's dtype and device.
+
+        The reference builds it from module-wide globals that the last loaded RWKV-7 model set,
+        so two RWKV-7 models of different precision in one process would get the wrong dtype.
+        """
+        emb = self.model.z["emb.weight"]
+        n_embd, heads, size = self.spec.n_embd, self.spec.n_head, self.spec.head_size
+        state: list[torch.Tensor] = []
+        for _ in range(self.spec.n_layer):  # 0=att_x_prev 1=att_kv 2=ffn_x_prev
+            state.append(torch.zeros(n_embd, dtype=emb.dtype, device=emb.device))
+            state.append(torch.zeros((heads, size, size), dtype=torch.float32, device=emb.device))
+            state.append(torch.zeros(n_embd, dtype=emb.dtype, device=emb.device))
+        return state
 
     def _submit(self, fn: Any, *args: Any) -> asyncio.Future[Any]:
         if self._closed:

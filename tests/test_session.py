@@ -312,3 +312,38 @@ async def test_generation_does_not_block_the_event_loop(service: ChatService) ->
     assert outcome.kind == "generation"
     assert len(gaps) > 10
     assert max(gaps) < 0.25, f"the loop stalled for {max(gaps):.3f} s"
+
+
+async def test_state_from_another_precision_is_adopted(model_dir: Path, tmp_path: Path) -> None:
+    """A conversation stored by an fp32 run continues under bf16 (same model, other strategy)."""
+    db = tmp_path / "db.sqlite3"
+    fp32 = ReferenceEngine.load(model_dir / "v7.pth", "cpu fp32")
+    service = await open_service(fp32, db)
+    await service.respond("c", GREEDY + "Hi")
+    await service.store.close()
+    bf16 = ReferenceEngine.load(model_dir / "v7.pth", "cpu bf16")
+    service = await open_service(bf16, db)
+    try:
+        outcome = await service.respond("c", GREEDY + "Still there?")
+        assert outcome.kind == "reply" and not outcome.notices
+        chat = await stored(service, "c", "chat")
+        assert chat is not None and chat.tensors[0].dtype == torch.bfloat16
+    finally:
+        await service.store.close()
+        await bf16.close()
+        await fp32.close()
+
+
+async def test_two_rwkv7_precisions_in_one_process(model_dir: Path) -> None:
+    """Loading a bf16 RWKV-7 does not change the blank state of an fp32 one loaded before
+    (the reference builds blank states from module globals that the last load set)."""
+    fp32 = ReferenceEngine.load(model_dir / "v7.pth", "cpu fp32")
+    bf16 = ReferenceEngine.load(model_dir / "v7.pth", "cpu bf16")
+    try:
+        assert fp32.model.generate_zero_state()[0].dtype == torch.bfloat16  # the reference's way
+        blank = fp32._rwkv7_zero_state()
+        assert [t.dtype for t in blank[:3]] == [torch.float32] * 3
+        assert bf16._rwkv7_zero_state()[0].dtype == torch.bfloat16
+    finally:
+        await bf16.close()
+        await fp32.close()
