@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--tokenizer", help="auto, world, or a tokenizer.json path")
     chat.add_argument("--preset", help="default prompt preset (default: RWKV_DISCORD_PRESET)")
     chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    chat.add_argument("--jsonl", action="store_true", help="JSON lines in and out, for scripts")
+    chat.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="one message per input line, one JSON object per message out (for scripts)",
+    )
 
     faq = sub.add_parser(
         "faq",

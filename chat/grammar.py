@@ -47,6 +47,7 @@ FLAGS: dict[str, tuple[str, tuple[float, float]]] = {
     "temp": ("temperature", TEMPERATURE_RANGE),
     "top_p": ("top_p", TOP_P_RANGE),
 }
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FLAG_RE = re.compile(r"(?<!\S)-(temp|top_p)=(\S*)[ \t]*", re.IGNORECASE)
 _COMMAND_RE = re.compile(r"^\+([A-Za-z_]\w*)(?=\s|$)")
 
@@ -112,9 +113,11 @@ def parse_message(raw: str) -> Parsed | GrammarError:
         name = typed.lower()
         field, (low, high) = FLAGS[name]
         try:
+            if not _NUMBER_RE.match(raw_value):
+                raise ValueError(raw_value)
             value = float(raw_value)
             if not math.isfinite(value):
-                raise ValueError
+                raise ValueError(raw_value)
         except ValueError:
             shown = raw_value or "nothing"
             errors.append(f"-{typed}= needs a number from {_format(low)} to {_format(high)}, not {shown}")
@@ -141,9 +144,6 @@ def parse_message(raw: str) -> Parsed | GrammarError:
 
     if text in _PLUSES:
         return Parsed(_PLUSES[text], "", overrides, tuple(notices))
-    first = text.split(maxsplit=1)[0]
-    if set(first) == {"+"} and len(first) <= 3:
-        return GrammarError(f"{first} takes no text: send {first} on its own.")
 
     command_match = _COMMAND_RE.match(text)
     if command_match is None:
@@ -154,14 +154,20 @@ def parse_message(raw: str) -> Parsed | GrammarError:
         command = _WITH_TEXT[word]
         if not rest:
             return GrammarError(f"+{word} needs a text after it, for example: +{word} Hello")
+        if command is Command.FAQ and not overrides.is_empty():
+            notices.append("-temp= and -top_p= do nothing with +faq; they were ignored.")
+            overrides = Overrides()
         if command in (Command.INSTRUCT, Command.QA):
             rest = normalise_chat(rest)
         return Parsed(command, rest, overrides, tuple(notices))
-    if word in ("reset", "help"):
-        if rest:
-            return GrammarError(f"+{word} takes no text: send +{word} on its own.")
-        return Parsed(Command.RESET if word == "reset" else Command.HELP, "", overrides, tuple(notices))
-    return Parsed(Command.HELP, "", overrides, tuple(notices), unknown=f"+{word}")
+    if word == "reset" and rest:
+        return GrammarError("+reset takes no text: send +reset on its own.")
+    command = Command.RESET if word == "reset" else Command.HELP
+    if not overrides.is_empty():
+        notices.append(f"-temp= and -top_p= do nothing with +{word}; they were ignored.")
+    return Parsed(
+        command, "", Overrides(), tuple(notices), unknown=None if word in ("reset", "help") else f"+{word}"
+    )
 
 
 HELP_TEXT = """\

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from chat.grammar import HELP_TEXT, Command, GrammarError, Overrides, Parsed, parse_message
 from chat.presets import Preset
-from chat.store import Store, Turn
+from chat.store import Store, StoreError, Turn
 from engine.errors import EngineError, StateMismatchError
 from engine.generation import visible_text
 from engine.interface import (
@@ -148,8 +148,15 @@ class ChatService:
             return
         lock = self._locks.setdefault(channel_id, asyncio.Lock())
         async with lock:
-            async for event in self._dispatch(channel_id, parsed):
-                yield event
+            try:
+                async for event in self._dispatch(channel_id, parsed):
+                    yield event
+            except EngineError as exc:
+                log.error("channel %s: the model failed: %s", channel_id, exc)
+                yield Outcome("error", f"Sorry, the model failed ({exc}). The conversation is unchanged.")
+            except StoreError as exc:
+                log.error("channel %s: the database failed: %s", channel_id, exc)
+                yield Outcome("error", f"Sorry, this could not be saved ({exc}). Nothing was changed.")
 
     async def prepare(self) -> None:
         """Compute (or load) the default preset's initial snapshot before the first message."""
@@ -202,10 +209,11 @@ class ChatService:
 
     def _cap_tokens(self, text: str) -> tuple[str, str | None]:
         limit = self.config.max_input_tokens
-        if len(text) > limit * 16:  # no token is longer than this; keeps tokenizing cheap
-            text = text[: limit * 16]
-        ids = self.engine.tokenizer.encode(text)
-        if len(ids) <= limit:
+        # No token is longer than 128 characters (World's longest is 128 bytes), so cutting there
+        # first loses nothing that would be read, and keeps tokenizing a huge paste cheap.
+        precut = text[: limit * 128]
+        ids = self.engine.tokenizer.encode(precut)
+        if len(ids) <= limit and precut == text:
             return text, None
         notice = f"Your message was longer than {limit} tokens, so only the first {limit} were read."
         return self.engine.tokenizer.decode(ids[:limit]).rstrip("\ufffd"), notice
@@ -386,6 +394,7 @@ class ChatService:
             mode=mode,
             max_tokens=self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens,
             newline_bias=newline_bias,
+            thinking=preset.thinking,
             seed=self._seeds.randrange(2**63),
         )
         if start is None and not prompt:
@@ -421,5 +430,5 @@ class ChatService:
             tokens=finished.tokens,
             prompt_tokens=finished.prompt_tokens,
             stop_reason=finished.reason.value,
-            thinking=split_thinking(text),
+            thinking=split_thinking(text) if preset.thinking else None,
         )

@@ -14,6 +14,7 @@ import json
 import re
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,26 +67,19 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         """Open (creating if needed) and migrate the database at ``path``."""
-        if path.parent and not path.parent.exists():
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the database folder {path.parent}: {exc}") from exc
+        await asyncio.to_thread(_migrate, path)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db, path)
-        try:
-            await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process kill loses nothing
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
-            await store._migrate()
-        except sqlite3.DatabaseError as exc:
-            await db.close()
-            raise StoreError(f"{path} is not a usable rwkv-discord database: {exc}") from exc
-        except BaseException:
-            await db.close()
-            raise
-        return store
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        return cls(db, path)
 
     async def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
@@ -94,29 +88,36 @@ class Store:
         finally:
             await self._db.close()
 
+    async def _write(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` in one write transaction, shielded from cancellation.
+
+        A transaction that has started always ends (COMMIT, or ROLLBACK on error) even when the
+        task that asked for it is cancelled, so the connection is never left inside one.
+        """
+
+        async def transaction() -> None:
+            async with self._write_lock:
+                if self._db.in_transaction:  # never expected; do not build on a stray one
+                    await self._db.execute("ROLLBACK")
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    await work()
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
+                    raise
+
+        try:
+            await asyncio.shield(asyncio.ensure_future(transaction()))
+        except sqlite3.Error as exc:
+            raise StoreError(f"database write failed: {exc}") from exc
+
     async def schema_version(self) -> int:
         """The migration number the database is at."""
         async with self._db.execute("PRAGMA user_version") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
-
-    async def _migrate(self) -> None:
-        current = await self.schema_version()
-        available = migrations()
-        if current > len(available):
-            raise StoreError(
-                f"database {self.path} has schema version {current}, newer than this program "
-                f"knows ({len(available)}): upgrade rwkv-discord or use another --db"
-            )
-        for version, name, sql in available[current:]:
-            try:
-                await self._db.executescript(
-                    f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
-                )
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    await self._db.execute("ROLLBACK")
-                raise StoreError(f"migration {name} failed: {exc}") from exc
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
         async with self._db.execute(sql, params) as cursor:
@@ -129,18 +130,15 @@ class Store:
 
     async def set_channel_settings(self, channel_id: str, settings: dict[str, Any]) -> None:
         """Replace the channel's own settings."""
-        async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._ensure_channel(channel_id)
-                await self._db.execute(
-                    "UPDATE channels SET settings = ?, updated_at = ? WHERE channel_id = ?",
-                    (json.dumps(settings, sort_keys=True), time.time(), channel_id),
-                )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+
+        async def work() -> None:
+            await self._ensure_channel(channel_id)
+            await self._db.execute(
+                "UPDATE channels SET settings = ?, updated_at = ? WHERE channel_id = ?",
+                (json.dumps(settings, sort_keys=True), time.time(), channel_id),
+            )
+
+        await self._write(work)
 
     async def _ensure_channel(self, channel_id: str) -> None:
         now = time.time()
@@ -184,12 +182,15 @@ class Store:
 
     async def save_init(self, preset_key: str, snapshot: Snapshot) -> None:
         """Store the shared initial snapshot of a preset."""
-        data = await asyncio.to_thread(snapshot.to_bytes)
-        async with self._write_lock:
+        data, digest = await asyncio.to_thread(_encode, snapshot)
+
+        async def work() -> None:
             await self._db.execute(
                 "INSERT OR REPLACE INTO init_snapshots VALUES (?, ?, ?, ?, ?)",
-                (preset_key, snapshot.fingerprint, data, checksum(data), time.time()),
+                (preset_key, snapshot.fingerprint, data, digest, time.time()),
             )
+
+        await self._write(work)
 
     async def commit(
         self,
@@ -200,43 +201,40 @@ class Store:
         turn: Turn | None = None,
     ) -> None:
         """Store a turn's snapshots (and transcript line) in one transaction."""
-        encoded = await asyncio.to_thread(lambda: {name: snap.to_bytes() for name, snap in put.items()})
+        encoded = await asyncio.to_thread(lambda: {name: _encode(snap) for name, snap in put.items()})
         now = time.time()
-        async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._ensure_channel(channel_id)
-                for name in delete:
-                    await self._db.execute(
-                        "DELETE FROM snapshots WHERE channel_id = ? AND name = ?", (channel_id, name)
-                    )
-                for name, data in encoded.items():
-                    await self._db.execute(
-                        "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (channel_id, name, put[name].fingerprint, preset_key, data, checksum(data), now),
-                    )
-                if turn is not None:
-                    fingerprint = next(iter(put.values())).fingerprint if put else ""
-                    await self._db.execute(
-                        "INSERT INTO turns (channel_id, command, user_text, reply_text, "
-                        "reply_tokens, model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            channel_id,
-                            turn.command,
-                            turn.user_text,
-                            turn.reply_text,
-                            turn.reply_tokens,
-                            fingerprint,
-                            now,
-                        ),
-                    )
+
+        async def work() -> None:
+            await self._ensure_channel(channel_id)
+            for name in delete:
                 await self._db.execute(
-                    "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
+                    "DELETE FROM snapshots WHERE channel_id = ? AND name = ?", (channel_id, name)
                 )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+            for name, (data, digest) in encoded.items():
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (channel_id, name, put[name].fingerprint, preset_key, data, digest, now),
+                )
+            if turn is not None:
+                fingerprint = next(iter(put.values())).fingerprint if put else ""
+                await self._db.execute(
+                    "INSERT INTO turns (channel_id, command, user_text, reply_text, "
+                    "reply_tokens, model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        channel_id,
+                        turn.command,
+                        turn.user_text,
+                        turn.reply_text,
+                        turn.reply_tokens,
+                        fingerprint,
+                        now,
+                    ),
+                )
+            await self._db.execute(
+                "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
+            )
+
+        await self._write(work)
 
     async def transcript(self, channel_id: str) -> list[Turn]:
         """Every stored turn of a channel, oldest first."""
@@ -246,6 +244,61 @@ class Store:
         ) as cursor:
             rows = await cursor.fetchall()
         return [Turn(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
+def _encode(snapshot: Snapshot) -> tuple[bytes, str]:
+    data = snapshot.to_bytes()
+    return data, checksum(data)
+
+
+def _split_statements(sql: str) -> list[str]:
+    statements, buffer = [], ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
+    ):
+        raise StoreError("a migration ends with an incomplete SQL statement")
+    return statements
+
+
+def _migrate(path: Path) -> None:
+    """Apply the migrations the database lacks, each in one transaction (WAL mode on).
+
+    The version is read again inside each transaction, so two processes opening a new database
+    at once apply each migration once.
+    """
+    available = migrations()
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(available):
+            raise StoreError(
+                f"database {path} has schema version {current}, newer than this program "
+                f"knows ({len(available)}): upgrade rwkv-discord or use another --db"
+            )
+        for version, name, sql in available:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < version:
+                    for statement in _split_statements(sql):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"migration {name} failed: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable rwkv-discord database: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def _decode(data: bytes, digest: str, fingerprint: str) -> Snapshot:

@@ -8,8 +8,6 @@ RWKV-4 has ``att.time_first``; 5.x adds ``ln_x`` (5.1 a gate, 5.2 a per-head dec
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,17 +162,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".pth":
         raise ModelFileError(f"model file must be a PyTorch .pth file (the name must end in .pth): {path}")
     try:
-        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        KeyError,
-        AttributeError,
-    ) as exc:
+        try:
+            loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # A file in PyTorch's older (pre-zip) format: valid, just not mappable.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # junk makes torch.load fail in many ways; all mean "unreadable"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelFileError(
             f"{path} is not a readable PyTorch .pth file (is it truncated or corrupt?): {reason}"
@@ -239,6 +234,10 @@ def inspect_model(path: Path) -> ModelSpec:
     weights = load_weights(path)
     try:
         return inspect_weights(path, weights)
+    except (ValueError, IndexError, TypeError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"{path} is not a well-formed RWKV model ({type(exc).__name__}: {exc})".splitlines()[0]
+        ) from exc
     finally:
         del weights
 
@@ -247,7 +246,8 @@ def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
     """A short identity of the weights, cheap even for a 7B file (it reads a few values per tensor).
 
     Names, shapes and a sample of every tensor are hashed; values are rounded to bfloat16 first so
-    that fp32, fp16 and bf16 copies of the same checkpoint share a fingerprint.
+    that fp32 and bf16 copies of the same checkpoint share a fingerprint. An fp16 conversion
+    rounds differently and counts as another model (its states would differ slightly anyway).
     """
     digest = hashlib.sha256()
     for key in sorted(weights):

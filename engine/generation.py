@@ -164,7 +164,7 @@ class SequenceRunner:
                 if piece:
                     yield TextDelta(piece)
             if chat:
-                if "\n\n" in visible_text(text):
+                if "\n\n" in (visible_text(text) if request.thinking else text):
                     reason = StopReason.END_OF_TURN
                     break
             elif clean and index + 1 >= request.max_tokens:

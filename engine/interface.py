@@ -38,6 +38,7 @@ class GenerationRequest:
     max_tokens: int  # CHAT: hard cap; FREE: stop at the first clean text boundary past this
     extra_tokens: int = 100  # FREE: at most this many more to end on a whole character
     newline_bias: float = 0.0  # FREE: added to the newline logit (+qa uses -2)
+    thinking: bool = False  # CHAT: a blank line inside <think>...</think> does not end the reply
     seed: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
 

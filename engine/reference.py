@@ -3,7 +3,8 @@
 The package decides at import time, from the process-wide environment variable ``RWKV_V7_ON``,
 whether its ``RWKV`` class is the RWKV-7 one (and then it cannot load 4 to 6). We import private
 copies of its module, one per mode, with the variable set only while that copy is imported, so a
-process can serve RWKV-7 and older models alike and the user's environment is left untouched.
+process can serve RWKV-7 and older models alike and ``RWKV_V7_ON`` stays as the user set it (the
+package itself still sets ``RWKV_JIT_ON`` and ``RWKV_CUDA_ON`` to its defaults on import).
 """
 
 from __future__ import annotations

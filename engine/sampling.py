@@ -89,7 +89,9 @@ def sample_token(
     """Pick one token id from a 1-D tensor of logits (already penalised and shaped)."""
     if top_p <= 0 or temperature <= 0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float(), dim=-1)
+    # Sampled on the CPU, as the reference does: the seeded generator lives there, and the same
+    # --seed gives the same tokens whatever device the model runs on.
+    probs = torch.softmax(logits.detach().float().cpu(), dim=-1)
     sorted_probs = torch.sort(probs, descending=True).values
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     # First place where the cumulative sum reaches top_p; when rounding keeps the sum below 1,

@@ -69,12 +69,30 @@ CASES: list[tuple[str, Parsed | str]] = [
     ("++", Parsed(C.RETRY_GEN)),
     ("+++", Parsed(C.CONTINUE)),
     (" +++ ", Parsed(C.CONTINUE)),
-    ("+++ more", "+++ takes no text: send +++ on its own."),
-    ("++ again", "++ takes no text: send ++ on its own."),
+    ("+++ more", Parsed(C.CHAT, "+++ more")),  # as in the reference: only the bare +'s are commands
+    ("+ good point", Parsed(C.CHAT, "+ good point")),
+    ("-temp=1_0 hi", "-temp= needs a number from 0.2 to 5, not 1_0. Nothing was done."),
+    ("-temp=.5e1 hi", Parsed(C.CHAT, "hi", Overrides(temperature=5.0))),
+    ("+help me", Parsed(C.HELP)),
+    (
+        "+reset -temp=2",
+        Parsed(C.RESET, notices=("-temp= and -top_p= do nothing with +reset; they were ignored.",)),
+    ),
+    (
+        "+faq -top_p=0 licence",
+        Parsed(C.FAQ, "licence", notices=("-temp= and -top_p= do nothing with +faq; they were ignored.",)),
+    ),
     ("-temp=2 +", Parsed(C.RETRY_CHAT, "", Overrides(temperature=2.0))),
+    ("-temp=2", Parsed(C.SETTINGS, "", Overrides(temperature=2.0))),
     ("+help", Parsed(C.HELP)),
     ("+faq license", Parsed(C.FAQ, "license")),
     ("+foo bar", Parsed(C.HELP, unknown="+foo")),
+    (
+        "+foo -temp=1",
+        Parsed(
+            C.HELP, unknown="+foo", notices=("-temp= and -top_p= do nothing with +foo; they were ignored.",)
+        ),
+    ),
     ("+prompt /etc/passwd", Parsed(C.HELP, unknown="+prompt")),
     # empty and junk
     ("", Parsed(C.HELP)),

@@ -110,3 +110,25 @@ def test_trailing_blank_line_becomes_two_newlines(pile_model: Path) -> None:
     fixed = tokenizer.encode_prompt("I am fine.\n\n")
     assert fixed[-2:] == [tokenizer.newline_id, tokenizer.newline_id]
     assert tokenizer.decode(fixed) == "I am fine.\n\n"
+
+
+def test_malformed_keys_are_refused_clearly(tmp_path: Path) -> None:
+    """Odd block keys or wrong tensor ranks give a ModelFileError, not a traceback."""
+    weights = random_weights(7, ModelShape(1, 32, 100))
+    weights["blocks.extra"] = torch.zeros(1)
+    torch.save(weights, tmp_path / "odd.pth")
+    with pytest.raises(ModelFileError, match="not a well-formed RWKV model"):
+        inspect_model(tmp_path / "odd.pth")
+    weights = random_weights(7, ModelShape(1, 32, 100))
+    weights["blocks.0.att.r_k"] = torch.zeros(32)
+    torch.save(weights, tmp_path / "flat.pth")
+    with pytest.raises(ModelFileError, match="not a well-formed RWKV model"):
+        inspect_model(tmp_path / "flat.pth")
+
+
+def test_old_pytorch_format_is_accepted(tmp_path: Path) -> None:
+    """A model saved in PyTorch's older (not zip) format loads; it cannot be memory-mapped."""
+    weights = random_weights(7, ModelShape(1, 32, 100))
+    path = tmp_path / "legacy.pth"
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
+    assert inspect_model(path).version == 7.0

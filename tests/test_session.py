@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from chat.session import INSTRUCTION_TEMPLATE, ChatService, split_thinking
+from engine.errors import EngineError
 from engine.generation import visible_text
 from engine.inprocess import ReferenceEngine
 from engine.state import Snapshot
@@ -347,3 +348,36 @@ async def test_two_rwkv7_precisions_in_one_process(model_dir: Path) -> None:
     finally:
         await bf16.close()
         await fp32.close()
+
+
+async def test_long_tokens_are_not_cut_silently(engine7: ReferenceEngine, tmp_path: Path) -> None:
+    """A message of few but long tokens (runs of dashes) is read whole."""
+    service = await open_service(engine7, tmp_path / "db.sqlite3", max_input_tokens=16)
+    try:
+        text = "-" * 300 + " and the question?"
+        capped = await service._cap_input(text, notices := [])
+        assert capped == text and notices == []
+        capped = await service._cap_input("word " * 200, notices)
+        assert len(notices) == 1 and len(service.engine.tokenizer.encode(capped)) <= 16
+    finally:
+        await service.store.close()
+
+
+async def test_failure_reading_the_opening_prompt_is_an_answer(
+    engine7: ReferenceEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the model fails on the preset's opening prompt, the message gets an error answer."""
+    service = await open_service(engine7, tmp_path / "db.sqlite3")
+    try:
+        service._init_cache.clear()
+        await service.store._db.execute("DELETE FROM init_snapshots")
+
+        async def broken_read(start: Snapshot | None, tokens: list[int]) -> Snapshot:
+            raise EngineError("the GPU ran out of memory while reading the prompt")
+
+        monkeypatch.setattr(service.engine, "read", broken_read)
+        outcome = await service.respond("c", "+reset")
+        assert outcome.kind == "error" and "ran out of memory" in outcome.text
+        assert await service.store.transcript("c") == []
+    finally:
+        await service.store.close()

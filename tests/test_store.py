@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from chat.store import Store, StoreError, Turn, migrations
+from chat.store import Store, StoreError, Turn, _migrate, migrations
 from engine.state import Snapshot
 
 
@@ -87,7 +90,7 @@ async def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
     try:
         await store.commit("ch", "p", {"chat": snapshot(1.0)}, turn=Turn("chat", "a", "b", 1))
         bad = snapshot(5.0)
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StoreError, match="CHECK constraint"):
             await store.commit(
                 "ch", "p", {"chat": bad, "not-a-snapshot-name": bad}, turn=Turn("chat", "c", "d", 1)
             )
@@ -96,3 +99,52 @@ async def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
         assert len(await store.transcript("ch")) == 1
     finally:
         await store.close()
+
+
+async def test_cancelled_write_still_ends_its_transaction(tmp_path: Path) -> None:
+    """Cancelling the task that writes never leaves the connection inside a transaction."""
+    store = await Store.open(tmp_path / "f.sqlite3")
+    try:
+        for delay in (0, 0.0005, 0.002, 0.01):
+            task = asyncio.ensure_future(
+                store.commit("ch", "p", {"chat": snapshot(1.0)}, turn=Turn("chat", "a", "b", 1))
+            )
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.05)  # a shielded transaction finishes on its own
+            assert not store._db.in_transaction
+        await store.commit("ch", "p", {"chat": snapshot(2.0)})
+        loaded = await store.load_snapshot("ch", "chat", "fp")
+        assert loaded is not None and loaded[0].tensors[0][0].item() == 2.0
+    finally:
+        await store.close()
+
+
+def test_two_processes_creating_one_database_migrate_once(tmp_path: Path) -> None:
+    """Openers racing on a new file apply each migration exactly once."""
+    db = tmp_path / "g.sqlite3"
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            _migrate(db)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == len(migrations())
+
+
+async def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """A database path that cannot be created gives a StoreError, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create the database folder"):
+        await Store.open(blocker / "sub" / "db.sqlite3")
