@@ -265,6 +265,20 @@ def _split_statements(sql: str) -> list[str]:
     return statements
 
 
+def _enable_wal(conn: sqlite3.Connection, patience: float = 10.0) -> None:
+    """Switch to WAL mode; another process switching at the same moment makes SQLite answer
+    "locked" at once (the busy timeout does not cover this), so try again for a while."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _migrate(path: Path) -> None:
     """Apply the migrations the database lacks, each in one transaction (WAL mode on).
 
@@ -277,7 +291,7 @@ def _migrate(path: Path) -> None:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(conn)
         current = conn.execute("PRAGMA user_version").fetchone()[0]
         if current > len(available):
             raise StoreError(
