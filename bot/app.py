@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 
 from bot.settings import ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
-from chat.session import ChatConfig, ChatService, FaqLookup
+from chat.session import ChatConfig, ChatService
 from chat.store import Store
 from engine.inprocess import ReferenceEngine
+from engine.interface import Engine
 from faq import FaqIndex, bundled_topics_dir, load_topics
 
 log = logging.getLogger(__name__)
@@ -28,34 +29,50 @@ def load_faq(settings: Settings) -> FaqIndex:
     return FaqIndex(result.topics.values())
 
 
-@asynccontextmanager
-async def open_chat(settings: Settings, faq: FaqLookup | None = None) -> AsyncIterator[ChatService]:
-    """Load the model, open the database and yield a ready chat service; close both after."""
+async def load_engine(settings: Settings) -> Engine:
+    """Load the configured model (in a thread: it takes seconds to minutes)."""
     path = require_model(settings)
-    faq = faq if faq is not None else load_faq(settings)
+    return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
+
+
+async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> ChatService:
+    """Open the database and build a ready chat service (the caller closes ``service.store``)."""
     presets = load_presets(settings.presets_dir)
-    engine = await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
+    preset = default_preset_name(settings.preset, engine.spec.family, engine.spec.is_world)
+    if preset not in presets:
+        raise ConfigError(
+            f"RWKV_DISCORD_PRESET is wrong (no preset {preset!r}): use 'auto' or one of "
+            f"{', '.join(sorted(presets))}"
+        )
+    store = await Store.open(settings.db)
     try:
-        preset = default_preset_name(settings.preset, engine.spec.family, engine.spec.is_world)
-        if preset not in presets:
-            raise ConfigError(
-                f"RWKV_DISCORD_PRESET is wrong (no preset {preset!r}): use 'auto' or one of "
-                f"{', '.join(sorted(presets))}"
-            )
-        store = await Store.open(settings.db)
+        config = ChatConfig(
+            default_preset=preset,
+            max_input_tokens=settings.max_input_tokens,
+            gen_max_tokens=settings.gen_max_tokens,
+            chat_max_tokens=settings.chat_max_tokens,
+            seed=settings.seed,
+        )
+        service = ChatService(engine, store, presets, config, faq=faq)
+        await service.prepare()
+    except BaseException:
+        await store.close()
+        raise
+    log.info("ready: %s, preset %s, database %s", engine.describe(), preset, settings.db)
+    return service
+
+
+@asynccontextmanager
+async def open_chat(settings: Settings) -> AsyncIterator[ChatService]:
+    """Load the model, open the database and yield a ready chat service; close both after."""
+    require_model(settings)
+    faq = load_faq(settings)
+    engine = await load_engine(settings)
+    try:
+        service = await build_service(settings, engine, faq)
         try:
-            config = ChatConfig(
-                default_preset=preset,
-                max_input_tokens=settings.max_input_tokens,
-                gen_max_tokens=settings.gen_max_tokens,
-                chat_max_tokens=settings.chat_max_tokens,
-                seed=settings.seed,
-            )
-            service = ChatService(engine, store, presets, config, faq=faq)
-            await service.prepare()
-            log.info("ready: %s, preset %s, database %s", engine.describe(), preset, settings.db)
             yield service
         finally:
-            await store.close()
+            await service.store.close()
     finally:
         await engine.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
         "from RWKV_DISCORD_* environment variables or a .env file; see the README.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the Discord bot",
+        description="Connect to Discord with RWKV_DISCORD_TOKEN and answer in the channels that "
+        "moderators enabled with /rwkv enable. SIGTERM or Ctrl-C stops it cleanly.",
+    )
+    run.add_argument("--model", type=Path, help="RWKV .pth file (default: RWKV_DISCORD_MODEL)")
+    run.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    run.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)")
+    run.add_argument(
+        "--sync-commands",
+        action="store_true",
+        default=None,
+        help="register the slash commands with Discord (after an upgrade)",
+    )
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 when a running bot is connected (for Docker's health check)",
+        description="Checks the heartbeat file the running bot writes next to its database.",
+    )
+    health.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    health.add_argument("--max-age", type=float, default=120.0, help="seconds (default: 120)")
 
     chat = sub.add_parser(
         "chat",
@@ -103,15 +128,51 @@ def _chat(args: argparse.Namespace) -> int:
         preset=args.preset,
         seed=args.seed,
     )
-    logging.basicConfig(
-        level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _logging(settings.log_level)
 
     async def main() -> int:
         async with open_chat(settings) as service:
             return await run_console(service, args.channel, args.jsonl)
 
     return asyncio.run(main())
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bot.runner import run_bot
+
+    settings = load_settings(
+        model=args.model, db=args.db, strategy=args.strategy, sync_commands=args.sync_commands
+    )
+    if settings.token is None:
+        raise ConfigError(
+            "RWKV_DISCORD_TOKEN is not set: set it to your bot token from the Discord developer portal "
+            "(Applications > your bot > Bot > Reset Token), or use `rwkv-discord chat` for the terminal chat"
+        )
+    _logging(settings.log_level)
+    return asyncio.run(run_bot(settings))
+
+
+def _health(args: argparse.Namespace) -> int:
+    from bot.runner import heartbeat_path
+
+    settings = load_settings(db=args.db)
+    path = heartbeat_path(settings)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        print(f"unhealthy: no heartbeat at {path}", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"unhealthy: last heartbeat {age:.0f} s ago", file=sys.stderr)
+        return 1
+    print(f"healthy: last heartbeat {age:.0f} s ago")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "make-model":
             return _make_model(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "health":
+            return _health(args)
         return _chat(args)
     except (ConfigError, EngineError, StoreError, PresetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

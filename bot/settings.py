@@ -25,6 +25,14 @@ FIXES: dict[str, str] = {
     "seed": "use a whole number, or leave it unset",
     "log_level": "use DEBUG, INFO, WARNING or ERROR",
     "token": "set it to your bot token from the Discord developer portal",
+    "allow_dms": "use true or false",
+    "respond_to_mentions": "use true or false",
+    "max_queue": "use a whole number from 0 to 100",
+    "user_cooldown": "use a number of seconds from 0 to 3600",
+    "edit_interval": "use a number of seconds from 1 to 10",
+    "shutdown_grace": "use a number of seconds from 1 to 60",
+    "dev_guild": "use the numeric id of your test server, or leave it unset",
+    "sync_commands": "use true or false",
 }
 
 
@@ -56,6 +64,14 @@ class Settings(BaseSettings):
     seed: int | None = Field(None, description="seed for reproducible sampling")
     log_level: str = Field("INFO", description="logging level")
     token: SecretStr | None = Field(None, description="Discord bot token")
+    allow_dms: bool = Field(False, description="answer direct messages")
+    respond_to_mentions: bool = Field(True, description="answer @-mentions outside enabled channels")
+    max_queue: int = Field(3, ge=0, le=100, description="messages waiting per channel")
+    user_cooldown: float = Field(2.0, ge=0, le=3600, description="seconds between a user's messages")
+    edit_interval: float = Field(1.0, ge=1.0, le=10.0, description="seconds between edits of a reply")
+    shutdown_grace: float = Field(8.0, ge=1.0, le=60.0, description="seconds to finish at shutdown")
+    dev_guild: int | None = Field(None, description="server to sync slash commands to instantly")
+    sync_commands: bool = Field(False, description="register slash commands with Discord at start")
 
     @field_validator("strategy")
     @classmethod

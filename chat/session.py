@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import re
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -30,9 +31,10 @@ from engine.interface import (
     GenerationRequest,
     PromptRead,
     ReplyMode,
+    StopReason,
     TextDelta,
 )
-from engine.sampling import SamplingParams
+from engine.sampling import TEMPERATURE_RANGE, TOP_P_RANGE, SamplingParams
 from engine.state import Snapshot
 from engine.tokenizer import encode_prompt
 
@@ -44,6 +46,14 @@ INSTRUCTION_TEMPLATE = (
 )
 _FREE_COMMANDS = {Command.GEN, Command.INSTRUCT, Command.QQ, Command.QA}
 _SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay")
+# Channel settings a moderator may change, with their allowed ranges.
+SETTING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": TEMPERATURE_RANGE,
+    "top_p": TOP_P_RANGE,
+    "presence_penalty": (0.0, 2.0),
+    "frequency_penalty": (0.0, 2.0),
+}
+THINKING_DISPLAYS = ("fold", "show", "hide")  # how a front end shows <think> sections
 _THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
 
 
@@ -126,6 +136,8 @@ class ChatService:
         self.config = config
         self.faq = faq
         self._locks: dict[str, asyncio.Lock] = {}
+        self._cancel: dict[str, threading.Event] = {}
+        self._known_guilds: dict[str, tuple[str]] = {}
         self._init_cache: dict[str, Snapshot] = {}
         self._seeds = random.Random(config.seed)
 
@@ -140,15 +152,30 @@ class ChatService:
         assert outcome is not None
         return outcome
 
-    async def handle(self, channel_id: str, message: str) -> AsyncIterator[ChatEvent]:
-        """Handle a message: text pieces while the model writes, then one :class:`Outcome`."""
+    async def handle(
+        self,
+        channel_id: str,
+        message: str,
+        *,
+        cancel: threading.Event | None = None,
+        guild_id: str | None = None,
+    ) -> AsyncIterator[ChatEvent]:
+        """Handle a message: text pieces while the model writes, then one :class:`Outcome`.
+
+        Setting ``cancel`` stops a generation early; what was written so far is kept as the
+        reply. ``guild_id`` records the server of the channel (for server-wide resets).
+        """
         parsed = parse_message(message)
         if isinstance(parsed, GrammarError):
             yield Outcome("error", parsed.message)
             return
         lock = self._locks.setdefault(channel_id, asyncio.Lock())
         async with lock:
+            self._cancel[channel_id] = cancel or threading.Event()
             try:
+                if guild_id is not None and guild_id not in self._known_guilds.get(channel_id, ()):
+                    await self.store.set_channel_guild(channel_id, guild_id)
+                    self._known_guilds[channel_id] = (guild_id,)
                 async for event in self._dispatch(channel_id, parsed):
                     yield event
             except EngineError as exc:
@@ -157,6 +184,79 @@ class ChatService:
             except StoreError as exc:
                 log.error("channel %s: the database failed: %s", channel_id, exc)
                 yield Outcome("error", f"Sorry, this could not be saved ({exc}). Nothing was changed.")
+            finally:
+                self._cancel.pop(channel_id, None)
+
+    def busy(self, channel_id: str) -> bool:
+        """True while a message of this channel is being handled."""
+        lock = self._locks.get(channel_id)
+        return lock is not None and lock.locked()
+
+    def stop(self, channel_id: str) -> bool:
+        """Stop the generation running in a channel; False when none is running."""
+        event = self._cancel.get(channel_id)
+        if event is None or event.is_set():
+            return False
+        event.set()
+        return True
+
+    def stop_all(self) -> int:
+        """Stop every running generation (at shutdown); returns how many were stopped."""
+        return sum(self.stop(channel) for channel in list(self._cancel))
+
+    async def reset(self, channel_id: str) -> None:
+        """Reset a channel's conversation (undoable with :meth:`undo_reset`)."""
+        async with self._locks.setdefault(channel_id, asyncio.Lock()):
+            await self._reset(channel_id)
+
+    async def _reset(self, channel_id: str) -> None:
+        preset = await self.channel_preset(channel_id)
+        init = await self._init_snapshot(preset)
+        await self.store.reset_channel(channel_id, preset.key, init)
+
+    async def undo_reset(self, channel_id: str) -> bool:
+        """Bring back the conversation of before the last reset; False when there is none."""
+        async with self._locks.setdefault(channel_id, asyncio.Lock()):
+            return await self.store.undo_reset(channel_id)
+
+    async def update_settings(self, channel_id: str, **values: Any) -> list[str]:
+        """Validate and store channel settings; returns what was set, as readable lines.
+
+        Raises ValueError with a message for the user when a value is not allowed.
+        """
+        current = await self.store.channel_settings(channel_id)
+        changes: list[str] = []
+        for name, value in values.items():
+            if value is None:
+                continue
+            if name in SETTING_RANGES:
+                low, high = SETTING_RANGES[name]
+                number = float(value)
+                if not low <= number <= high:
+                    raise ValueError(f"{name} must be between {low:g} and {high:g}, not {number:g}")
+                current[name] = number
+                changes.append(f"{name} {number:g}")
+            elif name == "max_tokens":
+                cap = self.config.chat_max_tokens
+                if not 1 <= int(value) <= cap:
+                    raise ValueError(f"max_tokens must be between 1 and {cap}, not {value}")
+                current[name] = int(value)
+                changes.append(f"max_tokens {int(value)}")
+            elif name == "preset":
+                if value not in self.presets:
+                    raise ValueError(f"no preset {value!r}; known: {', '.join(sorted(self.presets))}")
+                current[name] = value
+                changes.append(f"preset {value} (the conversation starts afresh)")
+            elif name == "thinking":
+                if value not in THINKING_DISPLAYS:
+                    raise ValueError(f"thinking must be one of {', '.join(THINKING_DISPLAYS)}")
+                current[name] = value
+                changes.append(f"thinking {value}")
+            else:
+                raise ValueError(f"unknown setting {name!r}")
+        if changes:
+            await self.store.set_channel_settings(channel_id, current)
+        return changes
 
     async def prepare(self) -> None:
         """Compute (or load) the default preset's initial snapshot before the first message."""
@@ -240,11 +340,7 @@ class ChatService:
             else:
                 yield Outcome("faq", answer, tuple(notices))
         elif command is Command.RESET:
-            preset = await self.channel_preset(channel_id)
-            init = await self._init_snapshot(preset)
-            await self.store.commit(
-                channel_id, preset.key, {"chat": init}, delete=("chat_pre",), turn=Turn("+reset", "", "", 0)
-            )
+            await self._reset(channel_id)
             yield Outcome("notice", "Chat reset.", tuple(notices))
         elif command is Command.CHAT:
             async for event in self._chat(channel_id, parsed, notices):
@@ -387,12 +483,17 @@ class ChatService:
         ``targets`` names the snapshots to write: (after the prompt, after the reply); a
         failed generation stores nothing, so the channel keeps its last good state.
         """
+        settings = await self.store.channel_settings(channel_id)
+        limit = self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens
+        if "max_tokens" in settings:
+            limit = min(limit, int(settings["max_tokens"]))
         request = GenerationRequest(
             start=start,
             prompt=prompt,
             sampling=sampling,
             mode=mode,
-            max_tokens=self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens,
+            max_tokens=limit,
+            cancel=self._cancel.get(channel_id) or threading.Event(),
             newline_bias=newline_bias,
             thinking=preset.thinking,
             seed=self._seeds.randrange(2**63),
@@ -416,7 +517,14 @@ class ChatService:
             )
             return
         assert finished is not None and before is not None
-        put = {targets[1]: finished.snapshot}
+        final = finished.snapshot
+        if finished.reason is StopReason.CANCELLED:
+            notices.append("The reply was stopped; what was written so far is kept.")
+            if mode is ReplyMode.CHAT and not finished.text.endswith("\n\n"):
+                # Close the cut reply with a blank line, so the next message starts a new turn
+                # as the chat template expects.
+                final = await self.engine.read(final, await self._encode("\n\n"))
+        put = {targets[1]: final}
         if targets[0] is not None:
             put[targets[0]] = before
         text = finished.text.strip() if mode is ReplyMode.CHAT else finished.text

@@ -236,6 +236,125 @@ class Store:
 
         await self._write(work)
 
+    async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
+        """Record which server a conversation belongs to (for server-wide resets)."""
+
+        async def work() -> None:
+            await self._ensure_channel(channel_id)
+            await self._db.execute(
+                "UPDATE channels SET guild_id = ? WHERE channel_id = ? AND guild_id IS NOT ?",
+                (guild_id, channel_id, guild_id),
+            )
+
+        await self._write(work)
+
+    async def guild_channels(self, guild_id: str) -> list[str]:
+        """Conversations of a server that have any stored state."""
+        async with self._db.execute(
+            "SELECT channel_id FROM channels WHERE guild_id = ? ORDER BY channel_id", (guild_id,)
+        ) as cursor:
+            return [str(r[0]) for r in await cursor.fetchall()]
+
+    async def reset_channel(self, channel_id: str, preset_key: str, init: Snapshot) -> None:
+        """Put ``chat`` back to ``init``, keeping the conversation as it was for an undo."""
+        data, digest = await asyncio.to_thread(_encode, init)
+        now = time.time()
+
+        async def work() -> None:
+            await self._ensure_channel(channel_id)
+            async with self._db.execute(
+                "SELECT count(*) FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
+                (channel_id,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is not None and row[0]:
+                await self._db.execute("DELETE FROM undo_snapshots WHERE channel_id = ?", (channel_id,))
+                await self._db.execute(
+                    "INSERT INTO undo_snapshots SELECT * FROM snapshots "
+                    "WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
+                    (channel_id,),
+                )
+            await self._db.execute(
+                "DELETE FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
+                (channel_id,),
+            )
+            await self._db.execute(
+                "INSERT INTO snapshots VALUES (?, 'chat', ?, ?, ?, ?, ?)",
+                (channel_id, init.fingerprint, preset_key, data, digest, now),
+            )
+            await self._db.execute(
+                "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, "
+                "model_fingerprint, created_at) VALUES (?, '+reset', '', '', 0, ?, ?)",
+                (channel_id, init.fingerprint, now),
+            )
+
+        await self._write(work)
+
+    async def undo_reset(self, channel_id: str) -> bool:
+        """Bring back the conversation of before the last reset; False when there is none."""
+        done = False
+
+        async def work() -> None:
+            nonlocal done
+            async with self._db.execute(
+                "SELECT count(*) FROM undo_snapshots WHERE channel_id = ?", (channel_id,)
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None or not row[0]:
+                return
+            await self._db.execute(
+                "DELETE FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
+                (channel_id,),
+            )
+            await self._db.execute(
+                "INSERT INTO snapshots SELECT * FROM undo_snapshots WHERE channel_id = ?", (channel_id,)
+            )
+            await self._db.execute("DELETE FROM undo_snapshots WHERE channel_id = ?", (channel_id,))
+            await self._db.execute(
+                "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, "
+                "model_fingerprint, created_at) VALUES (?, 'undo-reset', '', '', 0, '', ?)",
+                (channel_id, time.time()),
+            )
+            done = True
+
+        await self._write(work)
+        return done
+
+    async def enabled_channels(self) -> set[str]:
+        """Channels where moderators enabled the bot."""
+        async with self._db.execute("SELECT channel_id FROM enabled_channels") as cursor:
+            return {str(r[0]) for r in await cursor.fetchall()}
+
+    async def set_enabled(self, channel_id: str, guild_id: str, enabled: bool, by: str) -> None:
+        """Enable or disable the bot in a channel."""
+
+        async def work() -> None:
+            if enabled:
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO enabled_channels VALUES (?, ?, ?, ?)",
+                    (channel_id, guild_id, by, time.time()),
+                )
+            else:
+                await self._db.execute("DELETE FROM enabled_channels WHERE channel_id = ?", (channel_id,))
+
+        await self._write(work)
+
+    async def guild_settings(self, guild_id: str) -> dict[str, Any]:
+        """A server's own settings (empty when none were set)."""
+        row = await self._fetchone("SELECT settings FROM guild_settings WHERE guild_id = ?", (guild_id,))
+        return dict(json.loads(row[0])) if row else {}
+
+    async def set_guild_settings(self, guild_id: str, settings: dict[str, Any]) -> None:
+        """Replace a server's own settings."""
+
+        async def work() -> None:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO guild_settings VALUES (?, ?, ?)",
+                (guild_id, json.dumps(settings, sort_keys=True), time.time()),
+            )
+
+        await self._write(work)
+
     async def transcript(self, channel_id: str) -> list[Turn]:
         """Every stored turn of a channel, oldest first."""
         async with self._db.execute(

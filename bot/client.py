@@ -1,0 +1,304 @@
+"""The Discord client: where the bot talks, queues per channel, streamed replies, shutdown.
+
+Build it with :func:`create_bot` (no connection is made until ``start``); one-time set-up (the
+database, the chat service, slash-command sync) happens in ``setup_hook``, never in ``on_ready``,
+which fires again after every failed resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import discord
+from discord import app_commands
+
+from bot.app import build_service, load_faq
+from bot.settings import Settings
+from bot.splitting import split_message
+from bot.streaming import NO_MENTIONS, ReplyStream
+from chat.grammar import Command, Parsed, parse_message
+from chat.session import ChatService, Outcome
+from engine.interface import Engine, TextDelta
+from faq import FaqIndex
+
+log = logging.getLogger(__name__)
+
+STOP_EMOJI = "⏹️"
+QUEUED_EMOJI = "⏳"
+FAQ_COLOUR = discord.Colour.from_rgb(88, 101, 242)
+
+
+@dataclass
+class Generation:
+    """A reply being written: who asked, and how to stop it."""
+
+    channel_key: str
+    requester: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class RwkvBot(discord.Client):
+    """The bot. Tests build it offline and feed it gateway payloads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the developer portal too
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
+        self.tree = app_commands.CommandTree(self)
+        self.service: ChatService | None = None
+        self.enabled: set[int] = set()
+        self.waiting: collections.Counter[str] = collections.Counter()
+        self.last_message_at: dict[int, float] = {}
+        self.running: dict[str, Generation] = {}
+        self.by_reply: dict[int, Generation] = {}  # reply message id -> generation, for reactions
+        self.speeds: collections.deque[tuple[int, float]] = collections.deque(maxlen=20)
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.faq: FaqIndex | None = None
+        from bot.commands import register_commands
+
+        register_commands(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def setup_hook(self) -> None:
+        """Open the database and the chat service; sync commands only when asked to."""
+        self.faq = load_faq(self.settings)
+        self.service = await build_service(self.settings, self.engine, self.faq)
+        self.enabled = {int(c) for c in await self.service.store.enabled_channels()}
+        if self.settings.sync_commands:
+            guild = discord.Object(self.settings.dev_guild) if self.settings.dev_guild else None
+            if guild is not None:
+                self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d slash commands %s", len(synced), "to the dev server" if guild else "globally")
+
+    async def on_ready(self) -> None:
+        """Log the connection (this runs again after reconnects: no set-up here)."""
+        log.info("connected as %s to %d servers", self.user, len(self.guilds))
+
+    async def close(self) -> None:
+        """Cut in-flight replies (each says so), wait for them to be stored, close the database."""
+        if not self._closing:
+            self._closing = True
+            for generation in self.running.values():
+                generation.cancel.set()
+            if self._reply_tasks:
+                _, pending = await asyncio.wait(set(self._reply_tasks), timeout=self.settings.shutdown_grace)
+                for task in pending:
+                    task.cancel()
+            if self.service is not None:
+                await self.service.store.close()
+        await super().close()
+
+    # ------------------------------------------------------------------ messages
+
+    def conversation(self, message: discord.Message) -> str | None:
+        """The conversation a message belongs to, or None when the bot should stay silent."""
+        channel = message.channel
+        if message.guild is None:
+            return str(channel.id) if self.settings.allow_dms else None
+        parent = getattr(channel, "parent_id", None)
+        if channel.id in self.enabled or (parent is not None and parent in self.enabled):
+            return str(channel.id)
+        if self.settings.respond_to_mentions and self.user is not None and self.user in message.mentions:
+            return str(channel.id)
+        return None
+
+    def message_text(self, message: discord.Message) -> str:
+        """The message without the bot's own mention."""
+        text = message.content
+        if self.user is not None:
+            for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>"):
+                text = text.replace(form, "")
+        return text.strip()
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Answer a message in a channel where the bot talks."""
+        if message.author.bot or self.user is None or message.author.id == self.user.id:
+            return
+        if self._closing or self.service is None:
+            return
+        key = self.conversation(message)
+        if key is None:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._reply_tasks.add(task)
+        try:
+            await self._serve(message, key)
+        except discord.HTTPException as exc:
+            log.warning("could not answer message %s: %s", message.id, exc)
+        finally:
+            if task is not None:
+                self._reply_tasks.discard(task)
+
+    async def _serve(self, message: discord.Message, key: str) -> None:
+        assert self.service is not None
+        text = self.message_text(message)
+        now = self.clock()
+        last = self.last_message_at.get(message.author.id)
+        cooldown = self.settings.user_cooldown
+        if last is not None and now - last < cooldown:
+            await message.reply(
+                f"Please wait {cooldown - (now - last):.0f} s before your next message.",
+                mention_author=False,
+                delete_after=10,
+            )
+            return
+        self.last_message_at[message.author.id] = now
+
+        parsed = parse_message(text)
+        if (
+            isinstance(parsed, Parsed)
+            and parsed.command is Command.RESET
+            and not await self._may_reset(message)
+        ):
+            await message.reply("Only moderators can reset the conversation here.", mention_author=False)
+            return
+
+        queued = self.service.busy(key)
+        if queued:
+            if self.waiting[key] >= self.settings.max_queue:
+                await message.reply(
+                    "I'm still answering earlier messages in this channel. Please try again in a moment.",
+                    mention_author=False,
+                )
+                return
+            self.waiting[key] += 1
+            with contextlib.suppress(discord.HTTPException):
+                await message.add_reaction(QUEUED_EMOJI)
+        try:
+            await self._answer(message, key, text, queued)
+        finally:
+            if queued:
+                self.waiting[key] -= 1
+
+    async def _may_reset(self, message: discord.Message) -> bool:
+        if message.guild is None or not isinstance(message.author, discord.Member):
+            return True
+        assert self.service is not None
+        policy = (await self.service.store.guild_settings(str(message.guild.id))).get(
+            "reset_policy", "everyone"
+        )
+        return policy == "everyone" or message.channel.permissions_for(message.author).manage_messages
+
+    async def _answer(self, message: discord.Message, key: str, text: str, queued: bool) -> None:
+        assert self.service is not None
+        settings = await self.service.store.channel_settings(key)
+        stream = ReplyStream(
+            message,
+            thinking=str(settings.get("thinking", "fold")),
+            interval=self.settings.edit_interval,
+            clock=self.clock,
+        )
+        generation = Generation(key, message.author.id)
+        guild_id = str(message.guild.id) if message.guild else None
+        typing: contextlib.AbstractAsyncContextManager[None] | None = None
+        with contextlib.suppress(discord.HTTPException):
+            typing = message.channel.typing()
+            await typing.__aenter__()  # shown while the prompt is read, until the first text
+        started = self.clock()
+        outcome: Outcome | None = None
+        try:
+            async for event in self.service.handle(key, text, cancel=generation.cancel, guild_id=guild_id):
+                if generation.channel_key not in self.running:
+                    self.running[key] = generation
+                    if queued:
+                        with contextlib.suppress(discord.HTTPException):
+                            await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
+                if isinstance(event, TextDelta):
+                    if typing is not None:
+                        await typing.__aexit__(None, None, None)
+                        typing = None
+                    await stream.push(event.text)
+                    if stream.messages and stream.messages[0].id not in self.by_reply:
+                        self.by_reply[stream.messages[0].id] = generation
+                else:
+                    outcome = event
+            if outcome is None:
+                return
+        finally:
+            if typing is not None:
+                await typing.__aexit__(None, None, None)
+            self.running.pop(key, None)
+        await self._deliver(message, stream, outcome, started)
+        for reply in stream.messages[:1]:
+            self.by_reply.pop(reply.id, None)
+
+    async def _deliver(
+        self, message: discord.Message, stream: ReplyStream, outcome: Outcome, started: float
+    ) -> None:
+        if outcome.kind in ("reply", "generation"):
+            footer = " ".join(f"*{n}*" for n in outcome.notices)
+            if self._closing and outcome.stop_reason == "cancelled":
+                footer = "*(interrupted: the bot is shutting down)*"
+            await stream.finish(footer)
+            elapsed = max(self.clock() - started, 1e-6)
+            self.speeds.append((len(outcome.tokens), elapsed))
+            return
+        if outcome.kind == "error" and stream.messages:
+            await stream.finish(f"**The reply failed:** {outcome.text}")
+            return
+        if outcome.kind == "faq":
+            embed = discord.Embed(description=outcome.text[:4096], colour=FAQ_COLOUR)
+            await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
+            return
+        body = "\n".join([*(f"*{n}*" for n in outcome.notices), outcome.text])
+        for index, piece in enumerate(split_message(body)):
+            if index == 0:
+                await message.reply(piece, mention_author=False, allowed_mentions=NO_MENTIONS)
+            else:
+                await message.channel.send(piece, allowed_mentions=NO_MENTIONS)
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self, key: str) -> bool:
+        """Stop the reply being written in a conversation."""
+        generation = self.running.get(key)
+        if generation is None or generation.cancel.is_set():
+            return False
+        generation.cancel.set()
+        return True
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        """A stop reaction on a reply being written stops it (by its requester or a moderator)."""
+        if str(payload.emoji) != STOP_EMOJI or self.user is None or payload.user_id == self.user.id:
+            return
+        generation = self.by_reply.get(payload.message_id)
+        if generation is None:
+            return
+        allowed = payload.user_id == generation.requester
+        if not allowed and payload.member is not None:
+            channel = self.get_channel(payload.channel_id)
+            if isinstance(channel, discord.abc.GuildChannel):
+                allowed = channel.permissions_for(payload.member).manage_messages
+        if allowed:
+            generation.cancel.set()
+
+    def tokens_per_second(self) -> float:
+        """Average speed of the recent replies."""
+        tokens = sum(t for t, _ in self.speeds)
+        seconds = sum(s for _, s in self.speeds)
+        return tokens / seconds if seconds else 0.0
+
+
+def create_bot(settings: Settings, engine: Engine, **options: Callable[[], float]) -> RwkvBot:
+    """Build the bot without connecting (``await bot.start(token)`` connects)."""
+    return RwkvBot(settings, engine, **options)

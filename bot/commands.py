@@ -1,0 +1,230 @@
+"""Slash commands: ``/rwkv ...`` for the chat, and ``/faq`` for the knowledge base.
+
+Moderator commands check Manage Messages when they run: Discord's default permissions are only
+a hint that server admins can change, and they cannot be set per subcommand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+
+from bot.streaming import NO_MENTIONS
+from chat.grammar import HELP_TEXT
+from faq import render_embed
+
+if TYPE_CHECKING:
+    from bot.client import RwkvBot
+
+Scope = Literal["channel", "server"]
+
+
+def _is_moderator(interaction: discord.Interaction) -> bool:
+    if interaction.guild is None:  # a DM is the user's own conversation
+        return True
+    return bool(interaction.permissions.manage_messages)
+
+
+async def _refuse(interaction: discord.Interaction) -> None:
+    await interaction.response.send_message(
+        "Only moderators (Manage Messages) can do that here.", ephemeral=True
+    )
+
+
+def _key(interaction: discord.Interaction) -> str:
+    return str(interaction.channel_id)
+
+
+def register_commands(bot: RwkvBot) -> None:
+    """Add the ``/rwkv`` group and ``/faq`` to the bot's command tree."""
+    group = app_commands.Group(name="rwkv", description="Chat with the RWKV language model")
+
+    @group.command(name="help", description="How to talk to the bot")
+    async def help_command(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(HELP_TEXT, ephemeral=True)
+
+    @group.command(name="status", description="Model, queue and speed")
+    async def status(interaction: discord.Interaction) -> None:
+        waiting = sum(bot.waiting.values())
+        lines = [
+            f"Model: {bot.engine.describe()}",
+            f"Replies being written: {len(bot.running)}, waiting: {waiting}",
+            f"Speed (recent replies): {bot.tokens_per_second():.1f} tokens/s",
+            f"Channels enabled: {len(bot.enabled)}",
+        ]
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    @group.command(name="stop", description="Stop the reply being written in this channel")
+    async def stop(interaction: discord.Interaction) -> None:
+        stopped = bot.stop(_key(interaction))
+        text = "Stopping the reply." if stopped else "No reply is being written here."
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @group.command(name="settings", description="Show or change this channel's chat settings")
+    @app_commands.describe(
+        temperature="0.2 to 5 (higher: more varied)",
+        top_p="0 to 1 (0: always the likeliest word)",
+        presence_penalty="0 to 2: discourages repeating any word",
+        frequency_penalty="0 to 2: discourages repeating a word often",
+        max_tokens="the longest reply, in tokens",
+        preset="the prompt preset (changing it starts the conversation afresh)",
+        thinking="how <think> sections are shown",
+    )
+    async def settings_command(  # noqa: PLR0917 (one parameter per slash-command option)
+        interaction: discord.Interaction,
+        temperature: app_commands.Range[float, 0.2, 5.0] | None = None,
+        top_p: app_commands.Range[float, 0.0, 1.0] | None = None,
+        presence_penalty: app_commands.Range[float, 0.0, 2.0] | None = None,
+        frequency_penalty: app_commands.Range[float, 0.0, 2.0] | None = None,
+        max_tokens: app_commands.Range[int, 1, 4096] | None = None,
+        preset: str | None = None,
+        thinking: Literal["fold", "show", "hide"] | None = None,
+    ) -> None:
+        assert bot.service is not None
+        values = {
+            "temperature": temperature,
+            "top_p": top_p,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "max_tokens": max_tokens,
+            "preset": preset,
+            "thinking": thinking,
+        }
+        if all(v is None for v in values.values()):
+            current = await bot.service.store.channel_settings(_key(interaction))
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(current.items())) or "the defaults"
+            await interaction.response.send_message(f"This channel uses {shown}.", ephemeral=True)
+            return
+        if not _is_moderator(interaction):
+            await _refuse(interaction)
+            return
+        await interaction.response.defer(ephemeral=True)
+        try:
+            changes = await bot.service.update_settings(_key(interaction), **values)
+        except ValueError as exc:
+            await interaction.followup.send(f"Nothing was changed: {exc}.", ephemeral=True)
+            return
+        await interaction.followup.send("Set " + ", ".join(changes) + ".", ephemeral=True)
+
+    @settings_command.autocomplete("preset")
+    async def preset_names(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        assert bot.service is not None
+        names = [n for n in sorted(bot.service.presets) if current.lower() in n]
+        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+    @group.command(
+        name="reset", description="Moderators: reset this channel's (or every channel's) conversation"
+    )
+    async def reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
+        if not _is_moderator(interaction):
+            await _refuse(interaction)
+            return
+        assert bot.service is not None
+        await interaction.response.defer(ephemeral=True)
+        keys = await _scope_keys(bot, interaction, scope)
+        for key in keys:
+            bot.stop(key)
+            await bot.service.reset(key)
+        await interaction.followup.send(
+            f"Reset {len(keys)} conversation(s). `/rwkv undo-reset` brings them back.", ephemeral=True
+        )
+        if (
+            interaction.channel is not None
+            and scope == "channel"
+            and isinstance(interaction.channel, discord.abc.Messageable)
+        ):
+            await interaction.channel.send("Chat reset by a moderator.", allowed_mentions=NO_MENTIONS)
+
+    @group.command(
+        name="undo-reset", description="Moderators: bring back the conversation of before the last reset"
+    )
+    async def undo_reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
+        if not _is_moderator(interaction):
+            await _refuse(interaction)
+            return
+        assert bot.service is not None
+        await interaction.response.defer(ephemeral=True)
+        restored = 0
+        for key in await _scope_keys(bot, interaction, scope):
+            restored += await bot.service.undo_reset(key)
+        text = f"Restored {restored} conversation(s)." if restored else "There is no reset to undo."
+        await interaction.followup.send(text, ephemeral=True)
+
+    @group.command(name="enable", description="Moderators: let the bot answer every message in this channel")
+    @app_commands.guild_only()
+    async def enable(interaction: discord.Interaction) -> None:
+        await _set_enabled(bot, interaction, True)
+
+    @group.command(name="disable", description="Moderators: stop answering in this channel")
+    @app_commands.guild_only()
+    async def disable(interaction: discord.Interaction) -> None:
+        await _set_enabled(bot, interaction, False)
+
+    @group.command(name="server", description="Moderators: who may use +reset in this server")
+    @app_commands.guild_only()
+    async def server(
+        interaction: discord.Interaction, reset_policy: Literal["everyone", "moderators"]
+    ) -> None:
+        if not _is_moderator(interaction) or interaction.guild_id is None:
+            await _refuse(interaction)
+            return
+        assert bot.service is not None
+        await interaction.response.defer(ephemeral=True)
+        guild = str(interaction.guild_id)
+        settings = await bot.service.store.guild_settings(guild)
+        settings["reset_policy"] = reset_policy
+        await bot.service.store.set_guild_settings(guild, settings)
+        await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
+
+    @app_commands.command(name="faq", description="Answers to common RWKV questions")
+    @app_commands.describe(question="a topic, or your question in your own words")
+    async def faq(interaction: discord.Interaction, question: str) -> None:
+        assert bot.faq is not None
+        found = bot.faq.best(question)
+        if found is None:
+            await interaction.response.send_message(f"No FAQ entry matches {question!r}.", ephemeral=True)
+            return
+        data = render_embed(found.topic)
+        embed = discord.Embed(title=data["title"], description=data["description"], url=data["url"])
+        for item in data["fields"]:
+            embed.add_field(name=item["name"], value=item["value"], inline=item["inline"])
+        await interaction.response.send_message(embed=embed, allowed_mentions=NO_MENTIONS)
+
+    @faq.autocomplete("question")
+    async def faq_titles(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        assert bot.faq is not None
+        return [
+            app_commands.Choice(name=t.title[:100], value=t.title[:100])
+            for t in bot.faq.autocomplete(current)
+        ]
+
+    bot.tree.add_command(group)
+    bot.tree.add_command(faq)
+
+
+async def _scope_keys(bot: RwkvBot, interaction: discord.Interaction, scope: Scope) -> list[str]:
+    assert bot.service is not None
+    if scope == "server" and interaction.guild_id is not None:
+        keys = await bot.service.store.guild_channels(str(interaction.guild_id))
+        return keys or [_key(interaction)]
+    return [_key(interaction)]
+
+
+async def _set_enabled(bot: RwkvBot, interaction: discord.Interaction, enabled: bool) -> None:
+    if not _is_moderator(interaction) or interaction.guild_id is None or interaction.channel_id is None:
+        await _refuse(interaction)
+        return
+    assert bot.service is not None
+    await interaction.response.defer(ephemeral=True)
+    await bot.service.store.set_enabled(
+        str(interaction.channel_id), str(interaction.guild_id), enabled, str(interaction.user.id)
+    )
+    if enabled:
+        bot.enabled.add(interaction.channel_id)
+        text = "I'll answer every message in this channel (and its threads) now."
+    else:
+        bot.enabled.discard(interaction.channel_id)
+        text = "I won't answer here any more (except when mentioned, if the operator allows it)."
+    await interaction.followup.send(text, ephemeral=True)

@@ -1,0 +1,57 @@
+"""Running the Discord bot: signals, heartbeat for health checks, and a clean exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from bot.app import load_engine
+from bot.client import RwkvBot, create_bot
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+HEARTBEAT_EVERY = 30.0
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """The file a connected bot touches regularly (read by ``rwkv-discord health``)."""
+    return settings.db.with_name(settings.db.name + ".heartbeat")
+
+
+async def _heartbeat(bot: RwkvBot, path: Path) -> None:
+    while not bot.is_closed():
+        if bot.is_ready():
+            with contextlib.suppress(OSError):
+                path.touch()
+        await asyncio.sleep(HEARTBEAT_EVERY)
+
+
+async def run_bot(settings: Settings) -> int:
+    """Load the model, connect, serve until SIGTERM or Ctrl-C, then close cleanly. Returns 0."""
+    assert settings.token is not None
+    engine = await load_engine(settings)
+    bot = create_bot(settings, engine)
+    loop = asyncio.get_running_loop()
+
+    closing: set[asyncio.Future[None]] = set()
+
+    def shut_down(name: str) -> None:
+        log.info("%s received: finishing in-flight replies and closing", name)
+        closing.add(asyncio.ensure_future(bot.close()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shut_down, sig.name)
+    beat = asyncio.ensure_future(_heartbeat(bot, heartbeat_path(settings)))
+    try:
+        async with bot:
+            await bot.start(settings.token.get_secret_value())
+    finally:
+        beat.cancel()
+        await engine.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0

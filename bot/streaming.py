@@ -1,0 +1,102 @@
+"""A reply that grows while the model writes: sent once, then edited at most once per interval.
+
+Long replies continue in new messages (split at paragraph, line, then word boundaries, code
+blocks kept whole); ``<think>`` sections are shown, folded into a spoiler, or hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+
+import discord
+
+from bot.splitting import DISCORD_LIMIT, split_message
+from engine.generation import visible_text
+
+log = logging.getLogger(__name__)
+
+_THINK_RE = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+def render_thinking(text: str, display: str) -> str:
+    """The reply as shown: ``show`` as written, ``fold`` thinking in a spoiler, ``hide`` without."""
+    if display == "show" or "<think>" not in text:
+        return text
+    if display == "hide":
+        shown = visible_text(text).strip()
+        return shown or "*(thinking...)*"
+
+    def fold(match: re.Match[str]) -> str:
+        inner = match.group(1).strip().replace("||", "| |")
+        label = "thoughts" if match.group(2) else "thinking..."
+        return f"> {label}: ||{inner}||\n" if inner else ""
+
+    return _THINK_RE.sub(fold, text)
+
+
+class ReplyStream:
+    """The Discord messages of one streamed reply."""
+
+    def __init__(
+        self,
+        reply_to: discord.Message,
+        *,
+        thinking: str = "fold",
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        limit: int = DISCORD_LIMIT,
+    ) -> None:
+        self.reply_to = reply_to
+        self.thinking = thinking
+        self.interval = interval
+        self.clock = clock
+        self.limit = limit
+        self.text = ""
+        self.messages: list[discord.Message] = []
+        self.shown: list[str] = []
+        self.last_sync = float("-inf")
+        self.failed = False  # Discord refused a send: stop trying, never retry in a loop
+
+    async def push(self, delta: str) -> None:
+        """Add model text; the messages are updated when the interval has passed."""
+        self.text += delta
+        if self.clock() - self.last_sync >= self.interval:
+            await self.sync()
+
+    async def finish(self, footer: str = "") -> None:
+        """Show the final text (and a footer line such as a notice), whatever the interval."""
+        await self.sync(footer)
+
+    async def sync(self, footer: str = "") -> None:
+        """Bring the Discord messages in line with the text so far."""
+        if self.failed:
+            return
+        shown = render_thinking(self.text, self.thinking).strip()
+        if footer:
+            shown = f"{shown}\n\n{footer}" if shown else footer
+        if not shown:
+            return
+        self.last_sync = self.clock()
+        pieces = split_message(shown, self.limit)
+        try:
+            for index, piece in enumerate(pieces):
+                if index < len(self.messages):
+                    if self.shown[index] != piece:
+                        await self.messages[index].edit(content=piece, allowed_mentions=NO_MENTIONS)
+                        self.shown[index] = piece
+                    continue
+                if index == 0:
+                    sent = await self.reply_to.reply(
+                        piece, mention_author=False, allowed_mentions=NO_MENTIONS
+                    )
+                else:
+                    sent = await self.reply_to.channel.send(piece, allowed_mentions=NO_MENTIONS)
+                self.messages.append(sent)
+                self.shown.append(piece)
+        except discord.HTTPException as exc:
+            log.warning("reply in channel %s could not be sent: %s", self.reply_to.channel.id, exc)
+            self.failed = True

@@ -1,0 +1,698 @@
+"""The Discord front end, offline: the real bot object, real discord.py objects built from
+gateway payloads, and a recording HTTP layer that checks Discord's limits.
+
+The harness uses discord.py internals (the connection state, the HTTP client and the webhook
+adapter); it lives in this one module and the project pins discord.py to a minor version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import discord
+import pytest
+from discord.http import HTTPClient, Route
+from discord.webhook.async_ import AsyncWebhookAdapter, async_context
+
+from bot.client import STOP_EMOJI, RwkvBot, create_bot
+from bot.settings import Settings
+from engine.inprocess import ReferenceEngine
+
+GUILD, GENERAL, QUIET, THREAD = 100, 300, 301, 400
+BOT_ID, ALICE, MOD = 999, 1, 2
+MOD_ROLE = 200
+MANAGE_MESSAGES = 1 << 13
+EVERYONE_PERMS = (1 << 10) | (1 << 11) | (1 << 16) | (1 << 6)  # view, send, read history, react
+_ids = itertools.count(10_000)
+
+
+def user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
+    return {
+        "id": str(uid),
+        "username": name,
+        "discriminator": "0",
+        "avatar": None,
+        "global_name": name,
+        "bot": bot,
+    }
+
+
+class FakeClock:
+    """Time that moves only when a test says so (for the edit throttle)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 0.2  # every look at the clock lets a little time pass
+        return self.now
+
+
+class RecordingHTTP(HTTPClient):
+    """Answers the REST calls the bot makes, records them, and enforces Discord's limits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: FakeClock) -> None:
+        super().__init__(loop)
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.edit_times: dict[int, list[float]] = {}
+        self.clock = clock
+
+    async def request(self, route: Route, *, files: Any = None, form: Any = None, **kwargs: Any) -> Any:
+        payload = kwargs.get("json") or {}
+        self.calls.append((route.method, route.path, payload))
+        content = payload.get("content")
+        if content is not None:
+            assert len(content) <= 2000, f"Discord would refuse {len(content)} characters"
+            assert payload.get("allowed_mentions", {}).get("parse") == [], "mentions must stay off"
+        if route.method == "POST" and route.path == "/channels/{channel_id}/messages":
+            message = {
+                "id": str(next(_ids)),
+                "channel_id": str(route.channel_id),
+                "author": user(BOT_ID, "rwkv", True),
+                "content": content or "",
+                "timestamp": "2026-01-01T00:00:00+00:00",
+                "edited_timestamp": None,
+                "tts": False,
+                "mention_everyone": False,
+                "mentions": [],
+                "mention_roles": [],
+                "attachments": [],
+                "embeds": payload.get("embeds", []),
+                "pinned": False,
+                "type": 0,
+            }
+            self.messages[int(message["id"])] = message
+            return message
+        if route.method == "PATCH" and route.path == "/channels/{channel_id}/messages/{message_id}":
+            message_id = int(route.url.rsplit("/", 1)[1])
+            times = self.edit_times.setdefault(route.channel_id, [])
+            times.append(self.clock.now)
+            recent = [t for t in times if t > self.clock.now - 5.0]
+            assert len(recent) <= 5, "more than 5 edits in 5 seconds in one channel"
+            self.messages[message_id] = {**self.messages[message_id], "content": content}
+            return self.messages[message_id]
+        return None
+
+    def sent(self) -> list[str]:
+        """Contents of the messages the bot created, in order."""
+        return [
+            p.get("content") or ""
+            for m, path, p in self.calls
+            if m == "POST" and path == "/channels/{channel_id}/messages"
+        ]
+
+    def posted_to(self, channel: int) -> list[dict[str, Any]]:
+        return [m for m in self.messages.values() if m["channel_id"] == str(channel)]
+
+
+class RecordingAdapter(AsyncWebhookAdapter):
+    """Records interaction responses and follow-ups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def request(
+        self, route: Route, session: Any, *, payload: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        body = payload or {}
+        self.calls.append((route.method, route.path, body))
+        data = body.get("data") if isinstance(body.get("data"), dict) else body
+        if data and data.get("content") is not None:
+            assert len(data["content"]) <= 2000
+        if route.path.endswith("/callback"):
+            return {"interaction": {"id": str(route.webhook_id), "type": 2}}
+        if route.method == "POST" and "webhooks" in route.path:
+            return {
+                "id": str(next(_ids)),
+                "channel_id": str(GENERAL),
+                "author": user(BOT_ID, "rwkv", True),
+                "content": body.get("content", ""),
+                "timestamp": "2026-01-01T00:00:00+00:00",
+                "edited_timestamp": None,
+                "tts": False,
+                "mention_everyone": False,
+                "mentions": [],
+                "mention_roles": [],
+                "attachments": [],
+                "embeds": body.get("embeds", []),
+                "pinned": False,
+                "type": 0,
+                "flags": body.get("flags", 0),
+            }
+        return None
+
+    def texts(self) -> list[str]:
+        out = []
+        for _, _, body in self.calls:
+            data = body.get("data") if isinstance(body.get("data"), dict) else body
+            if data and data.get("content"):
+                out.append(data["content"])
+        return out
+
+
+class Harness:
+    """A bot wired to the recording layers, a server with #general (enabled), #quiet and a thread."""
+
+    def __init__(
+        self, bot: RwkvBot, http: RecordingHTTP, adapter: RecordingAdapter, clock: FakeClock
+    ) -> None:
+        self.bot, self.http, self.adapter, self.clock = bot, http, adapter, clock
+        self.state = bot._connection
+        self.errors: list[BaseException] = []
+
+    def message(
+        self,
+        content: str,
+        *,
+        author: int = ALICE,
+        channel: int = GENERAL,
+        mentions: list[int] | None = None,
+        guild: bool = True,
+    ) -> discord.Message:
+        name = {ALICE: "alice", MOD: "mod"}.get(author, f"user{author}")
+        data: dict[str, Any] = {
+            "id": str(next(_ids)),
+            "channel_id": str(channel),
+            "author": user(author, name),
+            "content": content,
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [user(m, "rwkv" if m == BOT_ID else f"u{m}", m == BOT_ID) for m in mentions or []],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+        }
+        if guild:
+            data["guild_id"] = str(GUILD)
+            data["member"] = {
+                "roles": [str(MOD_ROLE)] if author == MOD else [],
+                "joined_at": "2025-01-01T00:00:00+00:00",
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
+            target = self.state._get_guild(GUILD).get_channel_or_thread(channel)  # type: ignore[union-attr]
+        else:
+            target = self.state._get_private_channel(channel) or discord.DMChannel(
+                me=self.bot.user,
+                state=self.state,  # type: ignore[arg-type]
+                data={"id": str(channel), "type": 1, "recipients": [user(author, name)]},  # type: ignore[typeddict-item]
+            )
+        return discord.Message(state=self.state, channel=target, data=data)  # type: ignore[arg-type]
+
+    async def say(self, content: str, **options: Any) -> None:
+        await self.bot.on_message(self.message(content, **options))
+
+    async def slash(
+        self,
+        name: str,
+        sub: str | None = None,
+        *,
+        author: int = ALICE,
+        channel: int = GENERAL,
+        **options: Any,
+    ) -> None:
+        perms = EVERYONE_PERMS | (MANAGE_MESSAGES if author == MOD else 0)
+        typed = [
+            {"name": k, "type": 10 if isinstance(v, float) else 4 if isinstance(v, int) else 3, "value": v}
+            for k, v in options.items()
+        ]
+        command_options = [{"name": sub, "type": 1, "options": typed}] if sub else typed
+        data = {
+            "id": str(next(_ids)),
+            "application_id": str(BOT_ID),
+            "type": 2,
+            "token": "tok",
+            "version": 1,
+            "guild_id": str(GUILD),
+            "channel_id": str(channel),
+            "channel": {
+                "id": str(channel),
+                "type": 0,
+                "guild_id": str(GUILD),
+                "name": "general",
+                "position": 0,
+            },
+            "member": {
+                "user": user(author, "mod" if author == MOD else "alice"),
+                "roles": [str(MOD_ROLE)] if author == MOD else [],
+                "permissions": str(perms),
+                "joined_at": "2025-01-01T00:00:00+00:00",
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            },
+            "app_permissions": str(EVERYONE_PERMS),
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {},
+            "context": 0,
+            "attachment_size_limit": 8_000_000,
+            "data": {"id": "1", "name": name, "type": 1, "options": command_options},
+        }
+        interaction = discord.Interaction(data=data, state=self.state)  # type: ignore[arg-type]
+        await self.bot.tree._call(interaction)
+
+
+def guild_payload() -> dict[str, Any]:
+    role = {"hoist": False, "managed": False, "mentionable": False, "flags": 0, "color": 0}
+    channel = {"type": 0, "guild_id": str(GUILD), "permission_overwrites": [], "nsfw": False}
+    member = {"roles": [], "joined_at": "2025-01-01T00:00:00+00:00", "deaf": False, "mute": False, "flags": 0}
+    return {
+        "id": str(GUILD),
+        "name": "RWKV fans",
+        "owner_id": "5",
+        "afk_timeout": 300,
+        "verification_level": 0,
+        "default_message_notifications": 0,
+        "explicit_content_filter": 0,
+        "features": [],
+        "mfa_level": 0,
+        "emojis": [],
+        "stickers": [],
+        "premium_tier": 0,
+        "member_count": 3,
+        "large": False,
+        "roles": [
+            {
+                **role,
+                "id": str(GUILD),
+                "name": "@everyone",
+                "permissions": str(EVERYONE_PERMS),
+                "position": 0,
+            },
+            {**role, "id": str(MOD_ROLE), "name": "mods", "permissions": str(MANAGE_MESSAGES), "position": 1},
+        ],
+        "channels": [
+            {**channel, "id": str(GENERAL), "name": "general", "position": 0},
+            {**channel, "id": str(QUIET), "name": "quiet", "position": 1},
+        ],
+        "threads": [
+            {
+                "id": str(THREAD),
+                "type": 11,
+                "parent_id": str(GENERAL),
+                "name": "a thread",
+                "guild_id": str(GUILD),
+                "owner_id": str(ALICE),
+                "member_count": 1,
+                "message_count": 1,
+                "thread_metadata": {
+                    "archived": False,
+                    "auto_archive_duration": 60,
+                    "locked": False,
+                    "archive_timestamp": "2026-01-01T00:00:00+00:00",
+                },
+            }
+        ],
+        "members": [
+            {**member, "user": user(BOT_ID, "rwkv", True)},
+            {**member, "user": user(ALICE, "alice")},
+            {**member, "user": user(MOD, "mod"), "roles": [str(MOD_ROLE)]},
+        ],
+    }
+
+
+@pytest.fixture
+async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Harness]:
+    """A set-up bot (setup_hook run) with #general enabled by a moderator."""
+    settings = Settings(
+        model=Path("unused.pth"),
+        db=tmp_path / "bot.sqlite3",
+        token=None,
+        chat_max_tokens=40,
+        gen_max_tokens=20,
+        user_cooldown=0,
+        allow_dms=True,
+        max_queue=1,
+    )
+    clock = FakeClock()
+    bot = create_bot(settings, engine7, clock=clock)
+    http = RecordingHTTP(asyncio.get_running_loop(), clock)
+    bot.http = http
+    bot._connection.http = http
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
+    await bot._async_setup_hook()
+    await bot.setup_hook()
+    state = bot._connection
+    state.user = discord.ClientUser(state=state, data=user(BOT_ID, "rwkv", True))  # type: ignore[arg-type]
+    state.application_id = BOT_ID
+    state._add_guild_from_data(guild_payload())  # type: ignore[arg-type]
+    h = Harness(bot, http, adapter, clock)
+
+    @bot.tree.error
+    async def record(interaction: discord.Interaction, error: discord.app_commands.AppCommandError) -> None:
+        h.errors.append(error)
+
+    await h.slash("rwkv", "enable", author=MOD)
+    try:
+        yield h
+    finally:
+        await bot.close()
+        async_context.reset(token)
+        assert h.errors == [], h.errors
+
+
+# ---------------------------------------------------------------------------- where it talks
+
+
+async def test_answers_in_enabled_channel_and_its_threads_only(harness: Harness) -> None:
+    """Enabled channel and its threads get replies; other channels stay silent unless mentioned."""
+    await harness.say("-top_p=0 Hello", channel=GENERAL)
+    assert harness.http.posted_to(GENERAL)
+    await harness.say("Hello", channel=THREAD)
+    assert harness.http.posted_to(THREAD)
+    await harness.say("Hello", channel=QUIET)
+    assert not harness.http.posted_to(QUIET)
+    await harness.say(f"<@{BOT_ID}> Hello", channel=QUIET, mentions=[BOT_ID])
+    replies = harness.http.posted_to(QUIET)
+    assert replies
+
+
+async def test_ignores_bots_and_itself(harness: Harness) -> None:
+    """Messages of other bots and of the bot itself get no answer."""
+    message = harness.message("Hello")
+    message.author = discord.User(state=harness.state, data=user(77, "otherbot", True))  # type: ignore[arg-type]
+    await harness.bot.on_message(message)
+    await harness.say("Hello", author=BOT_ID)
+    assert harness.http.sent() == []
+
+
+async def test_each_channel_has_its_own_conversation(harness: Harness) -> None:
+    """The thread and its parent channel keep separate conversations."""
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    service = harness.bot.service
+    assert service is not None
+    assert [t.user_text for t in await service.store.transcript(str(GENERAL))] == ["Hi"]
+    assert [t.user_text for t in await service.store.transcript(str(THREAD))] == ["Hi"]
+
+
+# ---------------------------------------------------------------------------- the grammar
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("+help", "How to talk to me"),
+        ("+reset", "Chat reset."),
+        ("-temp=abc hi", "needs a number"),
+        ("-temp=0.5 -top_p=0.2", "Saved as this channel's defaults"),
+        ("+", "no chat reply to retry"),
+        ("++", "no free generation to retry"),
+        ("+++", "no free generation to continue"),
+        ("+nonsense", "Unknown command +nonsense"),
+        ("", "How to talk to me"),
+    ],
+)
+async def test_grammar_answers_through_a_channel(harness: Harness, message: str, expected: str) -> None:
+    """Commands that do not generate answer with their notice, as a reply."""
+    await harness.say(message)
+    assert any(expected in text for text in harness.http.sent()), harness.http.sent()
+
+
+@pytest.mark.parametrize(
+    "message", ["Hello there", "+gen Once upon", "+i list three fruits", "+qq why?", "+qa who are you?"]
+)
+async def test_generating_commands_stream_a_reply(harness: Harness, message: str) -> None:
+    """Chat and free generations send a reply and edit it as the text grows."""
+    await harness.say(message)
+    sent = harness.http.sent()
+    assert len(sent) >= 1
+    service = harness.bot.service
+    assert service is not None and len(await service.store.transcript(str(GENERAL))) == 1
+
+
+async def test_retries_and_continuations_through_a_channel(harness: Harness) -> None:
+    """+, ++ and +++ after a chat and a free generation produce new replies."""
+    for message in ("-top_p=0 Hi", "+", "+gen Story", "++", "+++"):
+        await harness.say(message)
+    service = harness.bot.service
+    assert service is not None
+    commands = [t.command for t in await service.store.transcript(str(GENERAL))]
+    assert commands == ["chat", "+", "+gen", "++", "+++"]
+
+
+async def test_faq_in_text_is_an_embed(harness: Harness) -> None:
+    """+faq answers with an embed from the knowledge base."""
+    await harness.say("+faq what licence is rwkv under")
+    embeds = [p.get("embeds") for m, _, p in harness.http.calls if m == "POST" and p.get("embeds")]
+    assert embeds and "Apache" in embeds[0][0]["description"]
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+async def test_long_reply_is_split_and_edits_are_throttled(harness: Harness, tmp_path: Path) -> None:
+    """A reply longer than 2,000 characters continues in a new message; edits stay rate-limited."""
+    service = harness.bot.service
+    assert service is not None
+    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    await harness.say("-top_p=1 -temp=3 write a lot")
+    contents = [m["content"] for m in harness.http.posted_to(GENERAL)]
+    total = sum(len(c) for c in contents)
+    assert all(len(c) <= 2000 for c in contents)
+    if total > 2000:
+        assert len(contents) >= 2
+    edits = [c for c in harness.http.calls if c[0] == "PATCH"]
+    assert edits, "a streamed reply is edited as it grows"
+
+
+async def test_mentions_in_model_output_never_ping(harness: Harness) -> None:
+    """Every message the bot sends has allowed mentions switched off (checked by the recorder)."""
+    await harness.say("Say @everyone <@1>")
+    assert harness.http.sent()
+
+
+# ---------------------------------------------------------------------------- moderation
+
+
+async def test_moderator_commands_refuse_normal_members(harness: Harness) -> None:
+    """reset, undo-reset, enable, disable, server and settings changes need Manage Messages."""
+    for sub, options in [
+        ("reset", {}),
+        ("undo-reset", {}),
+        ("enable", {}),
+        ("disable", {}),
+        ("server", {"reset_policy": "moderators"}),
+        ("settings", {"temperature": 0.5}),
+    ]:
+        before = len(harness.adapter.calls)
+        await harness.slash("rwkv", sub, author=ALICE, **options)
+        assert "Only moderators" in " ".join(harness.adapter.texts()[-1:]), sub
+        assert len(harness.adapter.calls) == before + 1
+
+
+async def test_reset_and_undo_reset(harness: Harness) -> None:
+    """/rwkv reset puts the channel back to the start; /rwkv undo-reset restores it."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 Remember this")
+    before = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
+    await harness.slash("rwkv", "reset", author=MOD)
+    after = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
+    assert before is not None and after is not None
+    assert not after[0].logits.equal(before[0].logits)
+    await harness.slash("rwkv", "undo-reset", author=MOD)
+    restored = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
+    assert restored is not None and restored[0].logits.equal(before[0].logits)
+    assert any("Restored 1" in t for t in harness.adapter.texts())
+
+
+async def test_server_wide_reset(harness: Harness) -> None:
+    """scope=server resets every conversation of the server."""
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    await harness.slash("rwkv", "reset", author=MOD, scope="server")
+    assert any("Reset 2 conversation(s)" in t for t in harness.adapter.texts())
+
+
+async def test_text_reset_follows_the_server_policy(harness: Harness) -> None:
+    """With reset_policy=moderators, +reset from a member is refused and from a moderator done."""
+    await harness.slash("rwkv", "server", author=MOD, reset_policy="moderators")
+    await harness.say("+reset", author=ALICE)
+    assert "Only moderators can reset" in harness.http.sent()[-1]
+    await harness.say("+reset", author=MOD)
+    assert harness.http.sent()[-1] == "Chat reset."
+
+
+async def test_enable_and_disable(harness: Harness) -> None:
+    """A moderator enables #quiet; the bot answers there until it is disabled."""
+    await harness.slash("rwkv", "enable", author=MOD, channel=QUIET)
+    await harness.say("+help", channel=QUIET)
+    assert harness.http.posted_to(QUIET)
+    await harness.slash("rwkv", "disable", author=MOD, channel=QUIET)
+    count = len(harness.http.posted_to(QUIET))
+    await harness.say("+help", channel=QUIET)
+    assert len(harness.http.posted_to(QUIET)) == count
+
+
+async def test_settings_command_validates_and_stores(harness: Harness) -> None:
+    """A moderator sets this channel's sampling; an unknown preset is refused."""
+    await harness.slash("rwkv", "settings", author=MOD, temperature=0.7, max_tokens=30)
+    assert any("Set temperature 0.7, max_tokens 30" in t for t in harness.adapter.texts())
+    await harness.slash("rwkv", "settings", author=MOD, preset="no-such-preset")
+    assert any("Nothing was changed" in t for t in harness.adapter.texts())
+    service = harness.bot.service
+    assert service is not None
+    assert await service.store.channel_settings(str(GENERAL)) == {"temperature": 0.7, "max_tokens": 30}
+
+
+async def test_faq_slash_command(harness: Harness) -> None:
+    """/faq answers with an embed; an off-topic question gets a polite miss."""
+    await harness.slash("faq", question="is it censored")
+    responses = [b for _, _, b in harness.adapter.calls if isinstance(b.get("data"), dict)]
+    assert any(r["data"].get("embeds") for r in responses)
+    await harness.slash("faq", question="best pizza in town")
+    assert any("No FAQ entry matches" in t for t in harness.adapter.texts())
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+
+async def test_queue_and_refusal_when_full(harness: Harness) -> None:
+    """While a reply is written, one more message waits (with a reaction); the next is refused."""
+    service = harness.bot.service
+    assert service is not None
+    lock = service._locks.setdefault(str(GENERAL), asyncio.Lock())
+    await lock.acquire()  # a generation in progress
+    waiting = asyncio.ensure_future(harness.say("-top_p=0 first in line"))
+    await asyncio.sleep(0.05)
+    assert (
+        "PUT",
+        "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me",
+        {},
+    ) in harness.http.calls
+    await harness.say("one too many", author=MOD)
+    assert "still answering earlier messages" in harness.http.sent()[-1]
+    lock.release()
+    await waiting
+    assert len(await service.store.transcript(str(GENERAL))) == 1
+
+
+async def test_cooldown_per_user(harness: Harness) -> None:
+    """A user who writes again within the cooldown is asked to wait; others are not."""
+    harness.bot.settings = harness.bot.settings.model_copy(update={"user_cooldown": 3600.0})
+    await harness.say("+help", author=ALICE)
+    await harness.say("+help", author=ALICE)
+    assert "Please wait" in harness.http.sent()[-1]
+    await harness.say("+help", author=MOD)
+    assert "How to talk to me" in harness.http.sent()[-1]
+
+
+async def test_stop_reaction_and_command(harness: Harness) -> None:
+    """/rwkv stop or a stop reaction ends the reply early; what was written is kept."""
+    service = harness.bot.service
+    assert service is not None
+    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 go on and on"))
+    while not harness.bot.running:
+        await asyncio.sleep(0.01)
+    await harness.slash("rwkv", "stop", author=ALICE)
+    await task
+    turns = await service.store.transcript(str(GENERAL))
+    assert len(turns) == 1 and turns[0].reply_tokens < 900
+    assert "stopped" in harness.http.posted_to(GENERAL)[-1]["content"]
+
+    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 again"))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    reply_id = next(iter(harness.bot.by_reply))
+    await harness.bot.on_raw_reaction_add(
+        discord.RawReactionActionEvent(
+            data={
+                "message_id": str(reply_id),
+                "channel_id": str(GENERAL),
+                "user_id": str(ALICE),  # type: ignore[typeddict-item]
+                "guild_id": str(GUILD),
+                "type": 0,
+                "burst": False,
+            },
+            emoji=discord.PartialEmoji(name=STOP_EMOJI),
+            event_type="REACTION_ADD",
+        )
+    )
+    await task
+    assert (await service.store.transcript(str(GENERAL)))[-1].reply_tokens < 900
+
+
+async def test_event_loop_keeps_running_during_a_reply(harness: Harness) -> None:
+    """Loop lag stays small while the bot writes a reply (the gateway heartbeat depends on it)."""
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = threading.Event()
+
+    async def ticker() -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    tick = asyncio.ensure_future(ticker())
+    await harness.say("+gen " + "a long prompt " * 150)
+    done.set()
+    await tick
+    assert max(gaps) < 0.25
+
+
+# ---------------------------------------------------------------------------- shutdown and failure
+
+
+async def test_shutdown_cuts_a_reply_in_flight(harness: Harness) -> None:
+    """Closing the bot during a reply ends it with an interruption note and stores the turn."""
+    service = harness.bot.service
+    assert service is not None
+    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    task = asyncio.ensure_future(harness.bot.on_message(harness.message("-top_p=1 -temp=3 long story")))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    store = service.store
+    await harness.bot.close()
+    await task
+    assert "interrupted" in harness.http.posted_to(GENERAL)[-1]["content"]
+    # the turn was stored before the database closed
+    import sqlite3
+
+    rows = (
+        sqlite3.connect(store.path)
+        .execute("SELECT command FROM turns WHERE channel_id = ?", (str(GENERAL),))
+        .fetchall()
+    )
+    assert rows == [("chat",)]
+
+
+async def test_engine_failure_fails_one_reply_and_the_bot_goes_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model failure midway answers with an error; the next message is served."""
+    engine = harness.bot.engine
+    assert isinstance(engine, ReferenceEngine)
+    real = engine._runner.forward
+    calls = {"n": 0}
+
+    def failing(tokens: list[int], state: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(tokens, state)
+
+    monkeypatch.setattr(engine._runner, "forward", failing)
+    await harness.say("-top_p=0 Hello")
+    assert any("failed" in m["content"] for m in harness.http.posted_to(GENERAL))
+    await harness.say("-top_p=0 Hello again")
+    service = harness.bot.service
+    assert service is not None and len(await service.store.transcript(str(GENERAL))) == 1
