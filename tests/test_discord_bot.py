@@ -21,6 +21,7 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
 from bot.client import STOP_EMOJI, RwkvBot, create_bot
 from bot.settings import Settings
+from bot.streaming import ReplyStream, render_thinking
 from engine.inprocess import ReferenceEngine
 
 GUILD, GENERAL, QUIET, THREAD = 100, 300, 301, 400
@@ -696,3 +697,59 @@ async def test_engine_failure_fails_one_reply_and_the_bot_goes_on(
     await harness.say("-top_p=0 Hello again")
     service = harness.bot.service
     assert service is not None and len(await service.store.transcript(str(GENERAL))) == 1
+
+
+# ---------------------------------------------------------------------------- stream details
+
+
+async def test_typing_indicator_while_the_prompt_is_read(harness: Harness) -> None:
+    """The bot shows 'typing' before the first text of a reply."""
+    await harness.say("-top_p=0 Hello")
+    paths = [path for method, path, _ in harness.http.calls if method == "POST"]
+    assert "/channels/{channel_id}/typing" in paths
+    assert paths.index("/channels/{channel_id}/typing") < paths.index("/channels/{channel_id}/messages")
+
+
+async def test_edit_throttle_with_a_fake_clock(harness: Harness) -> None:
+    """Pushing text every 0.1 s edits the reply at most once per second, plus the final edit."""
+    now = {"t": 0.0}
+    reply_to = harness.message("hi")
+    stream = ReplyStream(reply_to, interval=1.0, clock=lambda: now["t"])
+    for _ in range(50):
+        now["t"] += 0.1
+        await stream.push("word ")
+    await stream.finish()
+    edits = [c for c in harness.http.calls if c[0] == "PATCH"]
+    assert 1 <= len(edits) <= 5 + 1  # 5 s of pushes: at most one edit a second, then the final one
+    assert harness.http.posted_to(GENERAL)[-1]["content"] == ("word " * 50).strip()
+
+
+@pytest.mark.parametrize(
+    ("display", "expected"),
+    [("show", "<think>plan</think>Answer"), ("hide", "Answer"), ("fold", "> thoughts: ||plan||\nAnswer")],
+)
+def test_thinking_display(display: str, expected: str) -> None:
+    """Thinking sections are shown, hidden, or folded into a spoiler."""
+    assert render_thinking("<think>plan</think>Answer", display) == expected
+    assert render_thinking("<think>still going", "hide") == "*(thinking...)*"
+
+
+async def test_channel_thinking_setting_hides_thoughts(harness: Harness) -> None:
+    """With thinking=hide, a reply's <think> section never reaches Discord."""
+    await harness.slash("rwkv", "settings", author=MOD, thinking="hide")
+    reply_to = harness.message("hi")
+    service = harness.bot.service
+    assert service is not None
+    settings = await service.store.channel_settings(str(GENERAL))
+    stream = ReplyStream(reply_to, thinking=str(settings["thinking"]))
+    await stream.push("<think>secret plan</think>The answer.")
+    await stream.finish()
+    assert harness.http.posted_to(GENERAL)[-1]["content"] == "The answer."
+
+
+async def test_on_ready_again_does_not_set_up_again(harness: Harness) -> None:
+    """A reconnect's on_ready leaves the service and the enabled channels as they were."""
+    service, enabled = harness.bot.service, set(harness.bot.enabled)
+    await harness.bot.on_ready()
+    await harness.bot.on_ready()
+    assert harness.bot.service is service and harness.bot.enabled == enabled
