@@ -26,13 +26,14 @@ from bot.streaming import NO_MENTIONS, ReplyStream
 from chat.grammar import Command, Parsed, parse_message
 from chat.session import ChatService, Outcome
 from engine.interface import Engine, TextDelta
-from faq import FaqIndex
+from faq import FaqIndex, bundled_topics_dir, is_question, load_topics
 
 log = logging.getLogger(__name__)
 
 STOP_EMOJI = "⏹️"
 QUEUED_EMOJI = "⏳"
 FAQ_COLOUR = discord.Colour.from_rgb(88, 101, 242)
+FAQ_AUTO_CONFIDENCE = 0.8  # automatic answers only for clear matches: a wrong one is worse than none
 
 
 @dataclass
@@ -173,6 +174,13 @@ class RwkvBot(discord.Client):
             await message.reply("Only moderators can reset the conversation here.", mention_author=False)
             return
 
+        if (
+            isinstance(parsed, Parsed)
+            and parsed.command is Command.CHAT
+            and await self._faq_answer(message, key, text)
+        ):
+            return
+
         queued = self.service.busy(key)
         if queued:
             if self.waiting[key] >= self.settings.max_queue:
@@ -189,6 +197,21 @@ class RwkvBot(discord.Client):
         finally:
             if queued:
                 self.waiting[key] -= 1
+
+    async def _faq_answer(self, message: discord.Message, key: str, text: str) -> bool:
+        """Answer a question from the FAQ before the model, where the channel asked for it."""
+        assert self.service is not None
+        if self.faq is None or not is_question(text):
+            return False
+        if not (await self.service.store.channel_settings(key)).get("faq_auto", False):
+            return False
+        found = self.faq.best(text)
+        if found is None or found.confidence < FAQ_AUTO_CONFIDENCE:
+            return False
+        from bot.commands import faq_embed
+
+        await message.reply(embed=faq_embed(found.topic), mention_author=False, allowed_mentions=NO_MENTIONS)
+        return True
 
     async def _may_reset(self, message: discord.Message) -> bool:
         if message.guild is None or not isinstance(message.author, discord.Member):
@@ -268,6 +291,17 @@ class RwkvBot(discord.Client):
                 await message.channel.send(piece, allowed_mentions=NO_MENTIONS)
 
     # ------------------------------------------------------------------ stopping
+
+    async def reload_faq(self) -> list[str]:
+        """Load the FAQ topics again; returns the problems of skipped files."""
+        folders = [bundled_topics_dir()]
+        if self.settings.faq_dir is not None:
+            folders.append(self.settings.faq_dir)
+        result = await asyncio.to_thread(load_topics, folders)
+        self.faq = FaqIndex(result.topics.values())
+        if self.service is not None:
+            self.service.faq = self.faq
+        return result.problems
 
     def stop(self, key: str) -> bool:
         """Stop the reply being written in a conversation."""

@@ -13,7 +13,7 @@ from discord import app_commands
 
 from bot.streaming import NO_MENTIONS
 from chat.grammar import HELP_TEXT
-from faq import render_embed
+from faq import Topic, render_embed
 
 if TYPE_CHECKING:
     from bot.client import RwkvBot
@@ -35,6 +35,15 @@ async def _refuse(interaction: discord.Interaction) -> None:
 
 def _key(interaction: discord.Interaction) -> str:
     return str(interaction.channel_id)
+
+
+def faq_embed(topic: Topic) -> discord.Embed:
+    """A FAQ topic as an embed (title, answer, links), within Discord's embed limits."""
+    data = render_embed(topic)
+    embed = discord.Embed(title=data["title"], description=data["description"], url=data["url"])
+    for item in data["fields"]:
+        embed.add_field(name=item["name"], value=item["value"], inline=item["inline"])
+    return embed
 
 
 def register_commands(bot: RwkvBot) -> None:
@@ -71,6 +80,7 @@ def register_commands(bot: RwkvBot) -> None:
         max_tokens="the longest reply, in tokens",
         preset="the prompt preset (changing it starts the conversation afresh)",
         thinking="how <think> sections are shown",
+        faq_auto="answer questions that match an FAQ topic well from the FAQ, before the model",
     )
     async def settings_command(  # noqa: PLR0917 (one parameter per slash-command option)
         interaction: discord.Interaction,
@@ -81,6 +91,7 @@ def register_commands(bot: RwkvBot) -> None:
         max_tokens: app_commands.Range[int, 1, 4096] | None = None,
         preset: str | None = None,
         thinking: Literal["fold", "show", "hide"] | None = None,
+        faq_auto: bool | None = None,
     ) -> None:
         assert bot.service is not None
         values = {
@@ -91,6 +102,7 @@ def register_commands(bot: RwkvBot) -> None:
             "max_tokens": max_tokens,
             "preset": preset,
             "thinking": thinking,
+            "faq_auto": faq_auto,
         }
         if all(v is None for v in values.values()):
             current = await bot.service.store.channel_settings(_key(interaction))
@@ -178,27 +190,40 @@ def register_commands(bot: RwkvBot) -> None:
         await bot.service.store.set_guild_settings(guild, settings)
         await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
 
-    @app_commands.command(name="faq", description="Answers to common RWKV questions")
+    faq = app_commands.Group(name="faq", description="Answers to common RWKV questions")
+
+    @faq.command(name="ask", description="Look up the RWKV FAQ")
     @app_commands.describe(question="a topic, or your question in your own words")
-    async def faq(interaction: discord.Interaction, question: str) -> None:
+    async def faq_ask(interaction: discord.Interaction, question: str) -> None:
         assert bot.faq is not None
         found = bot.faq.best(question)
         if found is None:
             await interaction.response.send_message(f"No FAQ entry matches {question!r}.", ephemeral=True)
             return
-        data = render_embed(found.topic)
-        embed = discord.Embed(title=data["title"], description=data["description"], url=data["url"])
-        for item in data["fields"]:
-            embed.add_field(name=item["name"], value=item["value"], inline=item["inline"])
-        await interaction.response.send_message(embed=embed, allowed_mentions=NO_MENTIONS)
+        await interaction.response.send_message(embed=faq_embed(found.topic), allowed_mentions=NO_MENTIONS)
 
-    @faq.autocomplete("question")
+    @faq_ask.autocomplete("question")
     async def faq_titles(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         assert bot.faq is not None
         return [
             app_commands.Choice(name=t.title[:100], value=t.title[:100])
             for t in bot.faq.autocomplete(current)
         ]
+
+    @faq.command(
+        name="reload", description="Moderators: reload the FAQ topics (bundled and the operator's folder)"
+    )
+    async def faq_reload(interaction: discord.Interaction) -> None:
+        if not _is_moderator(interaction):
+            await _refuse(interaction)
+            return
+        await interaction.response.defer(ephemeral=True)
+        problems = await bot.reload_faq()
+        assert bot.faq is not None
+        text = f"Loaded {len(bot.faq.topics)} FAQ topics."
+        if problems:
+            text += " Skipped:\n" + "\n".join(f"- {p}" for p in problems[:10])
+        await interaction.followup.send(text[:2000], ephemeral=True)
 
     bot.tree.add_command(group)
     bot.tree.add_command(faq)

@@ -247,6 +247,9 @@ class ChatService:
                     raise ValueError(f"no preset {value!r}; known: {', '.join(sorted(self.presets))}")
                 current[name] = value
                 changes.append(f"preset {value} (the conversation starts afresh)")
+            elif name == "faq_auto":
+                current[name] = bool(value)
+                changes.append(f"faq_auto {'on' if value else 'off'}")
             elif name == "thinking":
                 if value not in THINKING_DISPLAYS:
                     raise ValueError(f"thinking must be one of {', '.join(THINKING_DISPLAYS)}")

@@ -226,7 +226,17 @@ class Harness:
     ) -> None:
         perms = EVERYONE_PERMS | (MANAGE_MESSAGES if author == MOD else 0)
         typed = [
-            {"name": k, "type": 10 if isinstance(v, float) else 4 if isinstance(v, int) else 3, "value": v}
+            {
+                "name": k,
+                "type": 5
+                if isinstance(v, bool)
+                else 10
+                if isinstance(v, float)
+                else 4
+                if isinstance(v, int)
+                else 3,
+                "value": v,
+            }
             for k, v in options.items()
         ]
         command_options = [{"name": sub, "type": 1, "options": typed}] if sub else typed
@@ -554,10 +564,10 @@ async def test_settings_command_validates_and_stores(harness: Harness) -> None:
 
 async def test_faq_slash_command(harness: Harness) -> None:
     """/faq answers with an embed; an off-topic question gets a polite miss."""
-    await harness.slash("faq", question="is it censored")
+    await harness.slash("faq", "ask", question="is it censored")
     responses = [b for _, _, b in harness.adapter.calls if isinstance(b.get("data"), dict)]
     assert any(r["data"].get("embeds") for r in responses)
-    await harness.slash("faq", question="best pizza in town")
+    await harness.slash("faq", "ask", question="best pizza in town")
     assert any("No FAQ entry matches" in t for t in harness.adapter.texts())
 
 
@@ -753,3 +763,37 @@ async def test_on_ready_again_does_not_set_up_again(harness: Harness) -> None:
     await harness.bot.on_ready()
     await harness.bot.on_ready()
     assert harness.bot.service is service and harness.bot.enabled == enabled
+
+
+async def test_faq_reload_reports_broken_files_and_is_for_moderators(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """/faq reload reads the operator's folder again; a broken file is named and skipped."""
+    folder = tmp_path / "faq"
+    folder.mkdir()
+    (folder / "broken.md").write_text("+++\ntitle = \n+++\nbody\n")
+    (folder / "house-rules.md").write_text(
+        '+++\ntitle = "House rules"\nkeywords = ["house rules", "rules"]\n+++\nBe kind to the bot.\n'
+    )
+    harness.bot.settings = harness.bot.settings.model_copy(update={"faq_dir": folder})
+    await harness.slash("faq", "reload", author=ALICE)
+    assert "Only moderators" in harness.adapter.texts()[-1]
+    await harness.slash("faq", "reload", author=MOD)
+    report = harness.adapter.texts()[-1]
+    assert "Skipped" in report and "broken.md" in report
+    assert harness.bot.faq is not None and harness.bot.faq.best("what are the house rules") is not None
+
+
+async def test_automatic_faq_answers_are_opt_in(harness: Harness) -> None:
+    """A clear FAQ question goes to the model unless the channel turned faq_auto on."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 What license is RWKV under?")
+    assert len(await service.store.transcript(str(GENERAL))) == 1
+    await harness.slash("rwkv", "settings", author=MOD, faq_auto=True)
+    await harness.say("What license is RWKV under?")
+    assert len(await service.store.transcript(str(GENERAL))) == 1  # answered without the model
+    embeds = [p["embeds"] for m, _, p in harness.http.calls if m == "POST" and p.get("embeds")]
+    assert embeds and "Apache" in embeds[-1][0]["description"]
+    await harness.say("-top_p=0 how are you today?")
+    assert len(await service.store.transcript(str(GENERAL))) == 2  # not an FAQ question
