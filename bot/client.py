@@ -13,8 +13,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -64,13 +65,18 @@ class RwkvBot(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.service: ChatService | None = None
         self.enabled: set[int] = set()
-        self.waiting: collections.Counter[str] = collections.Counter()
+        self.pending: collections.Counter[str] = collections.Counter()  # accepted, not yet answered
+        self.generations: dict[str, list[Generation]] = {}  # per conversation, running one first
+        self.channel_locks: dict[str, asyncio.Lock] = {}
         self.last_message_at: dict[int, float] = {}
+        self.warned_at: dict[int, float] = {}
         self.running: dict[str, Generation] = {}
         self.by_reply: dict[int, Generation] = {}  # reply message id -> generation, for reactions
         self.speeds: collections.deque[tuple[int, float]] = collections.deque(maxlen=20)
         self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Future[Any]] = set()
         self._closing = False
+        self._closed_once: asyncio.Future[None] | None = None
         self.faq: FaqIndex | None = None
         from bot.commands import register_commands
 
@@ -95,18 +101,32 @@ class RwkvBot(discord.Client):
         log.info("connected as %s to %d servers", self.user, len(self.guilds))
 
     async def close(self) -> None:
-        """Cut in-flight replies (each says so), wait for them to be stored, close the database."""
-        if not self._closing:
-            self._closing = True
-            for generation in self.running.values():
-                generation.cancel.set()
+        """Cut in-flight replies (each says so), wait for them to be stored, close the database.
+
+        Waiting messages are not started; a second call (a second Ctrl-C) waits for the first.
+        """
+        if self._closed_once is None:
+            self._closed_once = asyncio.ensure_future(self._shut_down())
+        await asyncio.shield(self._closed_once)
+
+    async def _shut_down(self) -> None:
+        self._closing = True
+        try:
+            for generations in self.generations.values():
+                for generation in generations:
+                    generation.cancel.set()
             if self._reply_tasks:
                 _, pending = await asyncio.wait(set(self._reply_tasks), timeout=self.settings.shutdown_grace)
                 for task in pending:
                     task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
+            if self._side_tasks:
+                await asyncio.wait(set(self._side_tasks), timeout=1.0)
             if self.service is not None:
                 await self.service.store.close()
-        await super().close()
+        finally:
+            await super().close()
 
     # ------------------------------------------------------------------ messages
 
@@ -134,37 +154,90 @@ class RwkvBot(discord.Client):
         """Answer a message in a channel where the bot talks."""
         if message.author.bot or self.user is None or message.author.id == self.user.id:
             return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # joins, pins, boosts, thread notices...
         if self._closing or self.service is None:
             return
         key = self.conversation(message)
         if key is None:
             return
+        text = self.message_text(message)
+        mentioned = self.user in message.mentions
+        if not text and not mentioned and message.guild is not None:
+            return  # an image or sticker alone: nothing to answer
+        # Everything up to the first await decides, so messages arriving together are counted.
+        if not self._within_cooldown(message):
+            return
+        accepted = self.pending[key]
+        if accepted > self.settings.max_queue:
+            self._spawn(
+                message.reply(
+                    "I'm still answering earlier messages in this channel. Please try again in a moment.",
+                    mention_author=False,
+                )
+            )
+            return
+        self.pending[key] += 1
+        generation = Generation(key, message.author.id)
+        self.generations.setdefault(key, []).append(generation)
         task = asyncio.current_task()
         if task is not None:
             self._reply_tasks.add(task)
         try:
-            await self._serve(message, key)
+            await self._serve(message, key, text, generation, queued=accepted > 0)
         except discord.HTTPException as exc:
             log.warning("could not answer message %s: %s", message.id, exc)
         finally:
+            self.pending[key] -= 1
+            if not self.pending[key]:
+                del self.pending[key]
+            waiting = self.generations.get(key, [])
+            if generation in waiting:
+                waiting.remove(generation)
+            if not waiting:
+                self.generations.pop(key, None)
             if task is not None:
                 self._reply_tasks.discard(task)
 
-    async def _serve(self, message: discord.Message, key: str) -> None:
-        assert self.service is not None
-        text = self.message_text(message)
+    def _within_cooldown(self, message: discord.Message) -> bool:
+        """False (and one reminder per cooldown) when the author writes again too soon."""
         now = self.clock()
-        last = self.last_message_at.get(message.author.id)
+        author = message.author.id
+        last = self.last_message_at.get(author)
         cooldown = self.settings.user_cooldown
         if last is not None and now - last < cooldown:
-            await message.reply(
-                f"Please wait {cooldown - (now - last):.0f} s before your next message.",
-                mention_author=False,
-                delete_after=10,
-            )
-            return
-        self.last_message_at[message.author.id] = now
+            if self.warned_at.get(author, float("-inf")) < last:
+                self.warned_at[author] = now
+                self._spawn(
+                    message.reply(
+                        f"Please wait {cooldown - (now - last):.0f} s before your next message.",
+                        mention_author=False,
+                        delete_after=10,
+                    )
+                )
+            return False
+        self.last_message_at[author] = now
+        if len(self.last_message_at) > 10_000:  # forget users whose cooldown is long over
+            self.last_message_at = {a: t for a, t in self.last_message_at.items() if now - t < cooldown}
+            self.warned_at = {a: t for a, t in self.warned_at.items() if a in self.last_message_at}
+        return True
 
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a small Discord call in the background, keeping a reference and logging failures."""
+        task = asyncio.ensure_future(coroutine)
+        self._side_tasks.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._side_tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("a Discord call failed: %s", finished.exception())
+
+        task.add_done_callback(done)
+
+    async def _serve(
+        self, message: discord.Message, key: str, text: str, generation: Generation, *, queued: bool
+    ) -> None:
+        assert self.service is not None
         parsed = parse_message(text)
         if (
             isinstance(parsed, Parsed)
@@ -173,30 +246,34 @@ class RwkvBot(discord.Client):
         ):
             await message.reply("Only moderators can reset the conversation here.", mention_author=False)
             return
-
         if (
             isinstance(parsed, Parsed)
             and parsed.command is Command.CHAT
             and await self._faq_answer(message, key, text)
         ):
             return
-
-        queued = self.service.busy(key)
         if queued:
-            if self.waiting[key] >= self.settings.max_queue:
-                await message.reply(
-                    "I'm still answering earlier messages in this channel. Please try again in a moment.",
-                    mention_author=False,
-                )
-                return
-            self.waiting[key] += 1
             with contextlib.suppress(discord.HTTPException):
                 await message.add_reaction(QUEUED_EMOJI)
-        try:
-            await self._answer(message, key, text, queued)
-        finally:
+        lock = self.channel_locks.setdefault(key, asyncio.Lock())
+        async with lock:
             if queued:
-                self.waiting[key] -= 1
+                with contextlib.suppress(discord.HTTPException):
+                    await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
+            if self._closing or generation.cancel.is_set():
+                why = "the bot is restarting" if self._closing else "it was stopped"
+                await message.reply(
+                    f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
+                )
+                return
+            self.running[key] = generation
+            try:
+                await self._answer(message, key, text, generation)
+            finally:
+                if self.running.get(key) is generation:
+                    del self.running[key]
+        if not lock.locked() and not self.pending.get(key, 0) > 1:
+            self.channel_locks.pop(key, None)
 
     async def _faq_answer(self, message: discord.Message, key: str, text: str) -> bool:
         """Answer a question from the FAQ before the model, where the channel asked for it."""
@@ -222,7 +299,7 @@ class RwkvBot(discord.Client):
         )
         return policy == "everyone" or message.channel.permissions_for(message.author).manage_messages
 
-    async def _answer(self, message: discord.Message, key: str, text: str, queued: bool) -> None:
+    async def _answer(self, message: discord.Message, key: str, text: str, generation: Generation) -> None:
         assert self.service is not None
         settings = await self.service.store.channel_settings(key)
         stream = ReplyStream(
@@ -230,45 +307,46 @@ class RwkvBot(discord.Client):
             thinking=str(settings.get("thinking", "fold")),
             interval=self.settings.edit_interval,
             clock=self.clock,
+            on_give_up=generation.cancel.set,
         )
-        generation = Generation(key, message.author.id)
         guild_id = str(message.guild.id) if message.guild else None
-        typing: contextlib.AbstractAsyncContextManager[None] | None = None
+        typing = message.channel.typing()
+        typing_on = False
         with contextlib.suppress(discord.HTTPException):
-            typing = message.channel.typing()
             await typing.__aenter__()  # shown while the prompt is read, until the first text
+            typing_on = True
         started = self.clock()
         outcome: Outcome | None = None
+        events = self.service.handle(key, text, cancel=generation.cancel, guild_id=guild_id)
         try:
-            async for event in self.service.handle(key, text, cancel=generation.cancel, guild_id=guild_id):
-                if generation.channel_key not in self.running:
-                    self.running[key] = generation
-                    if queued:
-                        with contextlib.suppress(discord.HTTPException):
-                            await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
-                if isinstance(event, TextDelta):
-                    if typing is not None:
-                        await typing.__aexit__(None, None, None)
-                        typing = None
-                    await stream.push(event.text)
-                    if stream.messages and stream.messages[0].id not in self.by_reply:
-                        self.by_reply[stream.messages[0].id] = generation
-                else:
-                    outcome = event
-            if outcome is None:
-                return
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if typing_on:
+                        typing_on = False
+                        await _stop_typing(typing)
+                    if isinstance(event, TextDelta):
+                        await stream.push(event.text)
+                        if stream.messages:
+                            self.by_reply.setdefault(stream.messages[0].id, generation)
+                    else:
+                        outcome = event
+        except Exception:
+            log.exception("the reply to message %s failed", message.id)
+            outcome = Outcome("error", "something went wrong on my side. The conversation is unchanged.")
         finally:
-            if typing is not None:
-                await typing.__aexit__(None, None, None)
-            self.running.pop(key, None)
-        await self._deliver(message, stream, outcome, started)
-        for reply in stream.messages[:1]:
-            self.by_reply.pop(reply.id, None)
+            if typing_on:
+                await _stop_typing(typing)
+            for reply in stream.messages[:1]:
+                self.by_reply.pop(reply.id, None)
+        if outcome is not None:
+            await self._deliver(message, stream, outcome, started)
 
     async def _deliver(
         self, message: discord.Message, stream: ReplyStream, outcome: Outcome, started: float
     ) -> None:
         if outcome.kind in ("reply", "generation"):
+            if not outcome.text.strip() and not stream.text.strip():
+                stream.text = "*(the model wrote nothing)*"
             footer = " ".join(f"*{n}*" for n in outcome.notices)
             if self._closing and outcome.stop_reason == "cancelled":
                 footer = "*(interrupted: the bot is shutting down)*"
@@ -279,6 +357,8 @@ class RwkvBot(discord.Client):
         if outcome.kind == "error" and stream.messages:
             await stream.finish(f"**The reply failed:** {outcome.text}")
             return
+        if not outcome.text and not outcome.notices:
+            outcome = Outcome(outcome.kind, "*(no text)*")
         if outcome.kind == "faq":
             embed = discord.Embed(description=outcome.text[:4096], colour=FAQ_COLOUR)
             await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
@@ -303,13 +383,16 @@ class RwkvBot(discord.Client):
             self.service.faq = self.faq
         return result.problems
 
-    def stop(self, key: str) -> bool:
-        """Stop the reply being written in a conversation."""
-        generation = self.running.get(key)
-        if generation is None or generation.cancel.is_set():
-            return False
-        generation.cancel.set()
-        return True
+    def stop(self, key: str, *, waiting_too: bool = False) -> bool:
+        """Stop the reply being written in a conversation (and, if asked, the waiting ones)."""
+        stopped = False
+        for generation in self.generations.get(key, []):
+            if generation.cancel.is_set():
+                continue
+            if waiting_too or self.running.get(key) is generation:
+                generation.cancel.set()
+                stopped = True
+        return stopped
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         """A stop reaction on a reply being written stops it (by its requester or a moderator)."""
@@ -321,7 +404,7 @@ class RwkvBot(discord.Client):
         allowed = payload.user_id == generation.requester
         if not allowed and payload.member is not None:
             channel = self.get_channel(payload.channel_id)
-            if isinstance(channel, discord.abc.GuildChannel):
+            if isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
                 allowed = channel.permissions_for(payload.member).manage_messages
         if allowed:
             generation.cancel.set()
@@ -331,6 +414,11 @@ class RwkvBot(discord.Client):
         tokens = sum(t for t, _ in self.speeds)
         seconds = sum(s for _, s in self.speeds)
         return tokens / seconds if seconds else 0.0
+
+
+async def _stop_typing(typing: contextlib.AbstractAsyncContextManager[Any]) -> None:
+    with contextlib.suppress(Exception):  # the indicator is cosmetic: never fail a reply for it
+        await typing.__aexit__(None, None, None)
 
 
 def create_bot(settings: Settings, engine: Engine, **options: Callable[[], float]) -> RwkvBot:

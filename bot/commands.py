@@ -6,6 +6,7 @@ a hint that server admins can change, and they cannot be set per subcommand.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Literal
 
 import discord
@@ -13,6 +14,7 @@ from discord import app_commands
 
 from bot.streaming import NO_MENTIONS
 from chat.grammar import HELP_TEXT
+from chat.store import StoreError
 from faq import Topic, render_embed
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def register_commands(bot: RwkvBot) -> None:
 
     @group.command(name="status", description="Model, queue and speed")
     async def status(interaction: discord.Interaction) -> None:
-        waiting = sum(bot.waiting.values())
+        waiting = sum(bot.pending.values()) - len(bot.running)
         lines = [
             f"Model: {bot.engine.describe()}",
             f"Replies being written: {len(bot.running)}, waiting: {waiting}",
@@ -115,7 +117,7 @@ def register_commands(bot: RwkvBot) -> None:
         await interaction.response.defer(ephemeral=True)
         try:
             changes = await bot.service.update_settings(_key(interaction), **values)
-        except ValueError as exc:
+        except (ValueError, StoreError) as exc:
             await interaction.followup.send(f"Nothing was changed: {exc}.", ephemeral=True)
             return
         await interaction.followup.send("Set " + ", ".join(changes) + ".", ephemeral=True)
@@ -136,18 +138,16 @@ def register_commands(bot: RwkvBot) -> None:
         assert bot.service is not None
         await interaction.response.defer(ephemeral=True)
         keys = await _scope_keys(bot, interaction, scope)
+        for key in keys:  # stop everything first, so no channel waits for another's reply
+            bot.stop(key, waiting_too=True)
         for key in keys:
-            bot.stop(key)
             await bot.service.reset(key)
         await interaction.followup.send(
             f"Reset {len(keys)} conversation(s). `/rwkv undo-reset` brings them back.", ephemeral=True
         )
-        if (
-            interaction.channel is not None
-            and scope == "channel"
-            and isinstance(interaction.channel, discord.abc.Messageable)
-        ):
-            await interaction.channel.send("Chat reset by a moderator.", allowed_mentions=NO_MENTIONS)
+        if scope == "channel" and isinstance(interaction.channel, discord.abc.Messageable):
+            with contextlib.suppress(discord.HTTPException):  # the reset is done; the note is a courtesy
+                await interaction.channel.send("Chat reset by a moderator.", allowed_mentions=NO_MENTIONS)
 
     @group.command(
         name="undo-reset", description="Moderators: bring back the conversation of before the last reset"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -32,18 +33,25 @@ async def _heartbeat(bot: RwkvBot, path: Path) -> None:
 async def run_bot(settings: Settings) -> int:
     """Load the model, connect, serve until SIGTERM or Ctrl-C, then close cleanly. Returns 0."""
     assert settings.token is not None
-    engine = await load_engine(settings)
-    bot = create_bot(settings, engine)
     loop = asyncio.get_running_loop()
-
+    holder: dict[str, RwkvBot] = {}
     closing: set[asyncio.Future[None]] = set()
 
     def shut_down(name: str) -> None:
+        bot = holder.get("bot")
+        if bot is None:
+            # Still loading the model: nothing is open or stored yet, so leave at once (as PID 1
+            # in a container, ignoring the signal would mean being killed 10 s later).
+            log.info("%s received while loading the model: exiting", name)
+            os._exit(0)
         log.info("%s received: finishing in-flight replies and closing", name)
         closing.add(asyncio.ensure_future(bot.close()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shut_down, sig.name)
+    engine = await load_engine(settings)
+    bot = create_bot(settings, engine)
+    holder["bot"] = bot
     beat = asyncio.ensure_future(_heartbeat(bot, heartbeat_path(settings)))
     try:
         async with bot:

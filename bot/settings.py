@@ -30,7 +30,7 @@ FIXES: dict[str, str] = {
     "max_queue": "use a whole number from 0 to 100",
     "user_cooldown": "use a number of seconds from 0 to 3600",
     "edit_interval": "use a number of seconds from 1 to 10",
-    "shutdown_grace": "use a number of seconds from 1 to 60",
+    "shutdown_grace": "use a number of seconds from 1 to 8 (Docker kills after 10)",
     "dev_guild": "use the numeric id of your test server, or leave it unset",
     "sync_commands": "use true or false",
 }
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(3, ge=0, le=100, description="messages waiting per channel")
     user_cooldown: float = Field(2.0, ge=0, le=3600, description="seconds between a user's messages")
     edit_interval: float = Field(1.0, ge=1.0, le=10.0, description="seconds between edits of a reply")
-    shutdown_grace: float = Field(8.0, ge=1.0, le=60.0, description="seconds to finish at shutdown")
+    shutdown_grace: float = Field(6.0, ge=1.0, le=8.0, description="seconds to finish at shutdown")
     dev_guild: int | None = Field(None, description="server to sync slash commands to instantly")
     sync_commands: bool = Field(False, description="register slash commands with Discord at start")
 

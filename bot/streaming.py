@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _THINK_RE = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
 NO_MENTIONS = discord.AllowedMentions.none()
+FOLD_LIMIT = 1200  # folded thinking keeps its last characters, well inside one message
 
 
 def render_thinking(text: str, display: str) -> str:
@@ -32,6 +33,8 @@ def render_thinking(text: str, display: str) -> str:
 
     def fold(match: re.Match[str]) -> str:
         inner = match.group(1).strip().replace("||", "| |")
+        if len(inner) > FOLD_LIMIT:  # a spoiler must not be cut by the split into messages
+            inner = "..." + inner[-FOLD_LIMIT:]
         label = "thoughts" if match.group(2) else "thinking..."
         return f"> {label}: ||{inner}||\n" if inner else ""
 
@@ -49,8 +52,10 @@ class ReplyStream:
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         limit: int = DISCORD_LIMIT,
+        on_give_up: Callable[[], None] | None = None,
     ) -> None:
         self.reply_to = reply_to
+        self.on_give_up = on_give_up  # called when Discord refuses the reply for good
         self.thinking = thinking
         self.interval = interval
         self.clock = clock
@@ -99,4 +104,9 @@ class ReplyStream:
                 self.shown.append(piece)
         except discord.HTTPException as exc:
             log.warning("reply in channel %s could not be sent: %s", self.reply_to.channel.id, exc)
+            if exc.status >= 500:
+                return  # Discord's trouble: the next update tries again
+            # Refused (no permission, message deleted...): never retry, and stop the model.
             self.failed = True
+            if self.on_give_up is not None:
+                self.on_give_up()

@@ -16,7 +16,7 @@ import logging
 import random
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -159,7 +159,7 @@ class ChatService:
         *,
         cancel: threading.Event | None = None,
         guild_id: str | None = None,
-    ) -> AsyncIterator[ChatEvent]:
+    ) -> AsyncGenerator[ChatEvent, None]:
         """Handle a message: text pieces while the model writes, then one :class:`Outcome`.
 
         Setting ``cancel`` stops a generation early; what was written so far is kept as the
@@ -520,6 +520,9 @@ class ChatService:
             )
             return
         assert finished is not None and before is not None
+        if finished.reason is StopReason.CANCELLED and not finished.tokens:
+            yield Outcome("notice", "Stopped before the reply began; nothing was changed.", tuple(notices))
+            return
         final = finished.snapshot
         if finished.reason is StopReason.CANCELLED:
             notices.append("The reply was stopped; what was written so far is kept.")

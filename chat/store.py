@@ -63,6 +63,7 @@ class Store:
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        self._inflight: set[asyncio.Future[None]] = set()  # shielded writes still running
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -82,7 +83,9 @@ class Store:
         return cls(db, path)
 
     async def close(self) -> None:
-        """Checkpoint the WAL into the main file and close."""
+        """Let writes in flight finish, checkpoint the WAL into the main file, and close."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=10)
         try:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
@@ -108,8 +111,11 @@ class Store:
                         await self._db.execute("ROLLBACK")
                     raise
 
+        future = asyncio.ensure_future(transaction())
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
         try:
-            await asyncio.shield(asyncio.ensure_future(transaction()))
+            await asyncio.shield(future)
         except sqlite3.Error as exc:
             raise StoreError(f"database write failed: {exc}") from exc
 

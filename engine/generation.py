@@ -6,6 +6,7 @@ independent of where the model runs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,12 +81,20 @@ class SequenceRunner:
         self.chunk_len = chunk_len
         self.avoid_ids = avoid_repeat_ids(tokenizer)
 
-    def feed(self, start: Snapshot | None, tokens: list[int], meta: dict[str, Any] | None = None) -> Snapshot:
+    def feed(
+        self,
+        start: Snapshot | None,
+        tokens: list[int],
+        meta: dict[str, Any] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Snapshot:
         """Feed tokens in chunks; the start snapshot is copied, never changed."""
         state = self.adopt(start.tensors) if start is not None else None
         logits = start.logits if start is not None else None
         last = start.last_token if start is not None else None
         for i in range(0, len(tokens), self.chunk_len):
+            if cancel is not None and cancel.is_set() and logits is not None:
+                break  # stopped while reading: the caller sees the cancel and stores nothing
             out, state = self.forward(tokens[i : i + self.chunk_len], state)
             logits = out.detach().float().reshape(-1)
             last = tokens[min(i + self.chunk_len, len(tokens)) - 1]
@@ -110,7 +119,7 @@ class SequenceRunner:
     def run(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Yield :class:`PromptRead`, then :class:`TextDelta` pieces, then :class:`Finished`."""
         meta = {"mode": request.mode.value, "newline_bias": request.newline_bias}
-        snapshot = self.feed(request.start, request.prompt, meta)
+        snapshot = self.feed(request.start, request.prompt, meta, request.cancel)
         yield PromptRead(snapshot)
 
         generator = torch.Generator(device="cpu")

@@ -158,6 +158,47 @@ class RecordingAdapter(AsyncWebhookAdapter):
         return out
 
 
+def long_replies(harness: Harness) -> None:
+    """Let chat replies run long (random models never end a turn by themselves)."""
+    service = harness.bot.service
+    assert service is not None
+    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+
+
+async def react(
+    harness: Harness, message_id: int, user_id: int, channel: int, member_roles: list[str] | None = None
+) -> None:
+    """A stop reaction, as the gateway's MESSAGE_REACTION_ADD delivers it."""
+    data: dict[str, Any] = {
+        "message_id": str(message_id),
+        "channel_id": str(channel),
+        "user_id": str(user_id),
+        "guild_id": str(GUILD),
+        "type": 0,
+        "burst": False,
+    }
+    event = discord.RawReactionActionEvent(
+        data=data,
+        emoji=discord.PartialEmoji(name=STOP_EMOJI),  # type: ignore[arg-type]
+        event_type="REACTION_ADD",
+    )
+    guild = harness.state._get_guild(GUILD)
+    if member_roles is not None and guild is not None:
+        event.member = discord.Member(
+            data={
+                "user": user(user_id, f"u{user_id}"),
+                "roles": member_roles,
+                "flags": 0,  # type: ignore[typeddict-item]
+                "joined_at": "2025-01-01T00:00:00+00:00",
+                "deaf": False,
+                "mute": False,
+            },
+            guild=guild,
+            state=harness.state,
+        )
+    await harness.bot.on_raw_reaction_add(event)
+
+
 class Harness:
     """A bot wired to the recording layers, a server with #general (enabled), #quiet and a thread."""
 
@@ -214,6 +255,11 @@ class Harness:
 
     async def say(self, content: str, **options: Any) -> None:
         await self.bot.on_message(self.message(content, **options))
+
+    async def settle(self) -> None:
+        """Wait for the small background calls (reminders, refusals) to reach the recorder."""
+        if self.bot._side_tasks:
+            await asyncio.wait(set(self.bot._side_tasks), timeout=5)
 
     async def slash(
         self,
@@ -426,7 +472,6 @@ async def test_each_channel_has_its_own_conversation(harness: Harness) -> None:
         ("++", "no free generation to retry"),
         ("+++", "no free generation to continue"),
         ("+nonsense", "Unknown command +nonsense"),
-        ("", "How to talk to me"),
     ],
 )
 async def test_grammar_answers_through_a_channel(harness: Harness, message: str, expected: str) -> None:
@@ -471,13 +516,12 @@ async def test_long_reply_is_split_and_edits_are_throttled(harness: Harness, tmp
     """A reply longer than 2,000 characters continues in a new message; edits stay rate-limited."""
     service = harness.bot.service
     assert service is not None
-    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    long_replies(harness)
     await harness.say("-top_p=1 -temp=3 write a lot")
     contents = [m["content"] for m in harness.http.posted_to(GENERAL)]
     total = sum(len(c) for c in contents)
-    assert all(len(c) <= 2000 for c in contents)
-    if total > 2000:
-        assert len(contents) >= 2
+    assert total > 2000, "the seeded reply is long enough to need a second message"
+    assert len(contents) >= 2 and all(len(c) <= 2000 for c in contents)
     edits = [c for c in harness.http.calls if c[0] == "PATCH"]
     assert edits, "a streamed reply is edited as it grows"
 
@@ -575,23 +619,41 @@ async def test_faq_slash_command(harness: Harness) -> None:
 
 
 async def test_queue_and_refusal_when_full(harness: Harness) -> None:
-    """While a reply is written, one more message waits (with a reaction); the next is refused."""
+    """While a reply is written, one more message waits (marked with a reaction); the next is refused."""
     service = harness.bot.service
     assert service is not None
-    lock = service._locks.setdefault(str(GENERAL), asyncio.Lock())
-    await lock.acquire()  # a generation in progress
-    waiting = asyncio.ensure_future(harness.say("-top_p=0 first in line"))
+    long_replies(harness)
+    first = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 a long answer please"))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(harness.say("-top_p=0 second", author=MOD))
     await asyncio.sleep(0.05)
     assert (
         "PUT",
         "/channels/{channel_id}/messages/{message_id}/reactions/{emoji}/@me",
         {},
     ) in harness.http.calls
-    await harness.say("one too many", author=MOD)
+    await harness.say("third", author=3)
+    await harness.settle()
     assert "still answering earlier messages" in harness.http.sent()[-1]
-    lock.release()
-    await waiting
+    harness.bot.stop(str(GENERAL))
+    await first
+    await second
+    assert [t.user_text for t in await service.store.transcript(str(GENERAL))] == [
+        "a long answer please",
+        "second",
+    ]
+
+
+async def test_simultaneous_messages_respect_the_queue_limit(harness: Harness) -> None:
+    """Messages arriving together are counted before any of them is answered."""
+    harness.bot.settings = harness.bot.settings.model_copy(update={"max_queue": 0})
+    await asyncio.gather(*(harness.say(f"-top_p=0 hello {i}", author=10 + i) for i in range(3)))
+    await harness.settle()
+    service = harness.bot.service
+    assert service is not None
     assert len(await service.store.transcript(str(GENERAL))) == 1
+    assert sum("still answering" in text for text in harness.http.sent()) == 2
 
 
 async def test_cooldown_per_user(harness: Harness) -> None:
@@ -599,7 +661,12 @@ async def test_cooldown_per_user(harness: Harness) -> None:
     harness.bot.settings = harness.bot.settings.model_copy(update={"user_cooldown": 3600.0})
     await harness.say("+help", author=ALICE)
     await harness.say("+help", author=ALICE)
+    await harness.say("+help", author=ALICE)
+    await harness.settle()
     assert "Please wait" in harness.http.sent()[-1]
+    assert (
+        sum("Please wait" in text for text in harness.http.sent()) == 1
+    )  # one reminder, not one per message
     await harness.say("+help", author=MOD)
     assert "How to talk to me" in harness.http.sent()[-1]
 
@@ -608,9 +675,9 @@ async def test_stop_reaction_and_command(harness: Harness) -> None:
     """/rwkv stop or a stop reaction ends the reply early; what was written is kept."""
     service = harness.bot.service
     assert service is not None
-    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    long_replies(harness)
     task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 go on and on"))
-    while not harness.bot.running:
+    while not harness.bot.by_reply:
         await asyncio.sleep(0.01)
     await harness.slash("rwkv", "stop", author=ALICE)
     await task
@@ -622,22 +689,37 @@ async def test_stop_reaction_and_command(harness: Harness) -> None:
     while not harness.bot.by_reply:
         await asyncio.sleep(0.01)
     reply_id = next(iter(harness.bot.by_reply))
-    await harness.bot.on_raw_reaction_add(
-        discord.RawReactionActionEvent(
-            data={
-                "message_id": str(reply_id),
-                "channel_id": str(GENERAL),
-                "user_id": str(ALICE),  # type: ignore[typeddict-item]
-                "guild_id": str(GUILD),
-                "type": 0,
-                "burst": False,
-            },
-            emoji=discord.PartialEmoji(name=STOP_EMOJI),
-            event_type="REACTION_ADD",
-        )
-    )
+    await react(harness, reply_id, ALICE, GENERAL)
     await task
-    assert (await service.store.transcript(str(GENERAL)))[-1].reply_tokens < 900
+    assert "stopped" in harness.http.posted_to(GENERAL)[-1]["content"]
+    assert len(await service.store.transcript(str(GENERAL))) == 2
+
+
+async def test_moderator_can_stop_a_reply_in_a_thread_by_reaction(harness: Harness) -> None:
+    """A moderator's stop reaction works in threads too; another member's does not."""
+    long_replies(harness)
+    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 thread talk", channel=THREAD))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    reply_id = next(iter(harness.bot.by_reply))
+    await react(harness, reply_id, 3, THREAD)
+    generation = harness.bot.by_reply[reply_id]
+    assert not generation.cancel.is_set()
+    await react(harness, reply_id, MOD, THREAD, member_roles=[str(MOD_ROLE)])
+    assert generation.cancel.is_set()
+    await task
+
+
+async def test_stop_while_the_prompt_is_read_changes_nothing(harness: Harness) -> None:
+    """Stopping before the first token leaves the conversation untouched and says so."""
+    service = harness.bot.service
+    assert service is not None
+    task = asyncio.ensure_future(harness.say("+gen " + "a long prompt " * 600))
+    while not harness.bot.running:
+        await asyncio.sleep(0.001)
+    assert harness.bot.stop(str(GENERAL))
+    await task
+    assert await service.store.transcript(str(GENERAL)) == []
 
 
 async def test_event_loop_keeps_running_during_a_reply(harness: Harness) -> None:
@@ -667,7 +749,7 @@ async def test_shutdown_cuts_a_reply_in_flight(harness: Harness) -> None:
     """Closing the bot during a reply ends it with an interruption note and stores the turn."""
     service = harness.bot.service
     assert service is not None
-    service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    long_replies(harness)
     task = asyncio.ensure_future(harness.bot.on_message(harness.message("-top_p=1 -temp=3 long story")))
     while not harness.bot.by_reply:
         await asyncio.sleep(0.01)
@@ -797,3 +879,72 @@ async def test_automatic_faq_answers_are_opt_in(harness: Harness) -> None:
     assert embeds and "Apache" in embeds[-1][0]["description"]
     await harness.say("-top_p=0 how are you today?")
     assert len(await service.store.transcript(str(GENERAL))) == 2  # not an FAQ question
+
+
+async def test_system_and_empty_messages_are_ignored(harness: Harness) -> None:
+    """Join notices and image-only posts get no answer; a bare mention gets the help text."""
+    join = harness.message("")
+    join.type = discord.MessageType.new_member
+    await harness.bot.on_message(join)
+    await harness.say("")
+    assert harness.http.sent() == []
+    await harness.say(f"<@{BOT_ID}>", mentions=[BOT_ID])
+    assert "How to talk to me" in harness.http.sent()[-1]
+
+
+async def test_direct_messages_follow_the_setting(harness: Harness) -> None:
+    """DMs are answered only when the operator allows them."""
+    await harness.say("+help", channel=555, guild=False)
+    assert harness.http.posted_to(555)
+    harness.bot.settings = harness.bot.settings.model_copy(update={"allow_dms": False})
+    count = len(harness.http.posted_to(555))
+    await harness.say("+help", channel=555, guild=False)
+    assert len(harness.http.posted_to(555)) == count
+
+
+async def test_mentions_outside_enabled_channels_follow_the_setting(harness: Harness) -> None:
+    """With respond_to_mentions off, a mention in a channel that is not enabled is ignored."""
+    harness.bot.settings = harness.bot.settings.model_copy(update={"respond_to_mentions": False})
+    await harness.say(f"<@{BOT_ID}> +help", channel=QUIET, mentions=[BOT_ID])
+    assert not harness.http.posted_to(QUIET)
+
+
+async def test_failed_typing_request_does_not_break_the_reply(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discord refusing the typing indicator still gives a reply, and stop keeps working after."""
+    real = harness.http.request
+
+    async def no_typing(route: Route, **kwargs: Any) -> Any:
+        if route.path.endswith("/typing"):
+            raise discord.Forbidden(FakeResponse(403), "Missing Access")
+        return await real(route, **kwargs)
+
+    monkeypatch.setattr(harness.http, "request", no_typing)
+    await harness.say("-top_p=0 Hello")
+    assert harness.http.posted_to(GENERAL)
+    assert harness.bot.running == {} and harness.bot.generations == {}
+
+
+async def test_waiting_message_is_not_started_at_shutdown(harness: Harness) -> None:
+    """At shutdown the reply in flight is cut and a waiting message gets a 'send it again'."""
+    long_replies(harness)
+    first = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 a long one"))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(harness.say("-top_p=0 waiting", author=MOD))
+    await asyncio.sleep(0.05)
+    await harness.bot.close()
+    await first
+    await second
+    texts = [m["content"] for m in harness.http.posted_to(GENERAL)]
+    assert any("interrupted" in t for t in texts)
+    assert any("restarting" in t for t in texts)
+
+
+class FakeResponse:
+    """The little of aiohttp's response that discord.HTTPException reads."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.reason = "Forbidden"
