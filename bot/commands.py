@@ -7,7 +7,9 @@ a hint that server admins can change, and they cannot be set per subcommand.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Literal
+import functools
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import discord
 from discord import app_commands
@@ -33,6 +35,22 @@ async def _refuse(interaction: discord.Interaction) -> None:
     await interaction.response.send_message(
         "Only moderators (Manage Messages) can do that here.", ephemeral=True
     )
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, None]])
+
+
+def moderators_only(handler: Handler) -> Handler:
+    """Refuse the command, at run time, to members without Manage Messages."""
+
+    @functools.wraps(handler)
+    async def checked(interaction: discord.Interaction, *args: Any, **kwargs: Any) -> None:
+        if not _is_moderator(interaction):
+            await _refuse(interaction)
+            return
+        await handler(interaction, *args, **kwargs)
+
+    return cast(Handler, checked)
 
 
 def _key(interaction: discord.Interaction) -> str:
@@ -131,10 +149,8 @@ def register_commands(bot: RwkvBot) -> None:
     @group.command(
         name="reset", description="Moderators: reset this channel's (or every channel's) conversation"
     )
+    @moderators_only
     async def reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
-        if not _is_moderator(interaction):
-            await _refuse(interaction)
-            return
         assert bot.service is not None
         await interaction.response.defer(ephemeral=True)
         keys = await _scope_keys(bot, interaction, scope)
@@ -152,10 +168,8 @@ def register_commands(bot: RwkvBot) -> None:
     @group.command(
         name="undo-reset", description="Moderators: bring back the conversation of before the last reset"
     )
+    @moderators_only
     async def undo_reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
-        if not _is_moderator(interaction):
-            await _refuse(interaction)
-            return
         assert bot.service is not None
         await interaction.response.defer(ephemeral=True)
         restored = 0
@@ -213,10 +227,8 @@ def register_commands(bot: RwkvBot) -> None:
     @faq.command(
         name="reload", description="Moderators: reload the FAQ topics (bundled and the operator's folder)"
     )
+    @moderators_only
     async def faq_reload(interaction: discord.Interaction) -> None:
-        if not _is_moderator(interaction):
-            await _refuse(interaction)
-            return
         await interaction.response.defer(ephemeral=True)
         problems = await bot.reload_faq()
         assert bot.faq is not None

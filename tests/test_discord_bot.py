@@ -165,6 +165,15 @@ def long_replies(harness: Harness) -> None:
     service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
 
 
+async def start_long_reply(harness: Harness, text: str, **options: Any) -> asyncio.Future[None]:
+    """Send a message that gets a long sampled reply; return once its first text is on Discord."""
+    long_replies(harness)
+    task = asyncio.ensure_future(harness.say(f"-top_p=1 -temp=3 {text}", **options))
+    while not harness.bot.by_reply:
+        await asyncio.sleep(0.01)
+    return task
+
+
 async def react(
     harness: Harness, message_id: int, user_id: int, channel: int, member_roles: list[str] | None = None
 ) -> None:
@@ -622,10 +631,7 @@ async def test_queue_and_refusal_when_full(harness: Harness) -> None:
     """While a reply is written, one more message waits (marked with a reaction); the next is refused."""
     service = harness.bot.service
     assert service is not None
-    long_replies(harness)
-    first = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 a long answer please"))
-    while not harness.bot.by_reply:
-        await asyncio.sleep(0.01)
+    first = await start_long_reply(harness, "a long answer please")
     second = asyncio.ensure_future(harness.say("-top_p=0 second", author=MOD))
     await asyncio.sleep(0.05)
     assert (
@@ -675,19 +681,14 @@ async def test_stop_reaction_and_command(harness: Harness) -> None:
     """/rwkv stop or a stop reaction ends the reply early; what was written is kept."""
     service = harness.bot.service
     assert service is not None
-    long_replies(harness)
-    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 go on and on"))
-    while not harness.bot.by_reply:
-        await asyncio.sleep(0.01)
+    task = await start_long_reply(harness, "go on and on")
     await harness.slash("rwkv", "stop", author=ALICE)
     await task
     turns = await service.store.transcript(str(GENERAL))
     assert len(turns) == 1 and turns[0].reply_tokens < 900
     assert "stopped" in harness.http.posted_to(GENERAL)[-1]["content"]
 
-    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 again"))
-    while not harness.bot.by_reply:
-        await asyncio.sleep(0.01)
+    task = await start_long_reply(harness, "again")
     reply_id = next(iter(harness.bot.by_reply))
     await react(harness, reply_id, ALICE, GENERAL)
     await task
@@ -697,10 +698,7 @@ async def test_stop_reaction_and_command(harness: Harness) -> None:
 
 async def test_moderator_can_stop_a_reply_in_a_thread_by_reaction(harness: Harness) -> None:
     """A moderator's stop reaction works in threads too; another member's does not."""
-    long_replies(harness)
-    task = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 thread talk", channel=THREAD))
-    while not harness.bot.by_reply:
-        await asyncio.sleep(0.01)
+    task = await start_long_reply(harness, "thread talk", channel=THREAD)
     reply_id = next(iter(harness.bot.by_reply))
     await react(harness, reply_id, 3, THREAD)
     generation = harness.bot.by_reply[reply_id]
@@ -928,10 +926,7 @@ async def test_failed_typing_request_does_not_break_the_reply(
 
 async def test_waiting_message_is_not_started_at_shutdown(harness: Harness) -> None:
     """At shutdown the reply in flight is cut and a waiting message gets a 'send it again'."""
-    long_replies(harness)
-    first = asyncio.ensure_future(harness.say("-top_p=1 -temp=3 a long one"))
-    while not harness.bot.by_reply:
-        await asyncio.sleep(0.01)
+    first = await start_long_reply(harness, "a long one")
     second = asyncio.ensure_future(harness.say("-top_p=0 waiting", author=MOD))
     await asyncio.sleep(0.05)
     await harness.bot.close()
