@@ -1,0 +1,530 @@
+"""RWKV-7 for many sequences at once, in plain PyTorch: one decode step for a batch, chunked prompts.
+
+The math is the ``rwkv`` package's ``RWKV_x070`` (same ``.pth`` keys, same folding of ``ln0`` into
+the embedding, same transposes), rearranged for batches:
+
+- every sequence owns a *slot* in preallocated state tensors on the device; a step gathers the
+  slots of its batch by index and scatters the new states back (or works in place on a
+  contiguous run of slots), so no state is ever copied into Python lists;
+- the state update ``S*w + (S @ -kk) outer (kk*a) + v outer k`` is computed as what it is, a
+  decay and a rank-two update, not as a matrix product with a rank-one matrix;
+- on the CPU in float32 the large matrix products use oneDNN with prepacked weights (plain
+  ``x @ W`` repacks the weight on every call, which costs more than the product at batch 32);
+- on CUDA: fp16/bf16 weights, an optional CUDA graph of the decode step per batch bucket
+  (1, 2, 4, 8, ...), and ``fla-core``'s fused recurrent RWKV-7 kernel when it can be imported and
+  agrees with the plain path on a self-check; the plain path is always the fallback.
+
+Converting a slot to and from :class:`engine.state.Snapshot` tensors is exact, so snapshots are
+interchangeable with the reference engine's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import EngineError, ModelFileError, StateMismatchError
+from engine.formats import ModelSpec, inspect_weights, load_weights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is _DECAY_SCALE * sigmoid(w0 + lora(x))
+_PACK_MIN_NUMEL = 1 << 19  # oneDNN-prepack CPU fp32 weights at least this large (the head always is)
+
+Recurrence = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def parse_strategy(strategy: str) -> tuple[torch.device, torch.dtype]:
+    """The device and weight dtype of a strategy string such as ``'cpu fp32'`` or ``'cuda fp16'``."""
+    parts = strategy.split()
+    if len(parts) != 2 or parts[1] not in _DTYPES or parts[0].split(":")[0] not in ("cpu", "cuda"):
+        raise EngineError(
+            f"strategy {strategy!r} is not supported by the batched engine: use 'cpu fp32', "
+            "'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp32'"
+        )
+    device = torch.device(parts[0])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and none is visible")
+    if device.type == "cpu" and parts[1] == "fp16":
+        raise EngineError(f"strategy {strategy!r}: on the CPU use fp32 or bf16")
+    return device, _DTYPES[parts[1]]
+
+
+class _Linear:
+    """``x @ W`` for a weight stored ``[out, in]`` in the file (the package transposes it too)."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_hint: int):
+        w = weight.to(device=device, dtype=dtype)
+        self.packed: torch.Tensor | None = None
+        self.weight_t: torch.Tensor | None = None
+        if device.type == "cpu" and dtype == torch.float32 and w.numel() >= _PACK_MIN_NUMEL:
+            self.packed = _onednn_pack(w.contiguous(), batch_hint)
+        if self.packed is None:
+            self.weight_t = w.t().contiguous()  # [in, out]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return out
+        assert self.weight_t is not None
+        return x @ self.weight_t
+
+
+def _onednn_pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor | None:
+    """A oneDNN-prepacked copy of an ``[out, in]`` float32 weight, or None where that is missing."""
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        return None
+    try:
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        probe = torch.randn(2, weight.shape[1])
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        if not torch.allclose(got, probe @ weight.t(), rtol=1e-4, atol=1e-4):
+            return None
+        return packed
+    except (RuntimeError, AttributeError):  # an old or unusual build: plain matmul instead
+        return None
+
+
+class _Layer:
+    """The weights of one block, in the shapes the step uses."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor], lin: Callable[[str], _Linear], i: int) -> None:
+        att, ffn, blk = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
+        self.ln1_w, self.ln1_b = get(blk + "ln1.weight"), get(blk + "ln1.bias")
+        self.ln2_w, self.ln2_b = get(blk + "ln2.weight"), get(blk + "ln2.bias")
+        # the six token-shift mixes x_r, x_w, x_k, x_v, x_a, x_g as one [6, 1, C] tensor
+        self.mix = torch.stack([get(att + f"x_{n}") for n in "rwkvag"]).unsqueeze(1)
+        self.w0, self.w1, self.w2 = get(att + "w0"), get(att + "w1"), get(att + "w2")
+        self.a0, self.a1, self.a2 = get(att + "a0"), get(att + "a1"), get(att + "a2")
+        self.g1, self.g2 = get(att + "g1"), get(att + "g2")
+        # The first layer's value is the "v_first" that later layers mix in; it has no v0/v1/v2.
+        self.has_v_mix = i > 0
+        if self.has_v_mix:
+            self.v0, self.v1, self.v2 = get(att + "v0"), get(att + "v1"), get(att + "v2")
+        self.k_k, self.k_a, self.r_k = get(att + "k_k"), get(att + "k_a"), get(att + "r_k").flatten()
+        self.ln_x_w, self.ln_x_b = get(att + "ln_x.weight"), get(att + "ln_x.bias")
+        self.receptance, self.key = lin(att + "receptance.weight"), lin(att + "key.weight")
+        self.value, self.output = lin(att + "value.weight"), lin(att + "output.weight")
+        self.ffn_x_k = get(ffn + "x_k")
+        self.ffn_key, self.ffn_value = lin(ffn + "key.weight"), lin(ffn + "value.weight")
+
+
+class _DecodeGraph:
+    """A CUDA graph of one decode step for a fixed batch bucket, with its static buffers."""
+
+    def __init__(self, model: BatchedRWKV7, bucket: int, pool: Any) -> None:
+        device = model.device
+        self.bucket = bucket
+        self.slots = torch.full((bucket,), model.scratch_slot, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: lazy init and Triton autotuning happen outside capture
+            for _ in range(2):
+                model._decode_indexed(self.slots, self.tokens)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model._decode_indexed(self.slots, self.tokens)
+
+    def run(self, slots: torch.Tensor, tokens: torch.Tensor, scratch: int) -> torch.Tensor:
+        n = slots.numel()
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.slots[n:].fill_(scratch)  # padding rows read and write the scratch slot only
+        self.tokens[:n].copy_(tokens, non_blocking=True)
+        self.tokens[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n].clone()  # the static buffer is overwritten by the next replay
+
+
+class BatchedRWKV7:
+    """An RWKV-7 model with ``max_slots`` resident sequence states on one device."""
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_slots: int = 32,
+        cuda_graphs: bool = True,
+        use_fla: bool | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if max_slots < 1:
+            raise ValueError("max_slots must be at least 1")
+        self.max_slots = max_slots
+        self.scratch_slot = max_slots  # one extra slot that padding rows of a CUDA graph write to
+        if any(".s_emb" in k or ".s1" in k for k in weights):
+            raise EngineError("DeepEmbed RWKV-7 checkpoints are not supported by the batched engine")
+        r_k = weights["blocks.0.att.r_k"]
+        self.n_head, self.head_size = int(r_k.shape[0]), int(r_k.shape[1])
+        self.vocab_size, self.n_embd = (int(d) for d in weights["emb.weight"].shape)
+        self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        hint = max(1, min(max_slots, 256))
+
+        def get(key: str) -> torch.Tensor:
+            return weights[key].squeeze().to(device=self.device, dtype=dtype).contiguous()
+
+        def lin(key: str) -> _Linear:
+            return _Linear(weights[key], self.device, dtype, hint)
+
+        with torch.no_grad():
+            emb = weights["emb.weight"].to(device=self.device, dtype=dtype)
+            self.emb = F.layer_norm(
+                emb, (self.n_embd,), weight=get("blocks.0.ln0.weight"), bias=get("blocks.0.ln0.bias")
+            ).contiguous()
+            self.layers = [_Layer(get, lin, i) for i in range(self.n_layer)]
+            self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
+            self.head = lin("head.weight")
+
+        # Resident states: one slot per sequence, plus the scratch slot, for every layer.
+        #   att_x [L, slots, C]        model dtype  time-mix token shift     = snapshot tensor 3*l+0
+        #   att_kv[L, slots, H, K, V]  float32      wkv state, [key, value]  = snapshot tensor 3*l+1
+        #                                           transposed (the rwkv package keeps [value, key])
+        #   ffn_x [L, slots, C]        model dtype  channel-mix token shift  = snapshot tensor 3*l+2
+        L, S, C, H, N = self.n_layer, max_slots + 1, self.n_embd, self.n_head, self.head_size
+        self.att_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
+        self.att_kv = torch.zeros(L, S, H, N, N, dtype=torch.float32, device=self.device)
+        self.ffn_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
+
+        self._fla: Recurrence | None = None
+        if self.device.type == "cuda" and use_fla is not False:
+            self._fla = _load_fla(self.device, self.n_head, self.head_size)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graph_pool: Any = None
+
+    @classmethod
+    def load(
+        cls, path: Path, strategy: str = "cpu fp32", max_slots: int = 32, **options: Any
+    ) -> BatchedRWKV7:
+        """Load a ``.pth`` file under a strategy (``'cpu fp32'``, ``'cuda fp16'``, ...)."""
+        device, dtype = parse_strategy(strategy)
+        weights = load_weights(path)
+        spec = inspect_weights(path, weights)
+        if spec.family != 7:
+            raise EngineError(
+                f"the batched engine runs RWKV-7 models only, and {path.name} is {spec.describe()}"
+            )
+        try:
+            return cls(weights, device=device, dtype=dtype, max_slots=max_slots, **options)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError(f"not enough GPU memory to load {path.name} as {strategy!r}") from exc
+        except KeyError as exc:
+            raise ModelFileError(f"{path} has no {exc}: it is not a complete RWKV-7 checkpoint") from exc
+
+    def matches(self, spec: ModelSpec) -> bool:
+        """True when this model has the shape that ``spec`` describes."""
+        return (spec.n_layer, spec.n_embd, spec.vocab_size, spec.n_head) == (
+            self.n_layer,
+            self.n_embd,
+            self.vocab_size,
+            self.n_head,
+        )
+
+    def describe_kernels(self) -> str:
+        """Which optional fast paths are on, for logs."""
+        parts = []
+        if self.head.packed is not None:
+            parts.append("oneDNN prepacked")
+        if self._fla is not None:
+            parts.append("fla fused recurrent")
+        if self.cuda_graphs:
+            parts.append("CUDA graphs")
+        return ", ".join(parts) or "plain PyTorch"
+
+    # ----------------------------------------------------------------------------------- slots
+
+    def zero_slot(self, slot: int) -> None:
+        """Reset a slot to the blank state."""
+        self.att_x[:, slot].zero_()
+        self.att_kv[:, slot].zero_()
+        self.ffn_x[:, slot].zero_()
+
+    def load_slot(self, slot: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Write snapshot tensors (the reference layout, any device or dtype) into a slot."""
+        if len(tensors) != 3 * self.n_layer:
+            raise StateMismatchError(
+                f"a state of {len(tensors)} tensors does not fit this model ({3 * self.n_layer})"
+            )
+        C, H, N = self.n_embd, self.n_head, self.head_size
+        for layer in range(self.n_layer):
+            shift, kv, ffn = tensors[3 * layer : 3 * layer + 3]
+            if tuple(shift.shape) != (C,) or tuple(ffn.shape) != (C,) or tuple(kv.shape) != (H, N, N):
+                raise StateMismatchError("a stored state has the wrong shape for this model")
+            self.att_x[layer, slot].copy_(shift)
+            self.att_kv[layer, slot].copy_(kv.transpose(-1, -2))  # [value, key] -> [key, value]
+            self.ffn_x[layer, slot].copy_(ffn)
+
+    def export_slot(self, slot: int) -> list[torch.Tensor]:
+        """Fresh snapshot tensors of a slot, in the reference layout, dtypes and device."""
+        out: list[torch.Tensor] = []
+        for layer in range(self.n_layer):
+            out.append(self.att_x[layer, slot].clone())
+            out.append(self.att_kv[layer, slot].transpose(-1, -2).contiguous())  # [value, key]
+            out.append(self.ffn_x[layer, slot].clone())
+        return out
+
+    # ----------------------------------------------------------------------------------- steps
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each slot; returns float32 logits ``[len(slots), vocab]`` (a new tensor)."""
+        if len(slots) != len(tokens) or not slots:
+            raise ValueError("decode needs one token per slot, and at least one slot")
+        with torch.no_grad():
+            idx = torch.tensor(list(slots), dtype=torch.long)
+            tok = torch.tensor(list(tokens), dtype=torch.long)
+            graph = self._graph(min(_bucket(len(slots)), self.max_slots)) if self.cuda_graphs else None
+            if graph is not None:
+                return graph.run(idx.to(self.device), tok.to(self.device), self.scratch_slot)
+            span = _span(slots)
+            x = F.embedding(tok.to(self.device), self.emb).unsqueeze(1)  # [B, 1, C]
+            if span is not None:
+                hidden = self._blocks(x, None, span)
+            else:
+                hidden = self._blocks(x, idx.to(self.device), None)
+            return self._logits(hidden)
+
+    def prefill(
+        self, slots: Sequence[int], tokens: Sequence[Sequence[int]], logits: bool
+    ) -> torch.Tensor | None:
+        """Feed equally long token runs to slots; returns the logits after the last tokens if asked."""
+        if len(slots) != len(tokens) or not slots or len({len(t) for t in tokens}) != 1 or not tokens[0]:
+            raise ValueError("prefill needs one non-empty token run per slot, all of one length")
+        with torch.no_grad():
+            tok = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
+            x = F.embedding(tok, self.emb)  # [B, T, C]
+            span = _span(slots)
+            idx = (
+                None if span is not None else torch.tensor(list(slots), dtype=torch.long, device=self.device)
+            )
+            hidden = self._blocks(x, idx, span)
+            return self._logits(hidden) if logits else None
+
+    def _graph(self, bucket: int) -> _DecodeGraph | None:
+        """The captured decode step of a bucket (captured on first use); None: run eagerly."""
+        graph = self._graphs.get(bucket)
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            try:
+                graph = _DecodeGraph(self, bucket, self._graph_pool)
+            except RuntimeError as exc:  # e.g. an op that syncs with the host: stay eager
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+                self.cuda_graphs = False
+                torch.cuda.synchronize(self.device)
+                return None
+            self._graphs[bucket] = graph
+        return graph
+
+    def _decode_indexed(self, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step with device-side slot indices only: what a CUDA graph captures."""
+        x = F.embedding(tokens, self.emb).unsqueeze(1)
+        return self._logits(self._blocks(x, idx, None))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
+        return self.head(h).float()
+
+    def _blocks(
+        self, x: torch.Tensor, idx: torch.Tensor | None, span: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """Run all layers on ``x`` [B, T, C], updating the slots; returns the last position [B, C].
+
+        ``span`` (first slot, count) works in place on a contiguous run of slots; otherwise the
+        slots ``idx`` are gathered and scattered back, one read and one write per layer.
+        """
+        C = x.shape[-1]
+        v_first: torch.Tensor | None = None
+        for i, p in enumerate(self.layers):
+            if span is not None:
+                first, count = span
+                shift = self.att_x[i].narrow(0, first, count)
+                kv = self.att_kv[i].narrow(0, first, count)
+                ffn_shift = self.ffn_x[i].narrow(0, first, count)
+            else:
+                assert idx is not None
+                shift = self.att_x[i].index_select(0, idx)
+                kv = self.att_kv[i].index_select(0, idx)
+                ffn_shift = self.ffn_x[i].index_select(0, idx)
+
+            h = F.layer_norm(x, (C,), weight=p.ln1_w, bias=p.ln1_b)
+            out, v_first = self._time_mix(i, p, h, shift=shift, kv=kv, v_first=v_first)
+            new_shift = h[:, -1]
+            x = x + out
+            h = F.layer_norm(x, (C,), weight=p.ln2_w, bias=p.ln2_b)
+            x = x + self._channel_mix(p, h, ffn_shift)
+            new_ffn_shift = h[:, -1]
+
+            if span is not None:
+                shift.copy_(new_shift)
+                ffn_shift.copy_(new_ffn_shift)
+            else:
+                assert idx is not None
+                self.att_x[i].index_copy_(0, idx, new_shift)
+                self.att_kv[i].index_copy_(0, idx, kv)
+                self.ffn_x[i].index_copy_(0, idx, new_ffn_shift)
+        return x[:, -1]
+
+    def _time_mix(
+        self,
+        layer: int,
+        p: _Layer,
+        x: torch.Tensor,
+        *,
+        shift: torch.Tensor,
+        kv: torch.Tensor,
+        v_first: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        H, N, M = self.n_head, self.head_size, B * T
+        x = x.reshape(1, M, C)
+        xx = _shifted(shift, x.view(B, T, C)).reshape(1, M, C) - x
+        # x + xx * x_r, ... : [6, M, C] (not addcmul: its fused multiply-add rounds differently)
+        xr, xw, xk, xv, xa, xg = x + xx * p.mix
+
+        r = p.receptance(xr)
+        w = torch.tanh(xw @ p.w1) @ p.w2
+        k = p.key(xk)
+        v = p.value(xv)
+        a = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)
+        g = torch.sigmoid(xg @ p.g1) @ p.g2
+
+        kk = F.normalize((k * p.k_k).view(M, H, N), dim=-1, p=2.0).view(M, C)
+        k = k * (1 + (a - 1) * p.k_a)
+        if layer == 0 or v_first is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+        log_w = _DECAY_SCALE * torch.sigmoid((p.w0 + w).float())
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.float().reshape(B, T, H, N)
+
+        recurrence = self._fla or _recurrent_plain
+        y, kv_new = recurrence(
+            kv, r=heads(r), log_w=heads(log_w), k=heads(k), v=heads(v), kk=heads(kk), a=heads(a)
+        )
+        if kv_new is not kv:
+            kv.copy_(kv_new)
+        y = y.reshape(M, C).to(self.dtype)
+
+        y = F.group_norm(y, num_groups=H, weight=p.ln_x_w, bias=p.ln_x_b, eps=64e-5)
+        y = y + ((r * k * p.r_k).view(M, H, N).sum(dim=-1, keepdim=True) * v.view(M, H, N)).view(M, C)
+        return p.output(y * g).view(B, T, C), v_first
+
+    def _channel_mix(self, p: _Layer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        k = x + (_shifted(shift, x) - x) * p.ffn_x_k
+        k = torch.relu(p.ffn_key(k.reshape(B * T, C))) ** 2
+        return p.ffn_value(k).view(B, T, C)
+
+
+def _shifted(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The previous token's input at every position: the state first, then ``x`` moved by one."""
+    if x.shape[1] == 1:
+        return shift.unsqueeze(1)
+    return torch.cat((shift.unsqueeze(1), x[:, :-1]), dim=1)
+
+
+def _recurrent_plain(
+    state: torch.Tensor,
+    *,
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: torch.Tensor,
+    a: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RWKV-7 recurrence over T, in place on ``state`` [B, H, K, V] float32; inputs [B, T, H, N].
+
+    Per token, with S in the [key, value] layout (S[k, v]):
+        S = diag(w) S + (kk*a) outer (-kk^T S) + k outer v,    y = r^T S
+    which is the package's ``S*w + S @ ((-kk) outer (kk*a)) + v outer k`` in [value, key].
+    """
+    B, T, H, N = r.shape
+    S = state.view(B * H, N, N)
+    w = torch.exp(log_w)
+    b = kk * a
+    out = torch.empty(B, T, H, N, dtype=torch.float32, device=r.device)
+    for t in range(T):
+        sa = torch.bmm((-kk[:, t]).reshape(B * H, 1, N), S)  # [BH, 1, V], from the state before decay
+        S.mul_(w[:, t].reshape(B * H, N, 1))
+        left = torch.stack((b[:, t], k[:, t]), dim=-1).reshape(B * H, N, 2)
+        right = torch.cat((sa, v[:, t].reshape(B * H, 1, N)), dim=1)  # [BH, 2, V]
+        S.baddbmm_(left, right)
+        out[:, t] = torch.bmm(r[:, t].reshape(B * H, 1, N), S).view(B, H, N)
+    return out, state
+
+
+def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence | None:
+    """fla-core's fused recurrent RWKV-7 kernel, if installed and in agreement with the plain path."""
+    try:
+        from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7  # type: ignore[import-not-found]
+    except Exception:  # not installed, or a broken Triton: the plain path serves
+        return None
+
+    def fused(
+        state: torch.Tensor,
+        *,
+        r: torch.Tensor,
+        log_w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kk: torch.Tensor,
+        a: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, final = fused_mul_recurrent_rwkv7(
+            r=r, w=log_w, k=k, v=v, kk=kk, a=a, scale=1.0, initial_state=state, output_final_state=True
+        )
+        return out, final
+
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(7)
+        B, T, H, N = 2, 3, n_head, head_size
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(device)
+
+        r, k, v = rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N)
+        log_w = _DECAY_SCALE * torch.sigmoid(rnd(B, T, H, N))
+        kk = F.normalize(rnd(B, T, H, N), dim=-1)
+        a = torch.sigmoid(rnd(B, T, H, N))
+        state = rnd(B, H, N, N) * 0.1
+        inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+        want_y, want_s = _recurrent_plain(state.clone(), **inputs)
+        got_y, got_s = fused(state.clone(), **inputs)
+        scale = float(want_y.abs().max())
+        if (got_y - want_y).abs().max() > 1e-3 * scale or (got_s - want_s).abs().max() > 1e-3:
+            log.warning("fla-core's fused RWKV-7 kernel disagrees with the plain path; not using it")
+            return None
+    except Exception as exc:  # an API change in fla-core: fall back, and say so
+        log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
+        return None
+    return fused
+
+
+def _bucket(n: int) -> int:
+    """The CUDA-graph batch bucket for ``n`` sequences: the next power of two."""
+    bucket = 1
+    while bucket < n:
+        bucket *= 2
+    return bucket
+
+
+def _span(slots: Sequence[int]) -> tuple[int, int] | None:
+    """(first, count) when the slots are consecutive and ascending, else None."""
+    first = slots[0]
+    for offset, slot in enumerate(slots):
+        if slot != first + offset:
+            return None
+    return first, len(slots)

@@ -1,0 +1,759 @@
+"""A batched engine: one worker thread per device runs a continuous-batching scheduler.
+
+Each step of the scheduler
+1. lets queued requests in (FIFO) while state slots are free;
+2. reads a chunk of every waiting prompt, within a token budget per step, so that a long prompt
+   never stalls the others;
+3. samples one token for every decoding sequence (at most ``max_batch``, taken round-robin when
+   more are resident) with exactly :class:`engine.generation.SequenceRunner`'s policy, and feeds
+   all of them to the model in one batched step.
+
+A sequence that finishes leaves at once, and a new request joins at the next step. Events reach
+the asyncio side through ``loop.call_soon_threadsafe``; the event loop never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.batched import BatchedRWKV7
+from engine.errors import EngineDiedError, EngineError
+from engine.formats import ModelSpec, inspect_model
+from engine.generation import PENDING_LIMIT, avoid_repeat_ids, visible_text
+from engine.interface import (
+    Engine,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    PromptRead,
+    ReplyMode,
+    StopReason,
+    TextDelta,
+)
+from engine.sampling import BANNED, PenaltyTracker, SamplingParams, chat_newline_bias, sample_token
+from engine.state import Snapshot
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TOPK_STAGES = (64, 1024)  # where the top-p cut is looked for before falling back to a full sort
+_WINDOW_S = 10.0  # metrics: tokens per second over this many recent seconds
+
+
+# ------------------------------------------------------------------------------------- sampling
+
+
+def sample_batch(
+    shaped: torch.Tensor, sampling: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """:func:`engine.sampling.sample_token` for every row of ``shaped`` [R, vocab], batched.
+
+    The rule is the same: greedy when ``top_p`` or the temperature is 0; otherwise keep the tokens
+    at or above the probability where the sorted cumulative sum first reaches ``top_p``, then
+    ``top_k``, then the temperature, and draw. The cut is found among the top few probabilities
+    (a top-k, not a sort of the whole vocabulary), falling back to ``sample_token`` when it is not
+    there. The draw is an exponential race over the kept tokens, which picks each with its
+    probability, from the row's own generator (so a seed replays the same tokens here, though
+    not the same as the reference engine's, which races the whole vocabulary).
+    """
+    count, vocab = shaped.shape
+    tokens = [0] * count
+    greedy = [i for i, s in enumerate(sampling) if s.top_p <= 0 or s.temperature <= 0]
+    if greedy:
+        rows = shaped if len(greedy) == count else shaped[greedy]
+        for i, token in zip(greedy, rows.argmax(dim=-1).tolist(), strict=True):
+            tokens[i] = int(token)
+    drawn = [i for i, s in enumerate(sampling) if not (s.top_p <= 0 or s.temperature <= 0)]
+    if not drawn:
+        return tokens
+    probs = torch.softmax(shaped if not greedy else shaped[drawn], dim=-1)
+    pending = list(range(len(drawn)))  # rows of ``probs`` still to decide
+    for stage in TOPK_STAGES:
+        k = min(stage, vocab)
+        rows = probs if len(pending) == len(drawn) else probs[pending]
+        values, ids = (t.cpu() for t in torch.topk(rows, k, dim=-1))
+        weights, decided = nucleus_batch(values, [sampling[drawn[r]] for r in pending], vocab)
+        race = torch.full_like(weights, math.inf)
+        for j, row in enumerate(pending):
+            if decided[j]:
+                race[j].exponential_(1, generator=generators[drawn[row]])
+        picks = ids.gather(1, torch.argmax(weights / race.clamp_min_(1e-30), dim=-1, keepdim=True))
+        for j, row in enumerate(pending):
+            if decided[j]:
+                tokens[drawn[row]] = int(picks[j])
+        pending = [row for j, row in enumerate(pending) if not decided[j]]
+        if not pending or k == vocab:
+            break
+    for row in pending:
+        i, s = drawn[row], sampling[drawn[row]]
+        tokens[i] = sample_token(shaped[i], s.temperature, s.top_p, s.top_k, generators[i])
+    return tokens
+
+
+def nucleus_batch(
+    values: torch.Tensor, sampling: Sequence[SamplingParams], vocab: int
+) -> tuple[torch.Tensor, list[bool]]:
+    """What ``sample_token`` keeps, row by row, from each row's top probabilities (descending).
+
+    Returns the weights of the kept tokens (the probabilities after the temperature; 0 for the
+    others) [R, k], and whether the top k decided the row (else the caller sorts everything).
+    """
+    rows, k = values.shape
+    partial = k < vocab
+    cumulative = torch.cumsum(values, dim=-1)
+    top_p = torch.tensor([[s.top_p] for s in sampling], dtype=values.dtype)
+    cut = torch.searchsorted(cumulative, top_p)  # first place where the sum reaches top_p
+    undecided = (cut >= k).flatten() if partial else torch.zeros(rows, dtype=torch.bool)
+    cutoff = values.gather(1, cut.clamp_max(k - 1))
+    if partial:  # ties with the cut may continue past the top k
+        undecided |= (values[:, -1:] >= cutoff).flatten()
+    keep = values >= cutoff
+    top_k = torch.tensor([[s.top_k] for s in sampling])
+    applies = (top_k > 0) & (top_k < vocab) & (top_k <= keep.sum(dim=-1, keepdim=True))
+    if bool(applies.any()):  # a larger top_k removes nothing: the dropped tokens are zeros there
+        kth = values.gather(1, (top_k - 1).clamp(0, k - 1))
+        keep &= ~applies | (values >= kth)
+    weights = torch.where(keep, values, torch.zeros_like(values))
+    for row, s in enumerate(sampling):
+        if s.temperature != 1.0:
+            weights[row] = weights[row] ** (1.0 / s.temperature)
+    total = weights.sum(dim=-1)
+    undecided |= ~torch.isfinite(total) | (total <= 0)
+    return weights, [not u for u in undecided.tolist()]
+
+
+def nucleus(
+    values: torch.Tensor, ids: torch.Tensor, s: SamplingParams, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tokens ``sample_token`` may pick and their weights, for one row (see nucleus_batch)."""
+    weights, decided = nucleus_batch(values.unsqueeze(0), [s], vocab)
+    if not decided[0]:
+        return None
+    keep = weights[0] > 0
+    return ids[keep], weights[0][keep]
+
+
+def shape_batch(
+    logits: Sequence[torch.Tensor], replies: Sequence[_Reply], newline_id: int, eos_id: int
+) -> torch.Tensor:
+    """The shaped logits [R, vocab] of a batch: SequenceRunner's shaping, one row per reply.
+
+    Per row and in this order, as the reference: ban the last token when it is an avoid-repeat
+    one; chat: add the newline bias of the token index, ban end-of-text; free: add the request's
+    newline bias; subtract the penalties. Each step is one indexed operation for the batch
+    (every (row, column) pair occurs once per operation, so the values are the per-row ones).
+    """
+    shaped = torch.stack([t.float() for t in logits])  # a copy: the raw logits stay for snapshots
+    device = shaped.device
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    nl_rows: list[int] = []
+    nl_bias: list[float] = []
+    eos_rows: list[int] = []
+    pen_rows: list[int] = []
+    pen_cols: list[int] = []
+    pen_counts: list[float] = []
+    pen_presence: list[float] = []
+    pen_frequency: list[float] = []
+    for row, reply in enumerate(replies):
+        if reply.last is not None and reply.last in reply.avoid_ids:
+            ban_rows.append(row)
+            ban_cols.append(reply.last)
+        if reply.chat:
+            nl_rows.append(row)
+            nl_bias.append(chat_newline_bias(reply.index))
+            eos_rows.append(row)
+        elif reply.request.newline_bias:
+            nl_rows.append(row)
+            nl_bias.append(reply.request.newline_bias)
+        counts = reply.penalties.counts
+        if counts:
+            pen_rows.extend([row] * len(counts))
+            pen_cols.extend(counts)
+            pen_counts.extend(counts.values())
+            pen_presence.extend([reply.penalties.presence] * len(counts))
+            pen_frequency.extend([reply.penalties.frequency] * len(counts))
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=shaped.dtype, device=device)
+
+    if ban_rows:
+        shaped[index(ban_rows), index(ban_cols)] = BANNED
+    if nl_rows:
+        rows = index(nl_rows)
+        shaped[rows, newline_id] = shaped[rows, newline_id] + floats(nl_bias)
+    if eos_rows:
+        shaped[index(eos_rows), eos_id] = BANNED
+    if pen_rows:
+        rows, cols = index(pen_rows), index(pen_cols)
+        penalty = floats(pen_presence) + floats(pen_counts) * floats(pen_frequency)
+        shaped[rows, cols] = shaped[rows, cols] - penalty
+    return shaped
+
+
+# ------------------------------------------------------------------------------- one sequence
+
+
+class _Reply:
+    """SequenceRunner.run's loop for one request, cut at the forward pass so many share a step."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer, avoid_ids: frozenset[int]) -> None:
+        self.request = request
+        self.tokenizer = tokenizer
+        self.avoid_ids = avoid_ids
+        self.generator = torch.Generator(device="cpu")
+        if request.seed is not None:
+            self.generator.manual_seed(request.seed)
+        else:
+            self.generator.seed()
+        s = request.sampling
+        self.penalties = PenaltyTracker(s.presence_penalty, s.frequency_penalty, s.penalty_decay)
+        self.chat = request.mode is ReplyMode.CHAT
+        self.limit = request.max_tokens if self.chat else request.max_tokens + request.extra_tokens
+        self.index = 0  # the index of the token being generated
+        self.last: int | None = None
+        self.tokens: list[int] = []
+        self.emitted = 0  # tokens already turned into streamed text
+        self.text = ""
+        self.pending = 0  # the sampled token waiting for the forward pass
+
+    def stop_before_sampling(self) -> StopReason | None:
+        """The reason to end before this index's token is sampled, if any."""
+        if self.index >= self.limit:
+            return StopReason.LENGTH
+        if self.request.cancel.is_set():
+            return StopReason.CANCELLED
+        return None
+
+    def choose(self, token: int) -> StopReason | None:
+        """Take the sampled token; end-of-text ends a free generation without feeding it."""
+        if not self.chat and token == self.tokenizer.eos_id:
+            return StopReason.END_OF_TEXT
+        self.penalties.add(token)
+        self.pending = token
+        return None
+
+    def advance(self) -> tuple[list[GenerationEvent], StopReason | None]:
+        """After the pending token was fed: stream its text and apply the stop rules."""
+        token, index = self.pending, self.index
+        self.last = token
+        self.tokens.append(token)
+        self.index += 1
+        events: list[GenerationEvent] = []
+        piece = self.tokenizer.decode(self.tokens[self.emitted :])
+        clean = "\ufffd" not in piece
+        if clean or len(self.tokens) - self.emitted >= PENDING_LIMIT:
+            self.text += piece
+            self.emitted = len(self.tokens)
+            if piece:
+                events.append(TextDelta(piece))
+        if self.chat:
+            if "\n\n" in (visible_text(self.text) if self.request.thinking else self.text):
+                return events, StopReason.END_OF_TURN
+        elif clean and index + 1 >= self.request.max_tokens:
+            return events, StopReason.LENGTH
+        if self.index >= self.limit:
+            return events, StopReason.LENGTH
+        return events, None
+
+    def final_events(
+        self, reason: StopReason, snapshot: Snapshot, prompt_tokens: int
+    ) -> list[GenerationEvent]:
+        """The text still held back, then :class:`Finished`."""
+        events: list[GenerationEvent] = []
+        if self.emitted < len(self.tokens):
+            piece = self.tokenizer.decode(self.tokens[self.emitted :])
+            self.text += piece
+            if piece:
+                events.append(TextDelta(piece))
+        events.append(Finished(snapshot, self.tokens, self.text, reason, prompt_tokens))
+        return events
+
+
+def _nobody(item: object) -> None:
+    """The event sink of a job before its caller's queue is attached."""
+
+
+class _Failure:
+    def __init__(self, error: EngineError) -> None:
+        self.error = error
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request's life in the scheduler: queued, reading its prompt, then decoding."""
+
+    request: GenerationRequest | None  # None: a prompt read (Engine.read)
+    start: Snapshot | None
+    prompt: list[int]
+    post: Callable[[object], None]
+    submitted: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # the caller stopped listening: drop the job at the next step
+    slot: int = -1
+    fed: int = 0  # prompt tokens read so far
+    logits: torch.Tensor | None = None  # raw float32 logits after ``last``
+    last: int | None = None
+    reply: _Reply | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Stats:
+    """Recent numbers for :meth:`BatchedEngine.metrics` (written by the worker, under a lock)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    decoded: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
+    prefilled: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
+    first_token_s: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+    step_s: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    batch: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# --------------------------------------------------------------------------------- the engine
+
+
+class BatchedEngine(Engine):
+    """RWKV-7 with continuous batching behind the :class:`Engine` interface."""
+
+    def __init__(
+        self,
+        model: BatchedRWKV7,
+        spec: ModelSpec,
+        tokenizer: Tokenizer,
+        strategy: str,
+        *,
+        max_batch: int = 32,
+        prefill_chunk: int = 128,
+        prefill_budget: int = 256,
+    ) -> None:
+        if not model.matches(spec):
+            raise EngineError(f"the loaded weights do not match {spec.describe()}")
+        if max_batch < 1 or prefill_chunk < 1 or prefill_budget < 1:
+            raise ValueError("max_batch, prefill_chunk and prefill_budget must be at least 1")
+        self.model = model
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.max_batch = max_batch
+        self.max_resident = model.max_slots
+        self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
+        self._avoid_ids = avoid_repeat_ids(tokenizer)
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()  # guarded by _cond; everything below is the worker's
+        self._closing = False
+        self._dead: BaseException | None = None
+        self._free = list(range(model.max_slots))  # a heap: the lowest free slot first
+        self._prefilling: list[_Job] = []
+        self._decoding: list[_Job] = []
+        self._prefill_turn = 0
+        self._decode_turn = 0
+        self._stats = _Stats()
+        self._thread = threading.Thread(target=self._work, name=f"rwkv-batch-{model.device}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        strategy: str = "cpu fp32",
+        tokenizer: str = "auto",
+        *,
+        max_batch: int = 32,
+        max_resident: int | None = None,
+        prefill_chunk: int = 128,
+        prefill_budget: int = 256,
+        cuda_graphs: bool = True,
+        use_fla: bool | None = None,
+    ) -> BatchedEngine:
+        """Check and load a model file (slow: call it from a thread in async code).
+
+        ``max_resident`` (default ``max_batch``) is the number of state slots: requests beyond
+        it wait in a FIFO queue; with more resident than ``max_batch``, decoding takes turns (a
+        batch never exceeds the resident states).
+        """
+        spec = inspect_model(path)
+        if spec.family != 7:
+            raise EngineError(
+                f"the batched engine runs RWKV-7 models only; {path.name} is {spec.describe()}: "
+                "use the reference engine for it"
+            )
+        tok = load_tokenizer(tokenizer, spec)
+        resident = max_resident or max_batch
+        model = BatchedRWKV7.load(
+            path, strategy, max_slots=resident, cuda_graphs=cuda_graphs, use_fla=use_fla
+        )
+        return cls(
+            model,
+            spec,
+            tok,
+            strategy,
+            max_batch=min(max_batch, resident),
+            prefill_chunk=prefill_chunk,
+            prefill_budget=prefill_budget,
+        )
+
+    def describe(self) -> str:
+        """The model, the strategy, and the batch limits."""
+        return (
+            f"{self.spec.describe()} ({self.strategy}, batched engine: max batch {self.max_batch}, "
+            f"{self.max_resident} resident, {self.model.describe_kernels()})"
+        )
+
+    # ----------------------------------------------------------------------------- asyncio side
+
+    async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
+        """Feed tokens to a snapshot (or a zero state) in the worker."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        job = _Job(None, start, list(tokens), _nobody)
+        job.post = self._poster(queue, job)
+        self._submit(job)
+        done = False
+        try:
+            item = await queue.get()
+            done = True
+            if isinstance(item, _Failure):
+                raise item.error
+            assert isinstance(item, Snapshot)
+            return item
+        finally:
+            if not done:
+                job.abandoned = True
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Queue the generation and stream its events as the worker produces them."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        job = _Job(request, request.start, list(request.prompt), _nobody)
+        job.post = self._poster(queue, job)
+        self._submit(job)
+        done = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Failure):
+                    done = True
+                    raise item.error
+                assert isinstance(item, PromptRead | TextDelta | Finished)
+                if isinstance(item, Finished):
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                request.cancel.set()
+                job.abandoned = True
+
+    async def close(self) -> None:
+        """Stop the worker; queued and running generations end with :class:`EngineDiedError`."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def metrics(self) -> dict[str, float]:
+        """Recent numbers: queue, batch, resident states, tokens/s, time to first token, steps."""
+        now = time.monotonic()
+        stats = self._stats
+        with stats.lock:
+            since = max(now - _WINDOW_S, stats.started)
+            span = max(now - since, 1e-9)
+            decoded = sum(n for t, n in stats.decoded if t >= since)
+            prefilled = sum(n for t, n in stats.prefilled if t >= since)
+            ttft = list(stats.first_token_s)
+            steps = list(stats.step_s)
+            batch, total_steps = stats.batch, stats.steps
+        with self._cond:
+            queued = len(self._queue)
+        return {
+            "queue": queued,
+            "batch": batch,
+            "resident": self.max_resident - len(self._free),
+            "max_batch": self.max_batch,
+            "max_resident": self.max_resident,
+            "tokens_per_s": decoded / span,
+            "prefill_tokens_per_s": prefilled / span,
+            "ttft_p50_s": _percentile(ttft, 0.5),
+            "step_p50_ms": 1000 * _percentile(steps, 0.5),
+            "step_p99_ms": 1000 * _percentile(steps, 0.99),
+            "steps": total_steps,
+        }
+
+    def _poster(self, queue: asyncio.Queue[object], job: _Job) -> Callable[[object], None]:
+        loop = asyncio.get_running_loop()
+
+        def post(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
+                job.abandoned = True
+
+        return post
+
+    def _submit(self, job: _Job) -> None:
+        with self._cond:
+            if self._closing or self._dead is not None:
+                raise EngineDiedError("the engine has been closed")
+            self._queue.append(job)
+            self._cond.notify()
+
+    # ------------------------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)
+        try:
+            with torch.no_grad():
+                while True:
+                    with self._cond:
+                        while not (self._closing or self._queue or self._prefilling or self._decoding):
+                            self._cond.wait()
+                        if self._closing:
+                            break
+                    self._step()
+        except BaseException as exc:  # a bug in the scheduler: every caller hears of it
+            log.exception("the batched engine's worker died")
+            self._dead = exc
+        finally:
+            with self._cond:
+                self._closing = True
+                queued = list(self._queue)
+                self._queue.clear()
+            reason = "the engine has been closed" if self._dead is None else f"the engine died: {self._dead}"
+            for job in queued + self._prefilling + self._decoding:
+                job.post(_Failure(EngineDiedError(reason)))
+            self._prefilling.clear()
+            self._decoding.clear()
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        self._drop_abandoned()
+        self._admit()
+        prefilled = self._read_prompts() if self._prefilling else 0
+        decoded = self._decode() if self._decoding else 0
+        now = time.monotonic()
+        with self._stats.lock:
+            self._stats.steps += 1
+            if decoded or prefilled:
+                self._stats.step_s.append(now - started)
+            if decoded:
+                self._stats.decoded.append((now, decoded))
+                self._stats.batch = decoded
+            if prefilled:
+                self._stats.prefilled.append((now, prefilled))
+
+    def _drop_abandoned(self) -> None:
+        for jobs in (self._prefilling, self._decoding):
+            for job in [j for j in jobs if j.abandoned]:
+                self._release(job)
+
+    def _admit(self) -> None:
+        while self._free:
+            with self._cond:
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            if job.abandoned:
+                continue
+            job.slot = heapq.heappop(self._free)
+            try:
+                if job.start is not None:
+                    self.model.load_slot(job.slot, job.start.tensors)
+                    job.logits = job.start.logits.to(self.model.device, torch.float32).reshape(-1)
+                    job.last = job.start.last_token
+                else:
+                    self.model.zero_slot(job.slot)
+                if job.request is not None:
+                    job.meta = {"mode": job.request.mode.value, "newline_bias": job.request.newline_bias}
+                if job.prompt:
+                    self._prefilling.append(job)
+                else:
+                    self._prompt_done(job)
+            except Exception as exc:
+                self._fail(job, exc)
+
+    def _read_prompts(self) -> int:
+        """Read one chunk of as many waiting prompts as the budget allows; returns tokens read."""
+        budget = self.prefill_budget
+        count = len(self._prefilling)
+        first = self._prefill_turn % count
+        self._prefill_turn += 1
+        groups: dict[tuple[int, bool], list[tuple[_Job, list[int]]]] = {}
+        for offset in range(count):
+            if budget <= 0:
+                break
+            job = self._prefilling[(first + offset) % count]
+            take = min(self.prefill_chunk, len(job.prompt) - job.fed, budget)
+            budget -= take
+            chunk = job.prompt[job.fed : job.fed + take]
+            groups.setdefault((take, job.fed + take == len(job.prompt)), []).append((job, chunk))
+        done = 0
+        for (_, last), group in groups.items():
+            group.sort(key=lambda item: item[0].slot)  # consecutive slots run in place
+            try:
+                out = self.model.prefill([j.slot for j, _ in group], [c for _, c in group], logits=last)
+            except Exception as exc:
+                for job, _ in group:
+                    self._fail(job, exc)
+                continue
+            for row, (job, chunk) in enumerate(group):
+                job.fed += len(chunk)
+                job.last = chunk[-1]
+                done += len(chunk)
+                if out is not None:
+                    job.logits = out[row]
+                    self._prefilling.remove(job)
+                    self._prompt_done(job)
+        return done
+
+    def _prompt_done(self, job: _Job) -> None:
+        """The prompt has been read: answer a read, or start decoding."""
+        try:
+            if job.logits is None:
+                raise ValueError("a generation needs a prompt or a start snapshot with logits")
+            snapshot = self._snapshot(job)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        if job.request is None:
+            job.post(snapshot)
+            self._release(job)
+            return
+        job.post(PromptRead(snapshot))
+        job.reply = _Reply(job.request, self.tokenizer, self._avoid_ids)
+        job.reply.last = job.last
+        self._decoding.append(job)
+
+    def _decode(self) -> int:
+        """One token for up to ``max_batch`` decoding sequences; returns how many were fed."""
+        count = len(self._decoding)
+        if count <= self.max_batch:
+            batch = list(self._decoding)
+        else:
+            first = self._decode_turn % count
+            batch = [self._decoding[(first + i) % count] for i in range(self.max_batch)]
+            self._decode_turn += self.max_batch
+        live: list[_Job] = []
+        for job in batch:
+            assert job.reply is not None
+            reason = job.reply.stop_before_sampling()
+            if reason is not None:
+                self._finish(job, reason)
+            else:
+                live.append(job)
+        if not live:
+            return 0
+        replies = [j.reply for j in live if j.reply is not None]
+        try:
+            shaped = shape_batch(
+                [j.logits for j in live if j.logits is not None],
+                replies,
+                self.tokenizer.newline_id,
+                self.tokenizer.eos_id,
+            )
+            tokens = sample_batch(
+                shaped, [r.request.sampling for r in replies], [r.generator for r in replies]
+            )
+        except Exception as exc:
+            for job in live:
+                self._fail(job, exc)
+            return 0
+        feed: list[_Job] = []
+        for job, reply, token in zip(live, replies, tokens, strict=True):
+            reason = reply.choose(token)
+            if reason is not None:
+                self._finish(job, reason)
+            else:
+                feed.append(job)
+        if not feed:
+            return 0
+        feed.sort(key=lambda j: j.slot)  # consecutive slots run in place
+        try:
+            logits = self.model.decode([j.slot for j in feed], [j.reply.pending for j in feed if j.reply])
+        except Exception as exc:
+            for job in feed:
+                self._fail(job, exc)
+            return 0
+        now = time.monotonic()
+        for row, job in enumerate(feed):
+            fed = job.reply
+            assert fed is not None
+            job.logits = logits[row]
+            job.last = fed.pending
+            if fed.index == 0:
+                with self._stats.lock:
+                    self._stats.first_token_s.append(now - job.submitted)
+            events, reason = fed.advance()
+            for event in events:
+                job.post(event)
+            if reason is not None:
+                self._finish(job, reason)
+        return len(feed)
+
+    def _snapshot(self, job: _Job) -> Snapshot:
+        assert job.logits is not None
+        return Snapshot(
+            self.model.export_slot(job.slot),
+            job.logits.clone(),
+            job.last,
+            self.spec.fingerprint,
+            dict(job.meta),
+        )
+
+    def _finish(self, job: _Job, reason: StopReason) -> None:
+        assert job.reply is not None
+        try:
+            snapshot = self._snapshot(job)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        for event in job.reply.final_events(reason, snapshot, len(job.prompt)):
+            job.post(event)
+        self._release(job)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            error = EngineError("the GPU ran out of memory during this reply")
+        elif isinstance(exc, EngineError):
+            error = exc
+        elif job.request is None or job.reply is None:
+            error = EngineError(f"the model failed while reading the prompt: {exc}")
+        else:
+            error = EngineError(f"the model failed during this reply: {exc}")
+        if error is not exc:
+            error.__cause__ = exc
+        log.warning("a request failed in the batched engine: %s", exc)
+        job.post(_Failure(error))
+        self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        for jobs in (self._prefilling, self._decoding):
+            if job in jobs:
+                jobs.remove(job)
+        if job.slot >= 0:
+            heapq.heappush(self._free, job.slot)
+            job.slot = -1

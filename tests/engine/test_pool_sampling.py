@@ -1,0 +1,141 @@
+"""The batched sampler applies SequenceRunner's shaping and sample_token's rule, row by row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from engine.interface import GenerationRequest, ReplyMode
+from engine.pool import TOPK_STAGES, _Reply, nucleus, sample_batch, shape_batch
+from engine.sampling import BANNED, PenaltyTracker, SamplingParams, chat_newline_bias, sample_token
+
+VOCAB = 5000
+NEWLINE, EOS = 11, 0
+
+
+class _Tok:
+    """Just what the shaping reads of a tokenizer."""
+
+    eos_id = EOS
+    newline_id = NEWLINE
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def reply(mode: ReplyMode, index: int, last: int | None, history: list[int], **extra: Any) -> _Reply:
+    """A reply in the middle of its generation."""
+    req = GenerationRequest(None, [1], SamplingParams(), mode, 100, **extra)
+    r = _Reply(req, _Tok(), frozenset({77, 78}))  # type: ignore[arg-type]
+    r.index, r.last = index, last
+    for token in history:
+        r.penalties.add(token)
+    return r
+
+
+def reference_shaping(logits: torch.Tensor, r: _Reply) -> torch.Tensor:
+    """SequenceRunner.run's shaping of one row, as written there."""
+    shaped = logits.clone().float()
+    if r.last is not None and r.last in r.avoid_ids:
+        shaped[r.last] = BANNED
+    if r.chat:
+        shaped[NEWLINE] += chat_newline_bias(r.index)
+        shaped[EOS] = BANNED
+    elif r.request.newline_bias:
+        shaped[NEWLINE] += r.request.newline_bias
+    r.penalties.apply(shaped)
+    return shaped
+
+
+def test_batched_shaping_is_bit_identical_to_the_reference() -> None:
+    """Bans, newline biases and penalties of a mixed batch equal the per-row reference exactly."""
+    gen = torch.Generator().manual_seed(3)
+    replies = [
+        reply(ReplyMode.CHAT, 0, 77, []),
+        reply(ReplyMode.CHAT, 12, 5, [5, 6, 5, 11, 0]),
+        reply(ReplyMode.CHAT, 190, 78, [78, 78, 3]),
+        reply(ReplyMode.FREE, 4, None, [9, 9, 9, 11]),
+        reply(ReplyMode.FREE, 7, 77, [1, 2, 3], newline_bias=-2.0),
+    ]
+    replies[3].penalties = PenaltyTracker(0.3, 0.7, 0.95)
+    for token in (9, 4, 9, 11):
+        replies[3].penalties.add(token)
+    logits = [torch.randn(VOCAB, generator=gen) * 4 for _ in replies]
+    got = shape_batch(logits, replies, NEWLINE, EOS)
+    for row, (raw, r) in enumerate(zip(logits, replies, strict=True)):
+        assert torch.equal(got[row], reference_shaping(raw, r))
+        assert not torch.equal(got[row], raw)
+
+
+CASES = [
+    SamplingParams(temperature=1.0, top_p=0.3),
+    SamplingParams(temperature=0.7, top_p=0.5),
+    SamplingParams(temperature=1.5, top_p=0.9, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.95, top_k=40),
+    SamplingParams(temperature=2.0, top_p=0.2, top_k=1),
+]
+
+
+@pytest.mark.parametrize("params", CASES)
+@pytest.mark.parametrize("spread", [0.5, 3.0, 8.0])
+def test_nucleus_is_the_reference_distribution(
+    params: SamplingParams, spread: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokens and weights kept equal what sample_token hands to torch.multinomial."""
+    gen = torch.Generator().manual_seed(int(spread * 10) + params.top_k)
+    captured: list[torch.Tensor] = []
+
+    def multinomial(probs: torch.Tensor, n: int, generator: Any = None) -> torch.Tensor:
+        captured.append(probs.clone())
+        return torch.tensor([0])
+
+    for _ in range(4):
+        logits = torch.randn(VOCAB, generator=gen) * spread
+        captured.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "multinomial", multinomial)
+            sample_token(logits, params.temperature, params.top_p, params.top_k, gen)
+        probs = torch.softmax(logits, dim=-1)
+        found = None
+        for k in (*TOPK_STAGES, VOCAB):
+            values, ids = torch.topk(probs, min(k, VOCAB))
+            found = nucleus(values, ids, params, VOCAB)
+            if found is not None:
+                break
+        assert found is not None
+        chosen, weights = found
+        if not captured:  # sample_token went greedy (nothing above zero after the cut)
+            continue
+        want = captured[0]
+        assert set(chosen.tolist()) == set(torch.nonzero(want).flatten().tolist())
+        assert torch.allclose(weights / weights.sum(), want[chosen], rtol=1e-5, atol=1e-7)
+
+
+def test_sample_batch_greedy_rows_are_argmax_and_seeds_replay() -> None:
+    """Greedy rows take the argmax; a seeded row draws the same tokens again, within its nucleus."""
+    gen = torch.Generator().manual_seed(9)
+    shaped = torch.randn(4, VOCAB, generator=gen) * 3
+    params = [
+        SamplingParams(top_p=0.0),
+        SamplingParams(),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=1.0),
+    ]
+
+    def draw(seed: int) -> list[list[int]]:
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(4)]
+        return [sample_batch(shaped, params, gens) for _ in range(20)]
+
+    first, again = draw(1), draw(1)
+    assert first == again
+    assert all(row[0] == int(shaped[0].argmax()) and row[2] == int(shaped[2].argmax()) for row in first)
+    values, ids = torch.topk(torch.softmax(shaped[1], dim=-1), 64)
+    found = nucleus(values, ids, params[1], VOCAB)
+    assert found is not None
+    assert {row[1] for row in first} <= set(found[0].tolist())
+    # top_p = 1 keeps everything: that row is sample_token's own draw, same generator, same token
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    tokens = sample_batch(shaped[3:], params[3:], [gen_a])
+    assert tokens == [sample_token(shaped[3], 1.0, 1.0, 0, gen_b)]
