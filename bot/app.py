@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,8 +12,10 @@ from bot.settings import ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
 from chat.session import ChatConfig, ChatService
 from chat.store import Store
+from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
 from engine.interface import Engine
+from engine.pool import BatchedEngine
 from faq import FaqIndex, bundled_topics_dir, load_topics
 
 log = logging.getLogger(__name__)
@@ -30,8 +33,27 @@ def load_faq(settings: Settings) -> FaqIndex:
 
 
 async def load_engine(settings: Settings) -> Engine:
-    """Load the configured model (in a thread: it takes seconds to minutes)."""
+    """Load the configured model (in a thread: it takes seconds to minutes).
+
+    ``engine=auto`` runs RWKV-7 on the batched engine (many channels per forward pass) and
+    RWKV-4 to 6 on the rwkv package, one sequence at a time.
+    """
     path = require_model(settings)
+    choice = settings.engine
+    if choice == "auto":
+        spec = await asyncio.to_thread(inspect_model, path)
+        choice = "batched" if spec.family >= 7 else "reference"
+    if choice == "batched":
+        return await asyncio.to_thread(
+            functools.partial(
+                BatchedEngine.load,
+                path,
+                settings.strategy,
+                settings.tokenizer,
+                max_batch=settings.max_batch,
+                max_resident=settings.max_resident,
+            )
+        )
     return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
 
 

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
     chat.add_argument("--channel", default="console", help="conversation name (default: console)")
     chat.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)")
+    chat.add_argument(
+        "--engine",
+        choices=("auto", "batched", "reference"),
+        help="auto (default): batched for RWKV-7, the rwkv package for RWKV-4 to 6",
+    )
     chat.add_argument("--tokenizer", help="auto, world, or a tokenizer.json path")
     chat.add_argument("--preset", help="default prompt preset (default: RWKV_DISCORD_PRESET)")
     chat.add_argument("--seed", type=int, help="seed for reproducible sampling")
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     faq.add_argument("args", nargs=argparse.REMAINDER)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure the reference and the batched engine on one model (bench --help for options)",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
 
     make = sub.add_parser(
         "make-model",
@@ -127,6 +139,7 @@ def _chat(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         preset=args.preset,
         seed=args.seed,
+        engine=args.engine,
     )
     _logging(settings.log_level)
 
@@ -182,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from faq.cli import main as faq_main
 
         return faq_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from engine.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "make-model":

@@ -83,6 +83,9 @@ def register_commands(bot: RwkvBot) -> None:
             f"Speed (recent replies): {bot.tokens_per_second():.1f} tokens/s",
             f"Channels enabled: {len(bot.enabled)}",
         ]
+        metrics = bot.engine.metrics()
+        if metrics:
+            lines.append("Engine: " + ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items())))
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @group.command(name="stop", description="Stop the reply being written in this channel")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +15,9 @@ FIXES: dict[str, str] = {
     "model": "point it at an RWKV .pth file, e.g. RWKV_DISCORD_MODEL=/models/rwkv7-g1-1.5b.pth",
     "strategy": "use 'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp16i8'",
     "tokenizer": "use 'auto', 'world', or the path of a tokenizer.json",
+    "engine": "use auto, batched (RWKV-7 only) or reference",
+    "max_batch": "use a whole number from 1 to 1024",
+    "max_resident": "use a whole number from 1 to 100000, or leave it unset",
     "db": "give a writable file path, e.g. RWKV_DISCORD_DB=data/rwkv-discord.sqlite3",
     "preset": "use 'auto' or the name of a preset (g1-chat, raven-chat, raven-qa, or your own)",
     "presets_dir": "give an existing folder of .toml presets, or leave it unset",
@@ -53,6 +56,11 @@ class Settings(BaseSettings):
 
     model: Path | None = Field(None, description="RWKV .pth model file")
     strategy: str = Field("cpu fp32", description="device and precision, as the rwkv package")
+    engine: Literal["auto", "batched", "reference"] = Field(
+        "auto", description="auto: the batched engine for RWKV-7, the rwkv package for RWKV-4 to 6"
+    )
+    max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together (batched engine)")
+    max_resident: int | None = Field(None, ge=1, le=100_000, description="states kept on the device")
     tokenizer: str = Field("auto", description="auto, world, or a tokenizer.json path")
     db: Path = Field(Path("data/rwkv-discord.sqlite3"), description="SQLite database file")
     preset: str = Field("auto", description="default prompt preset")

@@ -104,3 +104,7 @@ class Engine(ABC):
     def describe(self) -> str:
         """A line for logs and status: the model and where it runs."""
         return self.spec.describe()
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for status and monitoring (queue, batch, tokens/s...); empty when not tracked."""
+        return {}

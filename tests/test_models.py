@@ -132,3 +132,16 @@ def test_old_pytorch_format_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "legacy.pth"
     torch.save(weights, path, _use_new_zipfile_serialization=False)
     assert inspect_model(path).version == 7.0
+
+
+@pytest.mark.parametrize(("version", "engine"), [(7, "BatchedEngine"), (4, "ReferenceEngine")])
+async def test_auto_engine_is_batched_for_rwkv7(model_dir: Path, version: int, engine: str) -> None:
+    """engine=auto runs RWKV-7 on the batched engine and older versions on the rwkv package."""
+    from bot.app import load_engine
+    from bot.settings import load_settings
+
+    loaded = await load_engine(load_settings(model=model_dir / f"v{version}.pth", engine="auto"))
+    try:
+        assert type(loaded).__name__ == engine
+    finally:
+        await loaded.close()
