@@ -409,6 +409,15 @@ class RwkvBot(discord.Client):
         if allowed:
             generation.cancel.set()
 
+    def metrics(self) -> dict[str, float]:
+        """The engine's numbers and the bot's: replies in flight, messages waiting, channels."""
+        values = dict(self.engine.metrics())
+        values["replies_in_flight"] = len(self.running)
+        values["messages_waiting"] = sum(self.pending.values()) - len(self.running)
+        values["channels_enabled"] = len(self.enabled)
+        values["reply_tokens_per_s"] = self.tokens_per_second()
+        return values
+
     def tokens_per_second(self) -> float:
         """Average speed of the recent replies."""
         tokens = sum(t for t, _ in self.speeds)

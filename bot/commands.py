@@ -85,7 +85,7 @@ def register_commands(bot: RwkvBot) -> None:
         ]
         metrics = bot.engine.metrics()
         if metrics:
-            lines.append("Engine: " + ", ".join(f"{k} {v:g}" for k, v in sorted(metrics.items())))
+            lines.append("Engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())))
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @group.command(name="stop", description="Stop the reply being written in this channel")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bot.app import load_engine
 from bot.client import RwkvBot, create_bot
+from bot.metrics import serve_metrics
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ async def run_bot(settings: Settings) -> int:
     engine = await load_engine(settings)
     bot = create_bot(settings, engine)
     holder["bot"] = bot
+    if settings.metrics_port is not None:
+        serve_metrics(settings.metrics_port, bot.metrics)
     beat = asyncio.ensure_future(_heartbeat(bot, heartbeat_path(settings)))
     try:
         async with bot:

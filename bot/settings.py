@@ -36,6 +36,7 @@ FIXES: dict[str, str] = {
     "shutdown_grace": "use a number of seconds from 1 to 8 (Docker kills after 10)",
     "dev_guild": "use the numeric id of your test server, or leave it unset",
     "sync_commands": "use true or false",
+    "metrics_port": "use a free TCP port such as 9100, or leave it unset",
 }
 
 
@@ -80,6 +81,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(6.0, ge=1.0, le=8.0, description="seconds to finish at shutdown")
     dev_guild: int | None = Field(None, description="server to sync slash commands to instantly")
     sync_commands: bool = Field(False, description="register slash commands with Discord at start")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Prometheus metrics port")
 
     @field_validator("strategy")
     @classmethod

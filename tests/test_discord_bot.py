@@ -943,3 +943,25 @@ class FakeResponse:
     def __init__(self, status: int) -> None:
         self.status = status
         self.reason = "Forbidden"
+
+
+def test_prometheus_collector_exposes_engine_and_bot_numbers() -> None:
+    """Every number of the metrics source becomes a gauge with the project's prefix."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bot.metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: {"queue": 3, "tokens_per_s": 512.5, "ttft_p50_s": 0.09}))
+    text = generate_latest(registry).decode()
+    assert "rwkv_discord_queue 3.0" in text
+    assert "rwkv_discord_tokens_per_s 512.5" in text
+
+
+async def test_status_shows_engine_numbers(harness: Harness) -> None:
+    """/rwkv status answers with the model, queues and the engine's numbers."""
+    await harness.say("-top_p=0 hi")
+    await harness.slash("rwkv", "status")
+    status = harness.adapter.texts()[-1]
+    assert "Model: RWKV-7" in status and "Replies being written: 0" in status
+    assert "messages_waiting" in harness.bot.metrics()
