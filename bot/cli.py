@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -85,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     faq.add_argument("args", nargs=argparse.REMAINDER)
+
+    db = sub.add_parser(
+        "db",
+        help="look after the database: stats, vacuum, export a transcript, back up",
+        description="Housekeeping of the SQLite database (RWKV_DISCORD_DB or --db). Safe while "
+        "the bot runs, except vacuum, which waits for exclusive access.",
+    )
+    db.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    stats = db_sub.add_parser("stats", help="sizes and counts")
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+    db_sub.add_parser("vacuum", help="give free pages back to the file system")
+    export = db_sub.add_parser("export", help="a channel's transcript as text, for moderators")
+    export.add_argument("--channel", required=True, help="the channel (or thread) id, or 'console'")
+    export.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    backup_parser = db_sub.add_parser("backup", help="a consistent copy of the live database")
+    backup_parser.add_argument("destination", type=Path, help="the backup file to write")
 
     bench = sub.add_parser(
         "bench",
@@ -171,6 +189,55 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run_bot(settings))
 
 
+def _db(args: argparse.Namespace) -> int:
+    from chat.store import Store, backup, vacuum
+
+    settings = load_settings(db=args.db)
+    path = settings.db
+    if args.db_command == "backup":
+        backup(path, args.destination)
+        print(f"backed up {path} to {args.destination} ({args.destination.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if args.db_command == "vacuum":
+        before, after = vacuum(path)
+        print(f"vacuumed {path}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+        return 0
+    if not path.exists():
+        raise ConfigError(f"RWKV_DISCORD_DB is wrong (no database at {path}): give the bot's database file")
+
+    async def read() -> int:
+        store = await Store.open(path)
+        try:
+            if args.db_command == "stats":
+                numbers = await store.stats()
+                if args.json:
+                    print(json.dumps(numbers))
+                else:
+                    for name, value in numbers.items():
+                        print(f"{name:24} {value}")
+                return 0
+            turns = await store.transcript(args.channel)
+            if not turns:
+                print(f"no transcript for channel {args.channel}", file=sys.stderr)
+                return 1
+            lines = []
+            for turn in turns:
+                lines.append(f"[{turn.command}] {turn.user_text}".rstrip())
+                if turn.reply_text:
+                    lines.append(turn.reply_text)
+                lines.append("")
+            text = "\n".join(lines)
+            if args.output is not None:
+                args.output.write_text(text, encoding="utf-8")
+            else:
+                print(text)
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def _health(args: argparse.Namespace) -> int:
     from bot.runner import heartbeat_path
 
@@ -207,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "db":
+            return _db(args)
         return _chat(args)
     except (ConfigError, EngineError, StoreError, PresetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -361,6 +361,30 @@ class Store:
 
         await self._write(work)
 
+    async def stats(self) -> dict[str, int]:
+        """Sizes and counts: file bytes, channels, snapshots and their bytes, turns, schema."""
+        counts: dict[str, int] = {"schema_version": await self.schema_version()}
+        queries = {
+            "channels": "SELECT count(*) FROM channels",
+            "enabled_channels": "SELECT count(*) FROM enabled_channels",
+            "snapshots": "SELECT count(*) FROM snapshots",
+            "snapshot_bytes": "SELECT coalesce(sum(length(data)), 0) FROM snapshots",
+            "shared_snapshots": "SELECT count(*) FROM init_snapshots",
+            "shared_snapshot_bytes": "SELECT coalesce(sum(length(data)), 0) FROM init_snapshots",
+            "undo_snapshots": "SELECT count(*) FROM undo_snapshots",
+            "turns": "SELECT count(*) FROM turns",
+            "page_bytes": "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            "free_bytes": (
+                "SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()"
+            ),
+        }
+        for name, sql in queries.items():
+            row = await self._fetchone(sql, ())
+            counts[name] = int(row[0]) if row else 0
+        wal = self.path.with_name(self.path.name + "-wal")
+        counts["file_bytes"] = self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+        return counts
+
     async def transcript(self, channel_id: str) -> list[Turn]:
         """Every stored turn of a channel, oldest first."""
         async with self._db.execute(
@@ -369,6 +393,50 @@ class Store:
         ) as cursor:
             rows = await cursor.fetchall()
         return [Turn(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
+def backup(source: Path, destination: Path) -> None:
+    """Copy a live database with SQLite's online backup (consistent even while the bot writes).
+
+    The copy is written beside the destination and renamed into place, so a half-written backup
+    never carries the destination's name.
+    """
+    if not source.exists():
+        raise StoreError(f"database not found: {source}")
+    partial = destination.with_name(destination.name + ".partial")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        src = sqlite3.connect(source, timeout=30)
+        try:
+            dst = sqlite3.connect(partial)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        partial.replace(destination)
+    except (OSError, sqlite3.Error) as exc:
+        partial.unlink(missing_ok=True)
+        raise StoreError(f"backup to {destination} failed: {exc}") from exc
+
+
+def vacuum(path: Path) -> tuple[int, int]:
+    """Rewrite the database without free pages; returns (bytes before, bytes after)."""
+    if not path.exists():
+        raise StoreError(f"database not found: {path}")
+    before = path.stat().st_size
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"vacuum of {path} failed: {exc}") from exc
+    return before, path.stat().st_size
 
 
 def _encode(snapshot: Snapshot) -> tuple[bytes, str]:

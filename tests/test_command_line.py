@@ -199,3 +199,27 @@ def test_interactive_console_streams_text(model_dir: Path, tmp_path: Path) -> No
         env=chat_env(),
     )
     assert "Chat reset." in result.stdout and "+gen TEXT" in result.stdout
+
+
+def test_db_housekeeping_commands(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """db stats, export, backup and vacuum work on a real database, and say so clearly when wrong."""
+    db = tmp_path / "house.sqlite3"
+    run_chat(model_dir / "v7.pth", db, ["Hello there", "+gen Once", "+reset"], "--channel", "c9")
+    capsys.readouterr()
+    assert main(["db", "--db", str(db), "stats", "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)
+    assert numbers["channels"] == 1 and numbers["turns"] == 3 and numbers["snapshot_bytes"] > 0
+    assert main(["db", "--db", str(db), "export", "--channel", "c9"]) == 0
+    transcript = capsys.readouterr().out
+    assert "[chat] Hello there" in transcript and "[+gen] Once" in transcript and "[+reset]" in transcript
+    assert main(["db", "--db", str(db), "export", "--channel", "nobody"]) == 1
+    copy = tmp_path / "backups" / "copy.sqlite3"
+    assert main(["db", "--db", str(db), "backup", str(copy)]) == 0
+    assert sqlite3.connect(copy).execute("SELECT count(*) FROM turns").fetchone()[0] == 3
+    assert main(["db", "--db", str(db), "vacuum"]) == 0
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    capsys.readouterr()
+    assert main(["db", "--db", str(tmp_path / "missing.sqlite3"), "stats"]) == 2
+    assert "no database at" in capsys.readouterr().err
