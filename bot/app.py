@@ -21,15 +21,16 @@ from faq import FaqIndex, bundled_topics_dir, load_topics
 log = logging.getLogger(__name__)
 
 
-def load_faq(settings: Settings) -> FaqIndex:
-    """The bundled FAQ plus the operator's folder; broken topic files are logged and skipped."""
+def load_faq(settings: Settings) -> tuple[FaqIndex, list[str]]:
+    """The bundled FAQ plus the operator's folder; broken topic files are logged, skipped and
+    returned (``file:line: problem``) so that a reload can report them."""
     folders = [bundled_topics_dir()]
     if settings.faq_dir is not None:
         folders.append(settings.faq_dir)
     result = load_topics(folders)
     for problem in result.problems:
         log.warning("FAQ topic skipped: %s", problem)
-    return FaqIndex(result.topics.values())
+    return FaqIndex(result.topics.values()), result.problems
 
 
 async def load_engine(settings: Settings) -> Engine:
@@ -88,7 +89,7 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
 async def open_chat(settings: Settings) -> AsyncIterator[ChatService]:
     """Load the model, open the database and yield a ready chat service; close both after."""
     require_model(settings)
-    faq = load_faq(settings)
+    faq, _ = load_faq(settings)
     engine = await load_engine(settings)
     try:
         service = await build_service(settings, engine, faq)

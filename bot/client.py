@@ -27,7 +27,7 @@ from bot.streaming import NO_MENTIONS, ReplyStream
 from chat.grammar import Command, Parsed, parse_message
 from chat.session import ChatService, Outcome
 from engine.interface import Engine, TextDelta
-from faq import FaqIndex, bundled_topics_dir, is_question, load_topics
+from faq import FaqIndex, is_question
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class RwkvBot(discord.Client):
 
     async def setup_hook(self) -> None:
         """Open the database and the chat service; sync commands only when asked to."""
-        self.faq = load_faq(self.settings)
+        self.faq, _ = load_faq(self.settings)
         self.service = await build_service(self.settings, self.engine, self.faq)
         self.enabled = {int(c) for c in await self.service.store.enabled_channels()}
         if self.settings.sync_commands:
@@ -374,14 +374,10 @@ class RwkvBot(discord.Client):
 
     async def reload_faq(self) -> list[str]:
         """Load the FAQ topics again; returns the problems of skipped files."""
-        folders = [bundled_topics_dir()]
-        if self.settings.faq_dir is not None:
-            folders.append(self.settings.faq_dir)
-        result = await asyncio.to_thread(load_topics, folders)
-        self.faq = FaqIndex(result.topics.values())
+        self.faq, problems = await asyncio.to_thread(load_faq, self.settings)
         if self.service is not None:
             self.service.faq = self.faq
-        return result.problems
+        return problems
 
     def stop(self, key: str, *, waiting_too: bool = False) -> bool:
         """Stop the reply being written in a conversation (and, if asked, the waiting ones)."""
