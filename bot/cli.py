@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -19,6 +20,11 @@ from engine.errors import EngineError
 from engine.make_model import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape, write_random_model
 
 PROG = "rwkv-discord"
+# Subcommands with a parser of their own: name -> (module with main(argv), help line).
+PASSTHROUGH = {
+    "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
+    "bench": ("engine.bench", "measure the reference and the batched engine on one model (bench --help)"),
+}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -80,12 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one message per input line, one JSON object per message out (for scripts)",
     )
 
-    faq = sub.add_parser(
-        "faq",
-        help="answer a question from the bundled RWKV FAQ (faq --help for options)",
-        add_help=False,
-    )
-    faq.add_argument("args", nargs=argparse.REMAINDER)
+    for name, (_, text) in PASSTHROUGH.items():  # listed here; run by their own parsers in main()
+        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
 
     db = sub.add_parser(
         "db",
@@ -103,13 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, help="write to this file instead of stdout")
     backup_parser = db_sub.add_parser("backup", help="a consistent copy of the live database")
     backup_parser.add_argument("destination", type=Path, help="the backup file to write")
-
-    bench = sub.add_parser(
-        "bench",
-        help="measure the reference and the batched engine on one model (bench --help for options)",
-        add_help=False,
-    )
-    bench.add_argument("args", nargs=argparse.REMAINDER)
 
     make = sub.add_parser(
         "make-model",
@@ -258,14 +253,9 @@ def _health(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a usage or setting error)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["faq"]:  # its own parser, so that `faq --help` and `faq -- -temp` work
-        from faq.cli import main as faq_main
-
-        return faq_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from engine.bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] and argv[0] in PASSTHROUGH:  # own parsers, so `faq --help`, `faq -- -temp` work
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         if args.command == "make-model":
