@@ -43,6 +43,27 @@ def user(uid: int, name: str, bot: bool = False) -> dict[str, Any]:
     }
 
 
+def message_payload(channel: int, author: dict[str, Any], content: str, **extra: Any) -> dict[str, Any]:
+    """A MESSAGE_CREATE-shaped message object, as Discord returns and the gateway sends it."""
+    return {
+        "id": str(next(_ids)),
+        "channel_id": str(channel),
+        "author": author,
+        "content": content,
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "edited_timestamp": None,
+        "tts": False,
+        "mention_everyone": False,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": False,
+        "type": 0,
+        **extra,
+    }
+
+
 class FakeClock:
     """Time that moves only when a test says so (for the edit throttle)."""
 
@@ -72,22 +93,12 @@ class RecordingHTTP(HTTPClient):
             assert len(content) <= 2000, f"Discord would refuse {len(content)} characters"
             assert payload.get("allowed_mentions", {}).get("parse") == [], "mentions must stay off"
         if route.method == "POST" and route.path == "/channels/{channel_id}/messages":
-            message = {
-                "id": str(next(_ids)),
-                "channel_id": str(route.channel_id),
-                "author": user(BOT_ID, "rwkv", True),
-                "content": content or "",
-                "timestamp": "2026-01-01T00:00:00+00:00",
-                "edited_timestamp": None,
-                "tts": False,
-                "mention_everyone": False,
-                "mentions": [],
-                "mention_roles": [],
-                "attachments": [],
-                "embeds": payload.get("embeds", []),
-                "pinned": False,
-                "type": 0,
-            }
+            message = message_payload(
+                int(route.channel_id or 0),
+                user(BOT_ID, "rwkv", True),
+                content or "",
+                embeds=payload.get("embeds", []),
+            )
             self.messages[int(message["id"])] = message
             return message
         if route.method == "PATCH" and route.path == "/channels/{channel_id}/messages/{message_id}":
@@ -130,23 +141,13 @@ class RecordingAdapter(AsyncWebhookAdapter):
         if route.path.endswith("/callback"):
             return {"interaction": {"id": str(route.webhook_id), "type": 2}}
         if route.method == "POST" and "webhooks" in route.path:
-            return {
-                "id": str(next(_ids)),
-                "channel_id": str(GENERAL),
-                "author": user(BOT_ID, "rwkv", True),
-                "content": body.get("content", ""),
-                "timestamp": "2026-01-01T00:00:00+00:00",
-                "edited_timestamp": None,
-                "tts": False,
-                "mention_everyone": False,
-                "mentions": [],
-                "mention_roles": [],
-                "attachments": [],
-                "embeds": body.get("embeds", []),
-                "pinned": False,
-                "type": 0,
-                "flags": body.get("flags", 0),
-            }
+            return message_payload(
+                GENERAL,
+                user(BOT_ID, "rwkv", True),
+                body.get("content", ""),
+                embeds=body.get("embeds", []),
+                flags=body.get("flags", 0),
+            )
         return None
 
     def texts(self) -> list[str]:
@@ -228,22 +229,8 @@ class Harness:
         guild: bool = True,
     ) -> discord.Message:
         name = {ALICE: "alice", MOD: "mod"}.get(author, f"user{author}")
-        data: dict[str, Any] = {
-            "id": str(next(_ids)),
-            "channel_id": str(channel),
-            "author": user(author, name),
-            "content": content,
-            "timestamp": "2026-01-01T00:00:00+00:00",
-            "edited_timestamp": None,
-            "tts": False,
-            "mention_everyone": False,
-            "mentions": [user(m, "rwkv" if m == BOT_ID else f"u{m}", m == BOT_ID) for m in mentions or []],
-            "mention_roles": [],
-            "attachments": [],
-            "embeds": [],
-            "pinned": False,
-            "type": 0,
-        }
+        mentioned = [user(m, "rwkv" if m == BOT_ID else f"u{m}", m == BOT_ID) for m in mentions or []]
+        data = message_payload(channel, user(author, name), content, mentions=mentioned)
         if guild:
             data["guild_id"] = str(GUILD)
             data["member"] = {
