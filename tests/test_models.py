@@ -145,3 +145,26 @@ async def test_auto_engine_is_batched_for_rwkv7(model_dir: Path, version: int, e
         assert type(loaded).__name__ == engine
     finally:
         await loaded.close()
+
+
+def test_world_tokenizer_matches_the_package_trie() -> None:
+    """Our World tokenizer gives the package's tokens (greedy longest match) and pieces."""
+    import random
+
+    import rwkv
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from engine.tokenizer import world_tokenizer
+
+    ours = world_tokenizer()
+    theirs = TRIE_TOKENIZER(str(Path(rwkv.__file__).with_name("rwkv_vocab_v20230424.txt")))
+    assert ours._pieces == theirs.idx2token
+    rng = random.Random(0)
+    alphabet = "ab XY\n\n\t,.!?的是了我中文日本語é🙂😀\x00\x7f" + "".join(
+        chr(rng.randrange(32, 0x2FFF)) for _ in range(300)
+    )
+    texts = ["", "Hello, world!\n\nUser: hi", "\n" * 7, "a" * 300, Path(__file__).read_text()]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60))) for _ in range(2000)]
+    for text in texts:
+        assert ours.encode(text) == theirs.encodeBytes(text.encode("utf-8")), text
+        assert ours.decode(ours.encode(text)) == text
