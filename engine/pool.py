@@ -3,7 +3,8 @@
 Each step of the scheduler
 1. lets queued requests in (FIFO) while state slots are free;
 2. reads a chunk of every waiting prompt, within a token budget per step, so that a long prompt
-   never stalls the others;
+   never stalls the others (prompts are cut at fixed ``prefill_chunk`` boundaries, so the state
+   after a read does not depend on the load);
 3. samples one token for every decoding sequence (at most ``max_batch``, taken round-robin when
    more are resident) with exactly :class:`engine.generation.SequenceRunner`'s policy, and feeds
    all of them to the model in one batched step.
@@ -604,10 +605,12 @@ class BatchedEngine(Engine):
         self._prefill_turn += 1
         groups: dict[tuple[int, bool], list[tuple[_Job, list[int]]]] = {}
         for offset in range(count):
-            if budget <= 0:
-                break
             job = self._prefilling[(first + offset) % count]
-            take = min(self.prefill_chunk, len(job.prompt) - job.fed, budget)
+            # Whole chunks only: where a prompt is cut never depends on what else is waiting, so
+            # a read gives the same state whatever the load (the state log relies on it).
+            take = min(self.prefill_chunk, len(job.prompt) - job.fed)
+            if offset and take > budget:
+                break
             budget -= take
             chunk = job.prompt[job.fed : job.fed + take]
             groups.setdefault((take, job.fed + take == len(job.prompt)), []).append((job, chunk))

@@ -348,3 +348,18 @@ async def test_metrics_report_the_recent_work(batched: BatchedEngine) -> None:
         assert key in m
     assert m["queue"] == 0 and m["tokens_per_s"] > 0 and m["ttft_p50_s"] > 0 and m["batch"] >= 1
     assert "batched engine" in batched.describe()
+
+
+async def test_a_read_gives_the_same_state_whatever_else_is_read(model_dir: Path) -> None:
+    """Prompts are cut at fixed chunk boundaries, so a read under load equals the read alone,
+    bit for bit (the stored token log rebuilds states by reading again)."""
+    engine = make_engine(model_dir, prefill_chunk=32, prefill_budget=40)
+    try:
+        prompts = [list(range(100 + i, 100 + i + n)) for i, n in enumerate((90, 17, 64, 33, 70))]
+        alone = [await engine.read(None, p) for p in prompts]
+        together = await asyncio.gather(*(engine.read(None, p) for p in prompts))
+        for a, b in zip(alone, together, strict=True):
+            assert torch.equal(a.logits, b.logits)
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
+    finally:
+        await engine.close()
