@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -159,11 +160,15 @@ class RecordingAdapter(AsyncWebhookAdapter):
         return out
 
 
+LONG_REPLY_SEED = 1
+
+
 def long_replies(harness: Harness) -> None:
     """Let chat replies run long (random models never end a turn by themselves)."""
     service = harness.bot.service
     assert service is not None
     service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 900})
+    service._seeds = random.Random(LONG_REPLY_SEED)  # a sampled reply that runs long, every time
 
 
 async def start_long_reply(harness: Harness, text: str, **options: Any) -> asyncio.Future[None]:
