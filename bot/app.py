@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from bot.settings import ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
 from chat.session import ChatConfig, ChatService
+from chat.states import MB, StatePolicy
 from chat.store import Store
 from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
@@ -58,6 +59,18 @@ async def load_engine(settings: Settings) -> Engine:
     return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
 
 
+def state_policy(settings: Settings) -> StatePolicy:
+    """The state tiers' budgets and intervals from the settings."""
+    return StatePolicy(
+        device_bytes=settings.state_device_mb * MB,
+        host_bytes=settings.state_host_mb * MB,
+        db_bytes=settings.state_db_mb * MB,
+        checkpoint_tokens=settings.checkpoint_tokens,
+        carry_over_tokens=settings.carry_over_tokens,
+        retention_s=settings.retention_days * 86400.0,
+    )
+
+
 async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> ChatService:
     """Open the database and build a ready chat service (the caller closes ``service.store``)."""
     presets = load_presets(settings.presets_dir)
@@ -75,6 +88,7 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
             gen_max_tokens=settings.gen_max_tokens,
             chat_max_tokens=settings.chat_max_tokens,
             seed=settings.seed,
+            states=state_policy(settings),
         )
         service = ChatService(engine, store, presets, config, faq=faq)
         await service.prepare()

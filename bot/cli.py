@@ -24,6 +24,7 @@ PROG = "rwkv-discord"
 PASSTHROUGH = {
     "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
     "bench": ("engine.bench", "measure the reference and the batched engine on one model (bench --help)"),
+    "bench-states": ("chat.bench_states", "measure state storage: writes per turn, cold restore, scale"),
 }
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser(
         "db",
-        help="look after the database: stats, vacuum, export a transcript, back up",
+        help="look after the database: stats, vacuum, export a transcript, back up, purge",
         description="Housekeeping of the SQLite database (RWKV_DISCORD_DB or --db). Safe while "
-        "the bot runs, except vacuum, which waits for exclusive access.",
+        "the bot runs, except vacuum, which waits for exclusive access, and purge, which is for a "
+        "stopped bot (the running bot purges deleted channels itself).",
     )
     db.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, help="write to this file instead of stdout")
     backup_parser = db_sub.add_parser("backup", help="a consistent copy of the live database")
     backup_parser.add_argument("destination", type=Path, help="the backup file to write")
+    purge = db_sub.add_parser("purge", help="delete everything stored for a channel")
+    purge.add_argument("--channel", required=True, help="the channel (or thread) id, or 'console'")
 
     make = sub.add_parser(
         "make-model",
@@ -210,6 +214,12 @@ def _db(args: argparse.Namespace) -> int:
                 else:
                     for name, value in numbers.items():
                         print(f"{name:24} {value}")
+                return 0
+            if args.db_command == "purge":
+                if not await store.purge_channel(args.channel):
+                    print(f"nothing stored for channel {args.channel}", file=sys.stderr)
+                    return 1
+                print(f"purged channel {args.channel}")
                 return 0
             turns = await store.transcript(args.channel)
             if not turns:

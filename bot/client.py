@@ -35,6 +35,7 @@ STOP_EMOJI = "⏹️"
 QUEUED_EMOJI = "⏳"
 FAQ_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 FAQ_AUTO_CONFIDENCE = 0.8  # automatic answers only for clear matches: a wrong one is worse than none
+HOUSEKEEPING_EVERY = 3600.0  # seconds between retention / database budget passes
 
 
 @dataclass
@@ -76,6 +77,7 @@ class RwkvBot(discord.Client):
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._closing = False
+        self._housekeeping: asyncio.Task[None] | None = None
         self._closed_once: asyncio.Future[None] | None = None
         self.faq: FaqIndex | None = None
         from bot.commands import register_commands
@@ -89,6 +91,7 @@ class RwkvBot(discord.Client):
         self.faq, _ = load_faq(self.settings)
         self.service = await build_service(self.settings, self.engine, self.faq)
         self.enabled = {int(c) for c in await self.service.store.enabled_channels()}
+        self._housekeeping = asyncio.create_task(self._keep_house(), name="housekeeping")
         if self.settings.sync_commands:
             guild = discord.Object(self.settings.dev_guild) if self.settings.dev_guild else None
             if guild is not None:
@@ -123,10 +126,52 @@ class RwkvBot(discord.Client):
                     await asyncio.wait(pending, timeout=1.0)
             if self._side_tasks:
                 await asyncio.wait(set(self._side_tasks), timeout=1.0)
+            if self._housekeeping is not None:
+                self._housekeeping.cancel()
+                await asyncio.wait({self._housekeeping}, timeout=5.0)
             if self.service is not None:
                 await self.service.store.close()
         finally:
             await super().close()
+
+    async def _keep_house(self) -> None:
+        """Retention and the database budget, shortly after start and then every hour."""
+        await asyncio.sleep(60.0)
+        while not self._closing:
+            assert self.service is not None
+            try:
+                await self.service.housekeeping()
+            except Exception:
+                log.exception("housekeeping failed; trying again later")
+            await asyncio.sleep(HOUSEKEEPING_EVERY)
+
+    # ------------------------------------------------------------------ deleted channels
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        """A deleted channel's conversation and transcript are deleted too."""
+        await self._forget(channel.id)
+
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        """A deleted thread's conversation and transcript are deleted too."""
+        await self._forget(payload.thread_id)
+
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        """Removed from a server (kicked, or the server deleted): forget its conversations."""
+        if self.service is None:
+            return
+        channels = set(await self.service.store.guild_channels(str(guild.id)))
+        channels |= {c for c in await self.service.store.enabled_channels_of(str(guild.id))}
+        for channel in channels:
+            await self._forget(int(channel))
+        log.info("removed from server %s: forgot %d conversations", guild.id, len(channels))
+
+    async def _forget(self, channel_id: int) -> None:
+        if self.service is None:
+            return
+        self.enabled.discard(channel_id)
+        self.stop(str(channel_id), waiting_too=True)
+        if await self.service.purge(str(channel_id)):
+            log.info("channel %s deleted: its conversation and transcript were purged", channel_id)
 
     # ------------------------------------------------------------------ messages
 
@@ -412,6 +457,9 @@ class RwkvBot(discord.Client):
         values["messages_waiting"] = sum(self.pending.values()) - len(self.running)
         values["channels_enabled"] = len(self.enabled)
         values["reply_tokens_per_s"] = self.tokens_per_second()
+        if self.service is not None:
+            for name, value in self.service.states.metrics().items():
+                values[f"states_{name}"] = float(value)
         return values
 
     def tokens_per_second(self) -> float:

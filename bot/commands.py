@@ -16,6 +16,7 @@ from discord import app_commands
 
 from bot.streaming import NO_MENTIONS
 from chat.grammar import HELP_TEXT
+from chat.states import MB
 from chat.store import StoreError
 from faq import Topic, render_embed
 
@@ -86,6 +87,15 @@ def register_commands(bot: RwkvBot) -> None:
         metrics = bot.engine.metrics()
         if metrics:
             lines.append("Engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())))
+        if bot.service is not None:
+            tiers = bot.service.states.metrics()
+            lines.append(
+                f"States: {tiers['device_channels']} channels on the device "
+                f"({tiers['device_bytes'] / MB:.0f} of {tiers['device_budget_bytes'] / MB:.0f} MB), "
+                f"{tiers['host_channels']} in host memory "
+                f"({tiers['host_bytes'] / MB:.0f} of {tiers['host_budget_bytes'] / MB:.0f} MB), "
+                f"{tiers['restored']} restored from the database"
+            )
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @group.command(name="stop", description="Stop the reply being written in this channel")

@@ -37,6 +37,12 @@ FIXES: dict[str, str] = {
     "dev_guild": "use the numeric id of your test server, or leave it unset",
     "sync_commands": "use true or false",
     "metrics_port": "use a free TCP port such as 9100, or leave it unset",
+    "state_device_mb": "use a whole number of MB from 0 (keep nothing) up, e.g. 2048",
+    "state_host_mb": "use a whole number of MB from 0 (keep nothing) up, e.g. 8192",
+    "state_db_mb": "use a whole number of MB, or 0 for no limit",
+    "checkpoint_tokens": "use a whole number from 16 to 10000000, e.g. 65536",
+    "carry_over_tokens": "use a whole number from 0 to 1000000, e.g. 2048",
+    "retention_days": "use a number of days, or 0 to keep everything",
 }
 
 
@@ -82,6 +88,16 @@ class Settings(BaseSettings):
     dev_guild: int | None = Field(None, description="server to sync slash commands to instantly")
     sync_commands: bool = Field(False, description="register slash commands with Discord at start")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Prometheus metrics port")
+    state_device_mb: int = Field(2048, ge=0, description="conversation states kept where the model runs")
+    state_host_mb: int = Field(8192, ge=0, description="states moved off the GPU, kept in host memory")
+    state_db_mb: int = Field(0, ge=0, description="whole states in the database (0: no limit)")
+    checkpoint_tokens: int = Field(
+        65536, ge=16, le=10_000_000, description="store a whole state after this many logged tokens"
+    )
+    carry_over_tokens: int = Field(
+        2048, ge=0, le=1_000_000, description="transcript tokens re-read after a model change"
+    )
+    retention_days: float = Field(30.0, ge=0, description="idle channels then keep only their chat state")
 
     @field_validator("strategy")
     @classmethod

@@ -16,12 +16,16 @@ import logging
 import random
 import re
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from chat.grammar import HELP_TEXT, Command, GrammarError, Overrides, Parsed, parse_message
 from chat.presets import Preset
+from chat.states import MB, CarryOver, ChannelStates, Loaded, StatePolicy, Step
 from chat.store import Store, StoreError, Turn
 from engine.errors import EngineError, StateMismatchError
 from engine.generation import visible_text
@@ -73,6 +77,7 @@ class ChatConfig:
     gen_max_tokens: int = 256  # +gen/+i/+qq/+qa length (then up to 100 more to end cleanly)
     chat_max_tokens: int = 999  # hard cap of a chat reply
     seed: int | None = None
+    states: StatePolicy = field(default_factory=StatePolicy)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,15 @@ def split_thinking(text: str) -> str | None:
     return "\n".join(p.strip() for p in parts) if parts else None
 
 
+@dataclass
+class _ChannelLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting
+
+
+_KNOWN_GUILDS = 10_000
+
+
 class ChatService:
     """Handles the messages of every channel, one at a time per channel."""
 
@@ -135,11 +149,19 @@ class ChatService:
         self.presets = presets
         self.config = config
         self.faq = faq
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _ChannelLock] = {}  # only channels with a message in hand
         self._cancel: dict[str, threading.Event] = {}
-        self._known_guilds: dict[str, tuple[str]] = {}
+        self._known_guilds: OrderedDict[str, str] = OrderedDict()  # recent channels' servers
         self._init_cache: dict[str, Snapshot] = {}
         self._seeds = random.Random(config.seed)
+        self.states = ChannelStates(
+            store,
+            fingerprint=engine.spec.fingerprint,
+            read=engine.read,
+            policy=config.states,
+            opening=self._opening,
+            encode=self._encode,
+        )
 
     # ----------------------------------------------------------------- entry points
 
@@ -169,13 +191,14 @@ class ChatService:
         if isinstance(parsed, GrammarError):
             yield Outcome("error", parsed.message)
             return
-        lock = self._locks.setdefault(channel_id, asyncio.Lock())
-        async with lock:
+        async with self._channel(channel_id):
             self._cancel[channel_id] = cancel or threading.Event()
             try:
-                if guild_id is not None and guild_id not in self._known_guilds.get(channel_id, ()):
+                if guild_id is not None and self._known_guilds.get(channel_id) != guild_id:
                     await self.store.set_channel_guild(channel_id, guild_id)
-                    self._known_guilds[channel_id] = (guild_id,)
+                    self._known_guilds[channel_id] = guild_id
+                    while len(self._known_guilds) > _KNOWN_GUILDS:
+                        self._known_guilds.popitem(last=False)
                 async for event in self._dispatch(channel_id, parsed):
                     yield event
             except EngineError as exc:
@@ -190,7 +213,7 @@ class ChatService:
     def busy(self, channel_id: str) -> bool:
         """True while a message of this channel is being handled."""
         lock = self._locks.get(channel_id)
-        return lock is not None and lock.locked()
+        return lock is not None and lock.lock.locked()
 
     def stop(self, channel_id: str) -> bool:
         """Stop the generation running in a channel; False when none is running."""
@@ -206,18 +229,93 @@ class ChatService:
 
     async def reset(self, channel_id: str) -> None:
         """Reset a channel's conversation (undoable with :meth:`undo_reset`)."""
-        async with self._locks.setdefault(channel_id, asyncio.Lock()):
+        async with self._channel(channel_id):
             await self._reset(channel_id)
 
     async def _reset(self, channel_id: str) -> None:
         preset = await self.channel_preset(channel_id)
-        init = await self._init_snapshot(preset)
-        await self.store.reset_channel(channel_id, preset.key, init)
+        await self._init_snapshot(preset)  # stored before anything points at it
+        await self.states.reset(channel_id, preset.key, Turn("+reset", "", "", 0))
 
     async def undo_reset(self, channel_id: str) -> bool:
         """Bring back the conversation of before the last reset; False when there is none."""
-        async with self._locks.setdefault(channel_id, asyncio.Lock()):
-            return await self.store.undo_reset(channel_id)
+        async with self._channel(channel_id):
+            return await self.states.undo_reset(channel_id, Turn("undo-reset", "", "", 0))
+
+    async def purge(self, channel_id: str) -> bool:
+        """Forget a deleted channel: its states, transcript and settings. False if none were kept."""
+        self.stop(channel_id)
+        async with self._channel(channel_id):
+            self.states.tiers.drop(channel_id)
+            self._known_guilds.pop(channel_id, None)
+            return await self.store.purge_channel(channel_id)
+
+    async def housekeeping(self, now: float | None = None) -> dict[str, int]:
+        """Retention and the database budget; returns how many channels each touched.
+
+        Channels idle longer than the retention keep only their chat state. While the whole
+        states in the database exceed their budget, the least recently used channels that are
+        not in memory keep only their transcript (re-read at their next message). Busy channels
+        are skipped; each channel is handled under its lock.
+        """
+        policy = self.config.states
+        now = time.time() if now is None else now
+        retired = frozen = 0
+        if policy.retention_s > 0:
+            cutoff = now - policy.retention_s
+            skipped: set[str] = set()
+            while True:
+                batch = [c for c in await self.store.idle_channels(cutoff, 100) if c not in skipped]
+                if not batch:
+                    break
+                for channel in batch:
+                    async with self._channel(channel):  # re-checked inside: it may have woken up
+                        if await self.states.retire(channel, unused_since=cutoff):
+                            retired += 1
+                        else:
+                            skipped.add(channel)
+        if policy.db_bytes > 0:
+            usage = await self.store.checkpoint_usage()
+            tried: set[str] = set()
+            while usage > policy.db_bytes:
+                candidates = [
+                    (c, size, used)
+                    for c, size, used in await self.store.checkpointed_channels(100 + len(tried))
+                    if c not in tried and not self.busy(c) and self.states.tiers.where(c) is None
+                ]
+                if not candidates:
+                    log.warning(
+                        "the database holds %d MB of states, over its budget of %d MB, all in use",
+                        usage // MB,
+                        policy.db_bytes // MB,
+                    )
+                    break
+                for channel, size, used in candidates:
+                    if usage <= policy.db_bytes:
+                        break
+                    tried.add(channel)
+                    async with self._channel(channel):  # re-checked inside: it may be in use now
+                        if await self.states.freeze(channel, unused_since=used):
+                            usage -= size
+                            frozen += 1
+        if retired or frozen:
+            log.info("housekeeping: %d idle channels trimmed, %d kept as transcript only", retired, frozen)
+        return {"retired": retired, "frozen": frozen}
+
+    @asynccontextmanager
+    async def _channel(self, channel_id: str) -> AsyncIterator[None]:
+        """Hold the channel's lock; the lock is forgotten when nobody holds or awaits it."""
+        entry = self._locks.get(channel_id)
+        if entry is None:
+            entry = self._locks[channel_id] = _ChannelLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[channel_id]
 
     async def update_settings(self, channel_id: str, **values: Any) -> list[str]:
         """Validate and store channel settings; returns what was set, as readable lines.
@@ -291,13 +389,16 @@ class ChatService:
         self._init_cache[preset.key] = snapshot
         return snapshot
 
-    async def _load(self, channel_id: str, name: str, notices: list[str]) -> tuple[Snapshot, str] | None:
-        try:
-            return await self.store.load_snapshot(channel_id, name, self.engine.spec.fingerprint)
-        except StateMismatchError as exc:
-            log.warning("channel %s: %s", channel_id, exc)
-            notices.append(f"The stored conversation could not be used ({exc}); starting afresh.")
-            return None
+    async def _opening(self, preset_key: str) -> Snapshot:
+        """The opening state of a preset by its key (also of an edited preset's earlier version,
+        as long as its stored copy exists)."""
+        for preset in self.presets.values():
+            if preset.key == preset_key:
+                return await self._init_snapshot(preset)
+        snapshot = await self.store.load_init(preset_key, self.engine.spec.fingerprint)
+        if snapshot is None:
+            raise StateMismatchError(f"the opening state of preset {preset_key} is no longer stored")
+        return snapshot
 
     async def _encode(self, prompt: str) -> list[int]:
         """Tokenize off the event loop (a long text takes milliseconds the gateway can't spare)."""
@@ -364,11 +465,14 @@ class ChatService:
 
     async def _chat(self, channel_id: str, parsed: Parsed, notices: list[str]) -> AsyncIterator[ChatEvent]:
         preset = await self.channel_preset(channel_id)
-        loaded = await self._load(channel_id, "chat", notices)
-        if loaded is not None and loaded[1] != preset.key:
+        try:
+            loaded = await self.states.load(channel_id, "chat", notices)
+        except CarryOver as why:
+            loaded = await self.states.carry_over(channel_id, preset.key, preset.chat_turn, str(why), notices)
+        if loaded is not None and loaded.preset_key != preset.key:
             notices.append("This channel's prompt preset changed, so the conversation starts afresh.")
             loaded = None
-        start = loaded[0] if loaded is not None else await self._init_snapshot(preset)
+        start = loaded or self.states.root(await self._init_snapshot(preset), preset.key)
         text = await self._cap_input(parsed.text, notices)
         prompt = await self._encode(preset.chat_turn(text))
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
@@ -390,20 +494,19 @@ class ChatService:
     async def _retry_chat(
         self, channel_id: str, parsed: Parsed, notices: list[str]
     ) -> AsyncIterator[ChatEvent]:
-        loaded = await self._load(channel_id, "chat_pre", notices)
+        loaded = await self.states.load(channel_id, "chat_pre", notices)
         if loaded is None:
             yield Outcome(
                 "notice", "There is no chat reply to retry yet: send a message first.", tuple(notices)
             )
             return
-        snapshot, preset_key = loaded
         preset = await self.channel_preset(channel_id)
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
         async for event in self._run(
             channel_id=channel_id,
             preset=preset,
             kind="reply",
-            start=snapshot,
+            start=loaded,
             prompt=[],
             sampling=sampling,
             mode=ReplyMode.CHAT,
@@ -411,7 +514,6 @@ class ChatService:
             notices=notices,
             targets=(None, "chat"),
             turn=Turn("+", "", "", 0),
-            preset_key=preset_key,
         ):
             yield event
 
@@ -420,7 +522,7 @@ class ChatService:
         preset = await self.channel_preset(channel_id)
         sampling = await self._sampling(channel_id, preset, parsed.overrides)
         newline_bias = 0.0
-        start: Snapshot | None = None
+        start = self.states.root(None, preset.key)
         prompt: list[int] = []
         if command in _FREE_COMMANDS:
             text = await self._cap_input(parsed.text, notices)
@@ -431,14 +533,14 @@ class ChatService:
             elif command is Command.QQ:
                 prompt = await self._encode("\nQ: " + text.strip() + "\nA:")
             else:
-                start = await self._init_snapshot(preset)
+                start = self.states.root(await self._init_snapshot(preset), preset.key)
                 prompt = await self._encode(preset.chat_turn(text))
                 newline_bias = -2.0
             targets: tuple[str | None, str] = ("gen_0", "gen_1")
         else:
             name = "gen_1" if command is Command.CONTINUE else "gen_0"
-            loaded = await self._load(channel_id, name, notices)
-            if loaded is None:
+            loaded = await self.states.load(channel_id, name, notices)
+            if loaded is None or loaded.snapshot is None:
                 what = "continue" if command is Command.CONTINUE else "retry"
                 yield Outcome(
                     "notice",
@@ -446,8 +548,8 @@ class ChatService:
                     tuple(notices),
                 )
                 return
-            start = loaded[0]
-            newline_bias = float(start.meta.get("newline_bias", 0.0))
+            start = loaded
+            newline_bias = float(loaded.snapshot.meta.get("newline_bias", 0.0))
             # +++ continues from gen_1 and makes it the new gen_0, as in the reference.
             targets = ("gen_0", "gen_1") if command is Command.CONTINUE else (None, "gen_1")
         async for event in self._run(
@@ -471,7 +573,7 @@ class ChatService:
         channel_id: str,
         preset: Preset,
         kind: str,
-        start: Snapshot | None,
+        start: Loaded,
         prompt: list[int],
         sampling: SamplingParams,
         mode: ReplyMode,
@@ -479,19 +581,20 @@ class ChatService:
         notices: list[str],
         targets: tuple[str | None, str],
         turn: Turn,
-        preset_key: str | None = None,
     ) -> AsyncIterator[ChatEvent]:
-        """Generate, stream, then store the snapshots of the turn in one transaction.
+        """Generate, stream, then store the turn's states in one transaction.
 
-        ``targets`` names the snapshots to write: (after the prompt, after the reply); a
-        failed generation stores nothing, so the channel keeps its last good state.
+        ``targets`` names the states to set: (after the prompt, after the reply); a failed
+        generation stores nothing, so the channel keeps its last good state. The state after the
+        reply is the engine's read of the reply's tokens from the state before it, so that the
+        stored token log rebuilds it exactly (see :mod:`chat.states`).
         """
         settings = await self.store.channel_settings(channel_id)
         limit = self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens
         if "max_tokens" in settings:
             limit = min(limit, int(settings["max_tokens"]))
         request = GenerationRequest(
-            start=start,
+            start=start.snapshot,
             prompt=prompt,
             sampling=sampling,
             mode=mode,
@@ -501,9 +604,9 @@ class ChatService:
             thinking=preset.thinking,
             seed=self._seeds.randrange(2**63),
         )
-        if start is None and not prompt:
+        if start.snapshot is None and not prompt:
             raise ValueError("nothing to generate from")
-        before: Snapshot | None = start
+        before: Snapshot | None = start.snapshot
         finished: Finished | None = None
         try:
             async for event in self.engine.generate(request):
@@ -523,19 +626,26 @@ class ChatService:
         if finished.reason is StopReason.CANCELLED and not finished.tokens:
             yield Outcome("notice", "Stopped before the reply began; nothing was changed.", tuple(notices))
             return
-        final = finished.snapshot
+        reply = list(finished.tokens)
         if finished.reason is StopReason.CANCELLED:
             notices.append("The reply was stopped; what was written so far is kept.")
             if mode is ReplyMode.CHAT and not finished.text.endswith("\n\n"):
                 # Close the cut reply with a blank line, so the next message starts a new turn
                 # as the chat template expects.
-                final = await self.engine.read(final, await self._encode("\n\n"))
-        put = {targets[1]: final}
+                reply += await self._encode("\n\n")
+        steps: list[Step] = []
+        if prompt:
+            steps.append(Step(prompt, before))
+        after_prompt = len(steps) - 1
+        if reply:
+            final = await self.engine.read(before, reply)
+            steps.append(Step(reply, replace(final, meta=dict(before.meta))))
+        heads = {targets[1]: len(steps) - 1}
         if targets[0] is not None:
-            put[targets[0]] = before
+            heads[targets[0]] = after_prompt
         text = finished.text.strip() if mode is ReplyMode.CHAT else finished.text
         turn = replace(turn, reply_text=text, reply_tokens=len(finished.tokens))
-        await self.store.commit(channel_id, preset_key or preset.key, put, turn=turn)
+        await self.states.commit(channel_id, start, steps, heads, turn)
         yield Outcome(
             kind,
             text,

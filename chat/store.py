@@ -1,4 +1,9 @@
-"""The one database access layer: channels, snapshots and transcripts in SQLite (aiosqlite).
+"""The one database access layer: channels, conversation states and transcripts in SQLite.
+
+Conversation states are stored as checkpoints plus a token log (migration V3): a state row holds
+the tokens fed to its parent state in one read, and only now and then a whole state (see
+:mod:`chat.states` for the policy). The engine's reads are deterministic, so re-reading the log
+from the last whole state gives the state back bit for bit.
 
 Numbered migrations from ``migrations/`` run at open, each in its own transaction, and the schema
 version lives in the database (``PRAGMA user_version``). The database runs in WAL mode and every
@@ -13,9 +18,11 @@ import importlib.resources
 import json
 import re
 import sqlite3
+import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from array import array
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ import aiosqlite
 from engine.errors import StateMismatchError
 from engine.state import Snapshot, checksum
 
-SNAPSHOT_NAMES = ("chat", "chat_pre", "gen_0", "gen_1")
+HEAD_NAMES = ("chat", "chat_pre", "gen_0", "gen_1", "undo_chat", "undo_chat_pre")
 _MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 
 
@@ -40,6 +47,127 @@ class Turn:
     user_text: str
     reply_text: str
     reply_tokens: int
+
+
+@dataclass(frozen=True)
+class NewRef:
+    """A state added earlier in the same :meth:`Store.write_states` call (by position)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class NewState:
+    """A state to store: ``tokens`` fed in one read to its parent (``base="parent"``), to a blank
+    state (``"zero"``) or to the opening state of ``preset_key`` (``"init"``). With
+    ``checkpoint`` the state is stored whole as well, and nothing before it is needed any more."""
+
+    base: str
+    preset_key: str
+    tokens: list[int]
+    replay: int  # tokens to feed from the nearest whole state (or blank/opening state) to rebuild it
+    fingerprint: str
+    parent: int | NewRef | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Snapshot | None = None
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """One row of the state log."""
+
+    id: int
+    channel_id: str
+    parent_id: int | None
+    base: str
+    preset_key: str
+    tokens: list[int]
+    replay: int
+    meta: dict[str, Any]
+    fingerprint: str
+    checksum: str | None
+    raw_tokens: bytes = b""
+    raw_meta: str = "{}"
+
+    def verify(self) -> None:
+        """Raise :class:`StateMismatchError` when the row does not match its checksum."""
+        if self.checksum is None and self.base == "checkpoint" and not self.tokens:
+            return  # carried over from a version that stored whole snapshots; the data has its own
+        expected = state_checksum(
+            channel_id=self.channel_id,
+            parent_id=self.parent_id,
+            base=self.base,
+            preset_key=self.preset_key,
+            tokens=self.raw_tokens,
+            replay=self.replay,
+            meta=self.raw_meta,
+            fingerprint=self.fingerprint,
+        )
+        if self.checksum != expected:
+            raise StateMismatchError(f"stored state {self.id} failed its checksum")
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """Token ids as uint32 little-endian bytes."""
+    packed = array("I", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_tokens(data: bytes) -> list[int]:
+    """The inverse of :func:`pack_tokens`."""
+    if len(data) % 4:
+        raise StateMismatchError("a stored token log has a torn entry")
+    packed = array("I")
+    packed.frombytes(data)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tolist()
+
+
+def state_checksum(
+    *,
+    channel_id: str,
+    parent_id: int | None,
+    base: str,
+    preset_key: str,
+    tokens: bytes,
+    replay: int,
+    meta: str,
+    fingerprint: str,
+) -> str:
+    """The checksum of a state row's content."""
+    head = "\x1f".join([channel_id, str(parent_id), base, preset_key, str(replay), meta, fingerprint])
+    return checksum(head.encode() + b"\x1e" + tokens)
+
+
+_STATE_COLUMNS = (
+    "s.id, s.channel_id, s.parent_id, s.base, s.preset_key, s.tokens, s.replay, s.meta, "
+    "s.model_fingerprint, s.checksum"
+)
+
+
+def _stored_state(row: Sequence[Any]) -> StoredState:
+    raw_tokens, raw_meta = bytes(row[5]), str(row[7])
+    try:
+        meta = dict(json.loads(raw_meta))
+    except (ValueError, TypeError) as exc:
+        raise StateMismatchError(f"stored state {row[0]} has damaged metadata") from exc
+    return StoredState(
+        id=int(row[0]),
+        channel_id=str(row[1]),
+        parent_id=None if row[2] is None else int(row[2]),
+        base=str(row[3]),
+        preset_key=str(row[4]),
+        tokens=unpack_tokens(raw_tokens),
+        replay=int(row[6]),
+        meta=meta,
+        fingerprint=str(row[8]),
+        checksum=None if row[9] is None else str(row[9]),
+        raw_tokens=raw_tokens,
+        raw_meta=raw_meta,
+    )
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -78,6 +206,9 @@ class Store:
             await db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process kill loses nothing
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
+            # Replacing a checkpoint frees megabytes of pages; zeroing them (this SQLite build's
+            # default) would double what a checkpoint writes. A purge zeroes what it deletes.
+            await db.execute("PRAGMA secure_delete = FAST")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         return cls(db, path)
@@ -153,26 +284,6 @@ class Store:
             (channel_id, now, now),
         )
 
-    async def load_snapshot(
-        self, channel_id: str, name: str, fingerprint: str
-    ) -> tuple[Snapshot, str] | None:
-        """The channel's snapshot ``name`` and its preset key, or None when there is none.
-
-        Raises :class:`StateMismatchError` when it is damaged or belongs to another model.
-        """
-        row = await self._fetchone(
-            "SELECT data, checksum, preset_key, model_fingerprint FROM snapshots "
-            "WHERE channel_id = ? AND name = ?",
-            (channel_id, name),
-        )
-        if row is None:
-            return None
-        data, digest, preset_key, model = row
-        if model != fingerprint:
-            raise StateMismatchError(f"the stored {name} state was made with another model ({model})")
-        snapshot = await asyncio.to_thread(_decode, bytes(data), digest, fingerprint)
-        return snapshot, str(preset_key)
-
     async def load_init(self, preset_key: str, fingerprint: str) -> Snapshot | None:
         """The shared initial snapshot of a preset for a model, if it was stored."""
         row = await self._fetchone(
@@ -198,50 +309,6 @@ class Store:
 
         await self._write(work)
 
-    async def commit(
-        self,
-        channel_id: str,
-        preset_key: str,
-        put: dict[str, Snapshot],
-        delete: tuple[str, ...] = (),
-        turn: Turn | None = None,
-    ) -> None:
-        """Store a turn's snapshots (and transcript line) in one transaction."""
-        encoded = await asyncio.to_thread(lambda: {name: _encode(snap) for name, snap in put.items()})
-        now = time.time()
-
-        async def work() -> None:
-            await self._ensure_channel(channel_id)
-            for name in delete:
-                await self._db.execute(
-                    "DELETE FROM snapshots WHERE channel_id = ? AND name = ?", (channel_id, name)
-                )
-            for name, (data, digest) in encoded.items():
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (channel_id, name, put[name].fingerprint, preset_key, data, digest, now),
-                )
-            if turn is not None:
-                fingerprint = next(iter(put.values())).fingerprint if put else ""
-                await self._db.execute(
-                    "INSERT INTO turns (channel_id, command, user_text, reply_text, "
-                    "reply_tokens, model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        channel_id,
-                        turn.command,
-                        turn.user_text,
-                        turn.reply_text,
-                        turn.reply_tokens,
-                        fingerprint,
-                        now,
-                    ),
-                )
-            await self._db.execute(
-                "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
-            )
-
-        await self._write(work)
-
     async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
         """Record which server a conversation belongs to (for server-wide resets)."""
 
@@ -261,74 +328,248 @@ class Store:
         ) as cursor:
             return [str(r[0]) for r in await cursor.fetchall()]
 
-    async def reset_channel(self, channel_id: str, preset_key: str, init: Snapshot) -> None:
-        """Put ``chat`` back to ``init``, keeping the conversation as it was for an undo."""
-        data, digest = await asyncio.to_thread(_encode, init)
+    # ------------------------------------------------------------------ states: checkpoints and log
+
+    async def heads(self, channel_id: str) -> dict[str, int]:
+        """The channel's named states (chat, chat_pre, gen_0, gen_1, undo_chat...) and their ids."""
+        async with self._db.execute(
+            "SELECT name, state_id FROM heads WHERE channel_id = ?", (channel_id,)
+        ) as cursor:
+            return {str(r[0]): int(r[1]) for r in await cursor.fetchall()}
+
+    async def state(self, state_id: int) -> StoredState:
+        """One stored state's row (raises StateMismatchError when missing or damaged)."""
+        row = await self._fetchone(f"SELECT {_STATE_COLUMNS} FROM states s WHERE s.id = ?", (state_id,))
+        if row is None:
+            raise StateMismatchError(f"stored state {state_id} is missing")
+        state = _stored_state(row)
+        state.verify()
+        return state
+
+    async def chain(self, state_id: int) -> list[StoredState]:
+        """The states needed to rebuild ``state_id``: its stored base first, the state itself last.
+
+        Raises :class:`StateMismatchError` when a link is missing or fails its checksum.
+        """
+        async with self._db.execute(
+            "WITH RECURSIVE up(id, depth) AS (SELECT ?, 0 UNION ALL "
+            "SELECT s.parent_id, up.depth + 1 FROM states s JOIN up ON s.id = up.id "
+            "WHERE s.base = 'parent') "
+            f"SELECT {_STATE_COLUMNS}, up.depth FROM up LEFT JOIN states s ON s.id = up.id "
+            "ORDER BY up.depth DESC",
+            (state_id,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        chain = []
+        for row in rows:
+            if row[0] is None:
+                raise StateMismatchError(f"stored state {state_id} lost a link of its log")
+            state = _stored_state(row)
+            state.verify()
+            chain.append(state)
+        if not chain or chain[0].base == "parent":
+            raise StateMismatchError(f"stored state {state_id} is missing")
+        return chain
+
+    async def load_checkpoint(self, state_id: int, fingerprint: str) -> Snapshot:
+        """The whole state stored for ``state_id`` (raises StateMismatchError if damaged)."""
+        row = await self._fetchone("SELECT data, checksum FROM checkpoints WHERE state_id = ?", (state_id,))
+        if row is None:
+            raise StateMismatchError(f"the checkpoint of stored state {state_id} is missing")
+        return await asyncio.to_thread(_decode, bytes(row[0]), row[1], fingerprint)
+
+    async def rebuild_pending(self, channel_id: str) -> bool:
+        """True when the channel's state was dropped and must be re-read from its transcript."""
+        row = await self._fetchone("SELECT rebuild FROM channels WHERE channel_id = ?", (channel_id,))
+        return bool(row and row[0])
+
+    async def write_states(
+        self,
+        channel_id: str,
+        new: Sequence[NewState],
+        heads: dict[str, int | NewRef | None],
+        turn: Turn | None = None,
+    ) -> list[int]:
+        """One transaction: add states, point heads at them (None removes a head), add the turn.
+
+        States no head needs any more (directly, or as a link of a head's log back to its
+        nearest stored state) are deleted in the same transaction. Returns the new states' ids.
+        """
+        encoded = await asyncio.to_thread(
+            lambda: [_encode(n.checkpoint) if n.checkpoint is not None else None for n in new]
+        )
         now = time.time()
+        ids: list[int] = []
 
         async def work() -> None:
+            ids.clear()
             await self._ensure_channel(channel_id)
-            async with self._db.execute(
-                "SELECT count(*) FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
-                (channel_id,),
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is not None and row[0]:
-                await self._db.execute("DELETE FROM undo_snapshots WHERE channel_id = ?", (channel_id,))
-                await self._db.execute(
-                    "INSERT INTO undo_snapshots SELECT * FROM snapshots "
-                    "WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
-                    (channel_id,),
+            for item, blob in zip(new, encoded, strict=True):
+                parent = ids[item.parent.index] if isinstance(item.parent, NewRef) else item.parent
+                base = "checkpoint" if blob is not None else item.base
+                if base == "parent" and parent is None:
+                    raise StoreError("a logged state needs a parent")
+                parent = parent if base == "parent" else None
+                tokens = pack_tokens(item.tokens) if blob is None else b""
+                meta = json.dumps(item.meta, sort_keys=True)
+                replay = 0 if blob is not None else item.replay
+                digest = state_checksum(
+                    channel_id=channel_id,
+                    parent_id=parent,
+                    base=base,
+                    preset_key=item.preset_key,
+                    tokens=tokens,
+                    replay=replay,
+                    meta=meta,
+                    fingerprint=item.fingerprint,
                 )
+                cursor = await self._db.execute(
+                    "INSERT INTO states (channel_id, parent_id, base, preset_key, tokens, replay, meta, "
+                    "model_fingerprint, checksum, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        channel_id,
+                        parent,
+                        base,
+                        item.preset_key,
+                        tokens,
+                        replay,
+                        meta,
+                        item.fingerprint,
+                        digest,
+                        now,
+                    ),
+                )
+                assert cursor.lastrowid is not None
+                ids.append(int(cursor.lastrowid))
+                if blob is not None:
+                    await self._db.execute(
+                        "INSERT INTO checkpoints (state_id, data, checksum) VALUES (?, ?, ?)",
+                        (ids[-1], blob[0], blob[1]),
+                    )
+            for name, target in heads.items():
+                if target is None:
+                    await self._db.execute(
+                        "DELETE FROM heads WHERE channel_id = ? AND name = ?", (channel_id, name)
+                    )
+                    continue
+                state_id = ids[target.index] if isinstance(target, NewRef) else target
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO heads (channel_id, name, state_id) VALUES (?, ?, ?)",
+                    (channel_id, name, state_id),
+                )
+            if turn is not None:
+                await self._add_turn(channel_id, turn, new[-1].fingerprint if new else "", now)
             await self._db.execute(
-                "DELETE FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
-                (channel_id,),
+                "UPDATE channels SET updated_at = ? WHERE channel_id = ?", (now, channel_id)
             )
-            await self._db.execute(
-                "INSERT INTO snapshots VALUES (?, 'chat', ?, ?, ?, ?, ?)",
-                (channel_id, init.fingerprint, preset_key, data, digest, now),
-            )
-            await self._db.execute(
-                "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, "
-                "model_fingerprint, created_at) VALUES (?, '+reset', '', '', 0, ?, ?)",
-                (channel_id, init.fingerprint, now),
-            )
+            if heads.get("chat") is not None:  # the conversation has a state again
+                await self._db.execute("UPDATE channels SET rebuild = 0 WHERE channel_id = ?", (channel_id,))
+            await self._collect(channel_id)
 
         await self._write(work)
+        return list(ids)
 
-    async def undo_reset(self, channel_id: str) -> bool:
-        """Bring back the conversation of before the last reset; False when there is none."""
+    async def _add_turn(self, channel_id: str, turn: Turn, fingerprint: str, now: float) -> None:
+        await self._db.execute(
+            "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, "
+            "model_fingerprint, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (channel_id, turn.command, turn.user_text, turn.reply_text, turn.reply_tokens, fingerprint, now),
+        )
+
+    async def _collect(self, channel_id: str) -> None:
+        """Delete the channel's states that no head needs (inside a write transaction)."""
+        await self._db.execute(
+            "WITH RECURSIVE live(id) AS (SELECT state_id FROM heads WHERE channel_id = ?1 UNION "
+            "SELECT s.parent_id FROM states s JOIN live ON s.id = live.id WHERE s.base = 'parent') "
+            "DELETE FROM states WHERE channel_id = ?1 AND id NOT IN (SELECT id FROM live)",
+            (channel_id,),
+        )
+
+    async def drop_states(
+        self, channel_id: str, keep: tuple[str, ...] = (), *, unused_since: float, rebuild: bool = False
+    ) -> bool:
+        """Remove every head but ``keep`` and the states only they needed, if the channel was not
+        used after ``unused_since``; ``rebuild`` marks the conversation to be re-read from its
+        transcript at its next message. Returns whether anything was done."""
         done = False
 
         async def work() -> None:
             nonlocal done
-            async with self._db.execute(
-                "SELECT count(*) FROM undo_snapshots WHERE channel_id = ?", (channel_id,)
-            ) as cursor:
-                row = await cursor.fetchone()
-            if row is None or not row[0]:
+            row = await self._fetchone("SELECT updated_at FROM channels WHERE channel_id = ?", (channel_id,))
+            if row is None or float(row[0]) > unused_since:
                 return
+            marks = ",".join("?" for _ in keep) or "''"
             await self._db.execute(
-                "DELETE FROM snapshots WHERE channel_id = ? AND name IN ('chat', 'chat_pre')",
-                (channel_id,),
+                f"DELETE FROM heads WHERE channel_id = ? AND name NOT IN ({marks})", (channel_id, *keep)
             )
-            await self._db.execute(
-                "INSERT INTO snapshots SELECT * FROM undo_snapshots WHERE channel_id = ?", (channel_id,)
-            )
-            await self._db.execute("DELETE FROM undo_snapshots WHERE channel_id = ?", (channel_id,))
-            await self._db.execute(
-                "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, "
-                "model_fingerprint, created_at) VALUES (?, 'undo-reset', '', '', 0, '', ?)",
-                (channel_id, time.time()),
-            )
+            if rebuild:
+                await self._db.execute("UPDATE channels SET rebuild = 1 WHERE channel_id = ?", (channel_id,))
+            await self._collect(channel_id)
             done = True
 
         await self._write(work)
         return done
 
+    async def purge_channel(self, channel_id: str) -> bool:
+        """Delete everything stored for a channel (its states, transcript, settings, enabling);
+        the freed pages are zeroed, so nothing of it stays readable in the file."""
+        found = False
+
+        async def work() -> None:
+            nonlocal found
+            await self._db.execute("PRAGMA secure_delete = ON")
+            try:
+                await self._db.execute("DELETE FROM heads WHERE channel_id = ?", (channel_id,))
+                await self._db.execute("DELETE FROM states WHERE channel_id = ?", (channel_id,))
+                cursor = await self._db.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
+                found = cursor.rowcount > 0
+                cursor = await self._db.execute(
+                    "DELETE FROM enabled_channels WHERE channel_id = ?", (channel_id,)
+                )
+                found = found or cursor.rowcount > 0
+            finally:
+                await self._db.execute("PRAGMA secure_delete = FAST")
+
+        await self._write(work)
+        return found
+
+    async def idle_channels(self, before: float, limit: int) -> list[str]:
+        """Up to ``limit`` channels not used since ``before`` that still keep more than their chat
+        state (oldest first)."""
+        async with self._db.execute(
+            "SELECT c.channel_id FROM channels c WHERE c.updated_at < ? AND EXISTS "
+            "(SELECT 1 FROM heads h WHERE h.channel_id = c.channel_id AND h.name != 'chat') "
+            "ORDER BY c.updated_at LIMIT ?",
+            (before, limit),
+        ) as cursor:
+            return [str(r[0]) for r in await cursor.fetchall()]
+
+    async def checkpoint_usage(self) -> int:
+        """Bytes of whole states stored for channels (shared opening states not counted)."""
+        row = await self._fetchone("SELECT coalesce(sum(length(data)), 0) FROM checkpoints", ())
+        return int(row[0]) if row else 0
+
+    async def checkpointed_channels(self, limit: int) -> list[tuple[str, int, float]]:
+        """(channel, checkpoint bytes, last use) of the least recently used channels that hold
+        checkpoints."""
+        async with self._db.execute(
+            "SELECT s.channel_id, sum(length(k.data)), max(c.updated_at) FROM checkpoints k "
+            "JOIN states s ON s.id = k.state_id JOIN channels c ON c.channel_id = s.channel_id "
+            "GROUP BY s.channel_id ORDER BY max(c.updated_at) LIMIT ?",
+            (limit,),
+        ) as cursor:
+            return [(str(r[0]), int(r[1]), float(r[2])) for r in await cursor.fetchall()]
+
     async def enabled_channels(self) -> set[str]:
         """Channels where moderators enabled the bot."""
         async with self._db.execute("SELECT channel_id FROM enabled_channels") as cursor:
+            return {str(r[0]) for r in await cursor.fetchall()}
+
+    async def enabled_channels_of(self, guild_id: str) -> set[str]:
+        """Channels of one server where moderators enabled the bot."""
+        async with self._db.execute(
+            "SELECT channel_id FROM enabled_channels WHERE guild_id = ?", (guild_id,)
+        ) as cursor:
             return {str(r[0]) for r in await cursor.fetchall()}
 
     async def set_enabled(self, channel_id: str, guild_id: str, enabled: bool, by: str) -> None:
@@ -367,11 +608,14 @@ class Store:
         queries = {
             "channels": "SELECT count(*) FROM channels",
             "enabled_channels": "SELECT count(*) FROM enabled_channels",
-            "snapshots": "SELECT count(*) FROM snapshots",
-            "snapshot_bytes": "SELECT coalesce(sum(length(data)), 0) FROM snapshots",
+            "states": "SELECT count(*) FROM states",
+            "log_tokens": "SELECT coalesce(sum(length(tokens)), 0) / 4 FROM states",
+            "checkpoints": "SELECT count(*) FROM checkpoints",
+            "checkpoint_bytes": "SELECT coalesce(sum(length(data)), 0) FROM checkpoints",
             "shared_snapshots": "SELECT count(*) FROM init_snapshots",
             "shared_snapshot_bytes": "SELECT coalesce(sum(length(data)), 0) FROM init_snapshots",
-            "undo_snapshots": "SELECT count(*) FROM undo_snapshots",
+            "heads": "SELECT count(*) FROM heads",
+            "rebuild_pending": "SELECT count(*) FROM channels WHERE rebuild = 1",
             "turns": "SELECT count(*) FROM turns",
             "page_bytes": "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
             "free_bytes": (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -210,7 +211,7 @@ def test_db_housekeeping_commands(
     capsys.readouterr()
     assert main(["db", "--db", str(db), "stats", "--json"]) == 0
     numbers = json.loads(capsys.readouterr().out)
-    assert numbers["channels"] == 1 and numbers["turns"] == 3 and numbers["snapshot_bytes"] > 0
+    assert numbers["channels"] == 1 and numbers["turns"] == 3 and numbers["log_tokens"] > 0
     assert main(["db", "--db", str(db), "export", "--channel", "c9"]) == 0
     transcript = capsys.readouterr().out
     assert "[chat] Hello there" in transcript and "[+gen] Once" in transcript and "[+reset]" in transcript
@@ -218,8 +219,38 @@ def test_db_housekeeping_commands(
     copy = tmp_path / "backups" / "copy.sqlite3"
     assert main(["db", "--db", str(db), "backup", str(copy)]) == 0
     assert sqlite3.connect(copy).execute("SELECT count(*) FROM turns").fetchone()[0] == 3
+    assert main(["db", "--db", str(db), "purge", "--channel", "c9"]) == 0
+    assert main(["db", "--db", str(db), "purge", "--channel", "c9"]) == 1
+    assert main(["db", "--db", str(db), "export", "--channel", "c9"]) == 1
     assert main(["db", "--db", str(db), "vacuum"]) == 0
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     capsys.readouterr()
     assert main(["db", "--db", str(tmp_path / "missing.sqlite3"), "stats"]) == 2
     assert "no database at" in capsys.readouterr().err
+
+
+def test_bench_states_prints_and_writes_its_numbers(tmp_path: Path, model_dir: Path) -> None:
+    """bench-states runs its three measurements on real files and writes them as JSON."""
+    out = tmp_path / "states.json"
+    argv = ["bench-states", "--size", "0.1B", "--turns", "40", "--checkpoint-tokens", "1000"]
+    argv += ["--model", str(model_dir / "v7.pth"), "--replay", "64", "--channels", "30"]
+    argv += ["--scale-model", str(model_dir / "v7.pth"), "--json", str(out)]
+    assert main(argv) == 0
+    numbers = json.loads(out.read_text())
+    writes = numbers["writes"]
+    assert 6400 // (1000 + 160) <= writes["checkpoints_written"] <= 6400 // 1001  # 40 turns of 160
+    assert 0 < writes["percent_of_state_per_turn"] < 100
+    restore = numbers["restore"]
+    assert restore["cold_load_ms"] > restore["hot_load_ms"] > 0 and restore["replay_tokens"] == 64
+    scale = numbers["scale"]
+    assert scale["tier_bytes"] <= scale["tier_budget_bytes"] and scale["restored_channels"] == 30
+
+
+def test_readme_configuration_table_lists_every_setting() -> None:
+    """Every setting is documented in the README's table, and the table names no other."""
+    from bot.settings import FIXES, Settings
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| (\w+) \| `RWKV_DISCORD_(\w+)` \|", readme, flags=re.MULTILINE))
+    assert {(name, name.upper()) for name in Settings.model_fields} == documented
+    assert set(FIXES) == set(Settings.model_fields)

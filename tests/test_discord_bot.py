@@ -557,14 +557,14 @@ async def test_reset_and_undo_reset(harness: Harness) -> None:
     service = harness.bot.service
     assert service is not None
     await harness.say("-top_p=0 Remember this")
-    before = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
+    before = await service.states.durable(str(GENERAL), "chat")
     await harness.slash("rwkv", "reset", author=MOD)
-    after = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
+    after = await service.states.durable(str(GENERAL), "chat")
     assert before is not None and after is not None
-    assert not after[0].logits.equal(before[0].logits)
+    assert not after.logits.equal(before.logits)
     await harness.slash("rwkv", "undo-reset", author=MOD)
-    restored = await service.store.load_snapshot(str(GENERAL), "chat", service.engine.spec.fingerprint)
-    assert restored is not None and restored[0].logits.equal(before[0].logits)
+    restored = await service.states.durable(str(GENERAL), "chat")
+    assert restored is not None and restored.logits.equal(before.logits)
     assert any("Restored 1" in t for t in harness.adapter.texts())
 
 
@@ -957,3 +957,35 @@ async def test_status_shows_engine_numbers(harness: Harness) -> None:
     status = harness.adapter.texts()[-1]
     assert "Model: RWKV-7" in status and "Replies being written: 0" in status
     assert "messages_waiting" in harness.bot.metrics()
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    """Let dispatched event handlers (tasks) run until ``condition()`` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "the event was not handled in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_deleted_threads_and_channels_are_purged(harness: Harness) -> None:
+    """Deleting a thread or a channel on Discord deletes its stored conversation and transcript."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+
+    async def gone(channel: int) -> bool:
+        assert service is not None
+        return not await service.store.transcript(str(channel)) and not await service.store.heads(
+            str(channel)
+        )
+
+    harness.state.parse_thread_delete(
+        {"id": str(THREAD), "guild_id": str(GUILD), "parent_id": str(GENERAL), "type": 11}
+    )
+    await wait_for(lambda: gone(THREAD))
+    assert not await gone(GENERAL)
+    harness.state.parse_channel_delete({"id": str(GENERAL), "guild_id": str(GUILD), "type": 0})
+    await wait_for(lambda: gone(GENERAL))
+    assert GENERAL not in harness.bot.enabled
+    assert str(GENERAL) not in await service.store.enabled_channels()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from chat.session import INSTRUCTION_TEMPLATE, ChatService, split_thinking
+from chat.store import state_checksum
 from engine.errors import EngineError
 from engine.generation import visible_text
 from engine.inprocess import ReferenceEngine
@@ -31,8 +32,8 @@ def same_state(a: Snapshot, b: Snapshot) -> bool:
 
 
 async def stored(service: ChatService, channel: str, name: str) -> Snapshot | None:
-    loaded = await service.store.load_snapshot(channel, name, service.engine.spec.fingerprint)
-    return loaded[0] if loaded else None
+    """The state as the database alone rebuilds it (what a restart finds)."""
+    return await service.states.durable(channel, name)
 
 
 async def init_state(service: ChatService) -> Snapshot:
@@ -255,23 +256,51 @@ async def test_engine_failure_keeps_the_last_good_state(
 
 
 async def test_damaged_or_foreign_state_falls_back_with_a_notice(service: ChatService) -> None:
-    """A snapshot that fails its checksum, or belongs to another model, is never loaded."""
+    """A stored state that fails its checksum, or belongs to another model, is never loaded: the
+    conversation is re-read from the transcript instead, with a notice."""
     first = await service.respond("c", GREEDY + "Hi")
     db = sqlite3.connect(service.store.path)
-    (data,) = db.execute("SELECT data FROM snapshots WHERE channel_id = 'c' AND name = 'chat'").fetchone()
-    flipped = bytearray(data)
-    flipped[len(flipped) // 2] ^= 0xFF
-    db.execute("UPDATE snapshots SET data = ? WHERE channel_id = 'c' AND name = 'chat'", (bytes(flipped),))
+    (state_id,) = db.execute("SELECT state_id FROM heads WHERE channel_id = 'c' AND name = 'chat'").fetchone()
+    (tokens,) = db.execute("SELECT tokens FROM states WHERE id = ?", (state_id,)).fetchone()
+    flipped = bytearray(tokens)
+    flipped[0] ^= 0xFF
+    db.execute("UPDATE states SET tokens = ? WHERE id = ?", (bytes(flipped), state_id))
     db.commit()
+    service.states.tiers.drop("c")  # as after a restart: only the database has it
     damaged = await service.respond("c", GREEDY + "Hi")
-    assert any("could not be used" in n for n in damaged.notices)
-    assert damaged.tokens == first.tokens  # started afresh from chat_init
-    db.execute("UPDATE snapshots SET model_fingerprint = 'another-model' WHERE channel_id = 'c'")
+    assert any("damaged" in n and "re-read from its last 1 of 1" in n for n in damaged.notices)
+    tok = service.engine.tokenizer
+    carried = await service.engine.read(
+        await init_state(service),
+        encode_prompt(tok, "User: Hi\n\nAssistant:") + encode_prompt(tok, f" {first.text}\n\n"),
+    )
+    expected_pre = await service.engine.read(carried, encode_prompt(tok, "User: Hi\n\nAssistant:"))
+    pre = await stored(service, "c", "chat_pre")
+    assert pre is not None and torch.equal(pre.logits, expected_pre.logits)
+    # As if another model had written them: intact rows (valid checksums), another fingerprint.
+    rows = db.execute(
+        "SELECT id, parent_id, base, preset_key, tokens, replay, meta FROM states WHERE channel_id = 'c'"
+    ).fetchall()
+    for state_id, parent, base, preset_key, tokens, replay, meta in rows:
+        digest = state_checksum(
+            channel_id="c",
+            parent_id=parent,
+            base=base,
+            preset_key=preset_key,
+            tokens=tokens,
+            replay=replay,
+            meta=meta,
+            fingerprint="another-model",
+        )
+        db.execute(
+            "UPDATE states SET model_fingerprint = 'another-model', checksum = ? WHERE id = ?",
+            (digest, state_id),
+        )
     db.commit()
     db.close()
+    service.states.tiers.drop("c")
     foreign = await service.respond("c", GREEDY + "Hi")
-    assert any("another model" in n for n in foreign.notices)
-    assert foreign.tokens == first.tokens
+    assert any("the model changed" in n for n in foreign.notices)
 
 
 async def test_transcript_records_turns(service: ChatService) -> None:

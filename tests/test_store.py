@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chat.store import Store, StoreError, Turn, _migrate, migrations
-from engine.state import Snapshot
+from chat.store import NewRef, NewState, Store, StoreError, Turn, _migrate, migrations
+from engine.errors import StateMismatchError
+from engine.state import Snapshot, checksum
 
 
 def snapshot(value: float = 1.0) -> Snapshot:
@@ -37,7 +38,7 @@ async def test_migrations_run_once_and_record_the_version(tmp_path: Path) -> Non
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"channels", "snapshots", "init_snapshots", "turns"} <= tables
+    assert {"channels", "states", "checkpoints", "heads", "init_snapshots", "turns"} <= tables
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -61,41 +62,98 @@ async def test_not_a_database_is_refused(tmp_path: Path) -> None:
     assert db.read_bytes() == b"hello, I am a text file" * 100
 
 
-async def test_snapshot_round_trip_and_commit(tmp_path: Path) -> None:
-    """Snapshots come back bit for bit; a turn's writes land together."""
+def logged(tokens: list[int], parent: int | NewRef | None = None, **kw: object) -> NewState:
+    return NewState(
+        base="parent" if parent is not None else "zero",
+        preset_key="preset:1",
+        tokens=tokens,
+        replay=len(tokens),
+        fingerprint="fp",
+        parent=parent,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_states_round_trip_and_commit(tmp_path: Path) -> None:
+    """Logged tokens and whole states come back bit for bit; a turn's writes land together."""
     store = await Store.open(tmp_path / "d.sqlite3")
     try:
-        await store.commit(
+        ids = await store.write_states(
             "ch",
-            "preset:1",
-            {"chat": snapshot(1.0), "chat_pre": snapshot(2.0)},
-            turn=Turn("chat", "hi", "hello", 3),
+            [logged([1, 2, 70000]), logged([3], NewRef(0), meta={"mode": "chat"})],
+            {"chat_pre": NewRef(0), "chat": NewRef(1)},
+            Turn("chat", "hi", "hello", 3),
         )
-        loaded = await store.load_snapshot("ch", "chat", "fp")
-        assert loaded is not None
-        snap, key = loaded
-        assert key == "preset:1" and snap.last_token == 7 and snap.meta == {"mode": "chat"}
+        assert await store.heads("ch") == {"chat_pre": ids[0], "chat": ids[1]}
+        chain = await store.chain(ids[1])
+        assert [s.tokens for s in chain] == [[1, 2, 70000], [3]]
+        assert chain[0].base == "zero" and chain[1].parent_id == ids[0]
+        assert chain[1].meta == {"mode": "chat"}
+        assert await store.transcript("ch") == [Turn("chat", "hi", "hello", 3)]
+        # A whole state: stored bit for bit, and the log before it is no longer needed.
+        (whole,) = await store.write_states(
+            "ch", [logged([4], ids[1], checkpoint=snapshot(1.0))], {"chat": NewRef(0), "chat_pre": None}
+        )
+        chain = await store.chain(whole)
+        assert len(chain) == 1 and chain[0].base == "checkpoint" and chain[0].tokens == []
+        snap = await store.load_checkpoint(whole, "fp")
+        assert snap.last_token == 7 and snap.meta == {"mode": "chat"}
         assert torch.equal(snap.tensors[1], snapshot(1.0).tensors[1])
         assert snap.tensors[1].dtype == torch.bfloat16
-        assert await store.transcript("ch") == [Turn("chat", "hi", "hello", 3)]
-        await store.commit("ch", "preset:1", {"chat": snapshot(3.0)}, delete=("chat_pre",))
-        assert await store.load_snapshot("ch", "chat_pre", "fp") is None
+        assert await store.heads("ch") == {"chat": whole}
+        numbers = await store.stats()
+        assert numbers["states"] == 1 and numbers["checkpoints"] == 1  # the log above was deleted
+        with pytest.raises(StateMismatchError, match="belongs to model fp"):
+            await store.load_checkpoint(whole, "other")
+    finally:
+        await store.close()
+
+
+async def test_damaged_log_is_detected(tmp_path: Path) -> None:
+    """A changed token, a missing link or a flipped checkpoint byte is refused, never used."""
+    path = tmp_path / "h.sqlite3"
+    store = await Store.open(path)
+    try:
+        ids = await store.write_states(
+            "ch", [logged([1, 2]), logged([3], NewRef(0))], {"chat_pre": NewRef(0), "chat": NewRef(1)}
+        )
+        (whole,) = await store.write_states(
+            "ch", [logged([5], checkpoint=snapshot(2.0))], {"gen_1": NewRef(0)}
+        )
+        db = sqlite3.connect(path)
+        db.execute("UPDATE states SET tokens = ? WHERE id = ?", (bytes(8), ids[0]))
+        (data,) = db.execute("SELECT data FROM checkpoints WHERE state_id = ?", (whole,)).fetchone()
+        db.execute("UPDATE checkpoints SET data = ? WHERE state_id = ?", (data[:-1] + b"?", whole))
+        db.commit()
+        with pytest.raises(StateMismatchError, match="checksum"):
+            await store.chain(ids[1])
+        with pytest.raises(StateMismatchError, match="checksum"):
+            await store.load_checkpoint(whole, "fp")
+        db.execute("DELETE FROM states WHERE id = ?", (ids[0],))
+        db.commit()
+        db.close()
+        with pytest.raises(StateMismatchError, match="lost a link"):
+            await store.chain(ids[1])
     finally:
         await store.close()
 
 
 async def test_failed_commit_changes_nothing(tmp_path: Path) -> None:
-    """A commit that fails midway is rolled back whole."""
+    """A write that fails midway is rolled back whole."""
     store = await Store.open(tmp_path / "e.sqlite3")
     try:
-        await store.commit("ch", "p", {"chat": snapshot(1.0)}, turn=Turn("chat", "a", "b", 1))
-        bad = snapshot(5.0)
+        (first,) = await store.write_states(
+            "ch", [logged([1])], {"chat": NewRef(0)}, Turn("chat", "a", "b", 1)
+        )
         with pytest.raises(StoreError, match="CHECK constraint"):
-            await store.commit(
-                "ch", "p", {"chat": bad, "not-a-snapshot-name": bad}, turn=Turn("chat", "c", "d", 1)
+            await store.write_states(
+                "ch",
+                [logged([2], checkpoint=snapshot(5.0))],
+                {"chat": NewRef(0), "not-a-head": NewRef(0)},
+                Turn("chat", "c", "d", 1),
             )
-        loaded = await store.load_snapshot("ch", "chat", "fp")
-        assert loaded is not None and torch.equal(loaded[0].tensors[0], snapshot(1.0).tensors[0])
+        assert await store.heads("ch") == {"chat": first}
+        assert (await store.stats())["checkpoints"] == 0
         assert len(await store.transcript("ch")) == 1
     finally:
         await store.close()
@@ -107,7 +165,12 @@ async def test_cancelled_write_still_ends_its_transaction(tmp_path: Path) -> Non
     try:
         for delay in (0, 0.0005, 0.002, 0.01):
             task = asyncio.ensure_future(
-                store.commit("ch", "p", {"chat": snapshot(1.0)}, turn=Turn("chat", "a", "b", 1))
+                store.write_states(
+                    "ch",
+                    [logged([1], checkpoint=snapshot(1.0))],
+                    {"chat": NewRef(0)},
+                    Turn("chat", "a", "b", 1),
+                )
             )
             await asyncio.sleep(delay)
             task.cancel()
@@ -115,11 +178,67 @@ async def test_cancelled_write_still_ends_its_transaction(tmp_path: Path) -> Non
                 await task
             await asyncio.sleep(0.05)  # a shielded transaction finishes on its own
             assert not store._db.in_transaction
-        await store.commit("ch", "p", {"chat": snapshot(2.0)})
-        loaded = await store.load_snapshot("ch", "chat", "fp")
-        assert loaded is not None and loaded[0].tensors[0][0].item() == 2.0
+        (last,) = await store.write_states("ch", [logged([2], checkpoint=snapshot(2.0))], {"chat": NewRef(0)})
+        assert (await store.load_checkpoint(last, "fp")).tensors[0][0].item() == 2.0
+        assert (await store.stats())["checkpoints"] == 1  # the replaced ones were collected
     finally:
         await store.close()
+
+
+async def test_purge_deletes_everything_of_a_channel(tmp_path: Path) -> None:
+    """A deleted channel leaves nothing behind; other channels are untouched."""
+    store = await Store.open(tmp_path / "p.sqlite3")
+    try:
+        for channel in ("gone", "kept"):
+            await store.write_states(
+                channel,
+                [logged([1]), logged([2], NewRef(0), checkpoint=snapshot(1.0))],
+                {"chat_pre": NewRef(0), "chat": NewRef(1)},
+                Turn("chat", "a", "b", 1),
+            )
+        await store.set_enabled("gone", "g", True, "mod")
+        secret = "a-very-private-remark-" * 300  # spills into overflow pages
+        await store.write_states("gone", [], {}, Turn("chat", secret, "noted", 1))
+        assert await store.purge_channel("gone")
+        assert await store.heads("gone") == {} and await store.transcript("gone") == []
+        assert "gone" not in await store.enabled_channels()
+        numbers = await store.stats()
+        assert numbers["channels"] == 1 and numbers["states"] == 2 and numbers["checkpoints"] == 1
+        assert not await store.purge_channel("never-seen")
+    finally:
+        await store.close()
+    # Zeroed, not just unlinked: the file keeps nothing of the purged channel's words.
+    assert b"a-very-private-remark-" not in (tmp_path / "p.sqlite3").read_bytes()
+
+
+def test_snapshots_of_schema_2_become_checkpoints(tmp_path: Path) -> None:
+    """A database written by the whole-snapshot version keeps its conversations and undo copies."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for _, _, sql in migrations()[:2]:
+        conn.executescript(sql)
+    conn.execute("PRAGMA user_version = 2")
+    data = snapshot(3.0).to_bytes()
+    conn.execute("INSERT INTO channels (channel_id, created_at, updated_at) VALUES ('ch', 0, 0)")
+    for table, name in (("snapshots", "chat"), ("snapshots", "gen_0"), ("undo_snapshots", "chat")):
+        conn.execute(
+            f"INSERT INTO {table} VALUES ('ch', ?, 'fp', 'preset:1', ?, ?, 0)", (name, data, checksum(data))
+        )
+    conn.close()
+
+    async def check() -> None:
+        store = await Store.open(path)
+        try:
+            heads = await store.heads("ch")
+            assert set(heads) == {"chat", "gen_0", "undo_chat"} and len(set(heads.values())) == 3
+            for state_id in heads.values():
+                (state,) = await store.chain(state_id)
+                assert state.base == "checkpoint" and state.preset_key == "preset:1"
+                assert (await store.load_checkpoint(state_id, "fp")).tensors[0][0].item() == 3.0
+        finally:
+            await store.close()
+
+    asyncio.run(check())
 
 
 def test_two_processes_creating_one_database_migrate_once(tmp_path: Path) -> None:

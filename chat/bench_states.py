@@ -1,0 +1,334 @@
+"""``rwkv-discord bench-states``: what keeping channel states costs, measured on real files.
+
+Three measurements, each through the real storage code (:mod:`chat.states`, :mod:`chat.store`)
+on a fresh SQLite file:
+
+1. **writes per chat turn**: a long conversation in one channel, each turn storing its prompt and
+   reply tokens, with states of the real shape of a named model size (``--size 1.5B``: 24 layers,
+   width 2048, 12.8 MB of state). Bytes written are the process's ``write()`` bytes (the WAL,
+   SQLite's copy of it into the database file, checkpoints included), from ``/proc/self/io``.
+   Storing needs no model: the states are random tensors of the real shape.
+2. **restoring a channel**: hot (held on the device), and cold (its checkpoint read back from
+   SQLite and checked, then its logged tokens re-read by the model). The re-reading needs a model
+   of that shape (``--model``); it is measured for ``--replay`` tokens and the average cold restore
+   (half the checkpoint interval to re-read) is computed from that speed.
+3. **many channels**: ``--channels`` channels with stored conversations; the database size, the
+   time to open it and answer from a channel (which does not grow with the number of channels),
+   and memory while restoring channels one after another under small tier budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chat.states import MB, ChannelStates, Loaded, StatePolicy, Step
+from chat.store import NewRef, NewState, Store, Turn
+from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
+from engine.state import Snapshot
+
+PROG = "rwkv-discord bench-states"
+VOCAB = 65536
+
+
+def shaped_snapshot(shape: ModelShape, fingerprint: str, seed: int = 0) -> Snapshot:
+    """A random RWKV-7 state of a model's real shape (fp16 token shifts, fp32 wkv state)."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = shape.n_embd // HEAD_SIZE
+    tensors: list[torch.Tensor] = []
+    for _ in range(shape.n_layer):
+        tensors.append(torch.randn(shape.n_embd, generator=generator).half())
+        tensors.append(torch.randn(heads, HEAD_SIZE, HEAD_SIZE, generator=generator))
+        tensors.append(torch.randn(shape.n_embd, generator=generator).half())
+    return Snapshot(tensors, torch.randn(VOCAB, generator=generator), 11, fingerprint, {"mode": "chat"})
+
+
+def written_bytes() -> int:
+    """Bytes this process has passed to write() so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise OSError("/proc/self/io has no wchar line")
+
+
+async def _no_model(start: Snapshot | None, tokens: list[int]) -> Snapshot:
+    raise RuntimeError("this measurement stores states and never re-reads them")
+
+
+async def _no_opening(key: str) -> Snapshot:
+    raise RuntimeError("this measurement starts from stored states")
+
+
+async def _no_encode(text: str) -> list[int]:
+    raise RuntimeError("this measurement stores tokens, not text")
+
+
+def _states(store: Store, fingerprint: str, policy: StatePolicy, read: Any = _no_model) -> ChannelStates:
+    return ChannelStates(
+        store, fingerprint=fingerprint, read=read, policy=policy, opening=_no_opening, encode=_no_encode
+    )
+
+
+def _tokens(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(1, VOCAB) for _ in range(count)]
+
+
+async def write_cost(
+    folder: Path, shape: ModelShape, *, turns: int, prompt: int, reply: int, checkpoint_tokens: int
+) -> dict[str, Any]:
+    """Bytes written per chat turn over a long conversation."""
+    fingerprint = "bench"
+    snapshot = shaped_snapshot(shape, fingerprint)
+    store = await Store.open(folder / "writes.sqlite3")
+    policy = StatePolicy(checkpoint_tokens=checkpoint_tokens, device_bytes=64 * snapshot.nbytes())
+    states = _states(store, fingerprint, policy)
+    rng = random.Random(0)
+    chat = Loaded(None, "init", snapshot, "preset", 0)
+    await store.write_states("c", [], {})  # the channel row exists before measuring
+    before = written_bytes()
+    started = time.perf_counter()
+    for _ in range(turns):
+        steps = [Step(_tokens(rng, prompt), snapshot), Step(_tokens(rng, reply), snapshot)]
+        turn = Turn("chat", "m" * prompt * 4, "r" * reply * 4, reply)
+        heads = await states.commit("c", chat, steps, {"chat_pre": 0, "chat": 1}, turn)
+        chat = heads["chat"]
+    elapsed = time.perf_counter() - started
+    written = written_bytes() - before
+    numbers = await store.stats()
+    await store.close()
+    state_bytes = snapshot.nbytes()
+    per_turn = written / turns
+    return {
+        "state_bytes": state_bytes,
+        "turns": turns,
+        "tokens_per_turn": prompt + reply,
+        "checkpoint_tokens": checkpoint_tokens,
+        "checkpoints_written": states.checkpoints_written,
+        "bytes_written_per_turn": per_turn,
+        "percent_of_state_per_turn": 100.0 * per_turn / state_bytes,
+        "commit_ms_mean": 1000 * elapsed / turns,
+        "database_bytes": numbers["file_bytes"],
+    }
+
+
+async def restore_cost(
+    folder: Path, shape: ModelShape, *, model: Path | None, strategy: str, replay: int, checkpoint_tokens: int
+) -> dict[str, Any]:
+    """Hot versus cold: a channel held on the device, and one rebuilt from SQLite."""
+    result: dict[str, Any] = {}
+    engine = None
+    fingerprint = "bench"
+    if model is not None:
+        from bot.app import load_engine
+        from bot.settings import load_settings
+
+        engine = await load_engine(load_settings(model=model, strategy=strategy))
+        fingerprint = engine.spec.fingerprint
+        if (engine.spec.n_layer, engine.spec.n_embd) != (shape.n_layer, shape.n_embd):
+            shape = ModelShape(engine.spec.n_layer, engine.spec.n_embd)
+        result["model"] = engine.describe()
+    try:
+        if engine is not None:
+            snapshot = await engine.read(None, _tokens(random.Random(1), 16))
+        else:
+            snapshot = shaped_snapshot(shape, fingerprint)
+        store = await Store.open(folder / "restore.sqlite3")
+        read = engine.read if engine is not None else _no_model
+        states = _states(store, fingerprint, StatePolicy(checkpoint_tokens=checkpoint_tokens), read)
+        (whole,) = await store.write_states(
+            "c", [NewState("zero", "p", [], 0, fingerprint, checkpoint=snapshot)], {"chat": NewRef(0)}
+        )
+        loads = []
+        for _ in range(5):
+            started = time.perf_counter()
+            await store.load_checkpoint(whole, fingerprint)
+            loads.append(time.perf_counter() - started)
+        result["state_bytes"] = snapshot.nbytes()
+        result["checkpoint_load_ms"] = 1000 * statistics.median(loads)
+        states.tiers.put("c", {whole: snapshot})
+        hot = []
+        for _ in range(100):
+            started = time.perf_counter()
+            await states.load("c", "chat", [])
+            hot.append(time.perf_counter() - started)
+        result["hot_load_ms"] = 1000 * statistics.median(hot)
+        if engine is not None and replay > 0:
+            tokens = _tokens(random.Random(2), replay)
+            await store.write_states(
+                "c", [NewState("parent", "p", tokens, replay, fingerprint, parent=whole)], {"chat": NewRef(0)}
+            )
+            states.tiers.drop("c")
+            started = time.perf_counter()
+            await states.load("c", "chat", [])
+            cold = time.perf_counter() - started
+            speed = replay / max(cold - result["checkpoint_load_ms"] / 1000, 1e-9)
+            average = checkpoint_tokens / 2
+            result.update(
+                replay_tokens=replay,
+                cold_load_ms=1000 * cold,
+                replay_tokens_per_s=speed,
+                average_replay_tokens=average,
+                average_cold_load_ms=result["checkpoint_load_ms"] + 1000 * average / speed,
+            )
+        await store.close()
+    finally:
+        if engine is not None:
+            await engine.close()
+    return result
+
+
+async def scale_cost(
+    folder: Path, channels: int, turns: int, model: Path | None, strategy: str
+) -> dict[str, Any]:
+    """Many channels: database size, open-and-answer time, and memory under tier budgets."""
+    rng = random.Random(3)
+    fingerprint = "bench"
+    engine = None
+    if model is not None:
+        from bot.app import load_engine
+        from bot.settings import load_settings
+
+        engine = await load_engine(load_settings(model=model, strategy=strategy))
+        fingerprint = engine.spec.fingerprint
+    result: dict[str, Any] = {"channels": channels}
+    for label, count in (("10_channels", 10), (f"{channels}_channels", channels)):
+        path = folder / f"many-{count}.sqlite3"
+        store = await Store.open(path)
+        started = time.perf_counter()
+        for index in range(count):
+            new: list[NewState] = []
+            for turn in range(turns):
+                parent = NewRef(len(new) - 1) if new else None
+                tokens = _tokens(rng, 40 if turn % 2 == 0 else 120)
+                base = "parent" if parent else "zero"
+                new.append(NewState(base, "p", tokens, 80 * (turn + 1), fingerprint, parent=parent))
+            await store.write_states(f"ch{index}", new, {"chat": NewRef(len(new) - 1)})
+        result[f"fill_s_{label}"] = time.perf_counter() - started
+        numbers = await store.stats()
+        await store.close()
+        result[f"database_bytes_{label}"] = numbers["file_bytes"]
+        opened = []
+        for _ in range(3):
+            started = time.perf_counter()
+            store = await Store.open(path)
+            heads = await store.heads(f"ch{count - 1}")
+            await store.chain(heads["chat"])
+            opened.append(time.perf_counter() - started)
+            await store.close()
+        result[f"open_and_find_ms_{label}"] = 1000 * statistics.median(opened)
+    result["database_bytes_per_channel"] = result[f"database_bytes_{channels}_channels"] / channels
+    if engine is not None:
+        try:
+            budget = 4 * MB
+            policy = StatePolicy(device_bytes=budget, host_bytes=budget)
+            store = await Store.open(path)
+            states = _states(store, fingerprint, policy, engine.read)
+            touched = rng.sample(range(channels), min(channels, 400))
+            started = time.perf_counter()
+            for index in touched[:100]:  # fills the tiers: memory after this is the steady level
+                await states.load(f"ch{index}", "chat", [])
+            rss_warm = _rss()
+            for index in touched[100:]:
+                await states.load(f"ch{index}", "chat", [])
+            usage = states.tiers.usage()
+            result.update(
+                restored_channels=len(touched),
+                restore_ms_mean=1000 * (time.perf_counter() - started) / len(touched),
+                tier_budget_bytes=2 * budget,
+                tier_bytes=usage["device_bytes"] + usage["host_bytes"],
+                rss_growth_after_first_100_bytes=_rss() - rss_warm,
+            )
+            await store.close()
+        finally:
+            await engine.close()
+    return result
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``bench-states``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Measure what storing channel states costs: bytes written per chat turn, "
+        "restoring a cold channel against a hot one, and many channels in one database.",
+    )
+    parser.add_argument("--size", choices=sorted(NAMED_SHAPES), default="1.5B", help="state shape")
+    parser.add_argument("--turns", type=int, default=1000, help="turns of the long conversation")
+    parser.add_argument("--prompt-tokens", type=int, default=40, help="tokens a message feeds")
+    parser.add_argument("--reply-tokens", type=int, default=120, help="tokens of a reply")
+    parser.add_argument("--checkpoint-tokens", type=int, default=65536, help="as the setting")
+    parser.add_argument("--model", type=Path, help="an RWKV-7 model to re-read logs with (cold restore)")
+    parser.add_argument("--strategy", default="cpu fp32", help="strategy for --model")
+    parser.add_argument("--replay", type=int, default=512, help="tokens re-read in the cold restore")
+    parser.add_argument("--channels", type=int, default=10_000, help="channels in the scale test")
+    parser.add_argument("--scale-model", type=Path, help="a model to restore channels with (memory)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the three measurements and print them."""
+    args = build_parser().parse_args(argv)
+    shape = NAMED_SHAPES[args.size]
+
+    async def run() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="rwkv-bench-states-") as tmp:
+            folder = Path(tmp)
+            writes = await write_cost(
+                folder,
+                shape,
+                turns=args.turns,
+                prompt=args.prompt_tokens,
+                reply=args.reply_tokens,
+                checkpoint_tokens=args.checkpoint_tokens,
+            )
+            _print("writes per chat turn", writes)
+            restore = await restore_cost(
+                folder,
+                shape,
+                model=args.model,
+                strategy=args.strategy,
+                replay=args.replay,
+                checkpoint_tokens=args.checkpoint_tokens,
+            )
+            _print("restoring a channel", restore)
+            scale = await scale_cost(folder, args.channels, 6, args.scale_model, args.strategy)
+            _print("many channels", scale)
+            return {"size": args.size, "writes": writes, "restore": restore, "scale": scale}
+
+    numbers = asyncio.run(run())
+    if args.json is not None:
+        args.json.write_text(json.dumps(numbers, indent=2))
+    return 0
+
+
+def _print(title: str, numbers: dict[str, Any]) -> None:
+    print(f"\n{title}")
+    for name, value in numbers.items():
+        shown = (
+            f"{value:,.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        )
+        print(f"  {name:32} {shown}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,516 @@
+"""Where conversation states live: on the device, in host memory, and durably in SQLite.
+
+Tiers, each with a byte budget, least recently used channels moving down:
+
+1. **device**: snapshots where the engine reads them (GPU memory; host memory for a CPU model);
+2. **host**: snapshots moved off the device (pinned memory under CUDA, so the way back is fast);
+3. **SQLite**: every state, durably, as checkpoints plus a token log (:mod:`chat.store`);
+4. **transcript only**: when the database's checkpoints outgrow their budget, the least recently
+   used channels keep only their transcript, and their next message re-reads the last messages.
+
+A turn stores the tokens it fed (a few hundred bytes), not the state: the state after a turn is
+*defined* as the engine's read of those tokens from the state before, so reading them again after
+a restart gives the same state bit for bit. That is why the state after a reply is read once more
+from the state before it (a prefill, cheap next to the decoding): the decoding steps that produced
+the reply round differently from a read. A whole state (checkpoint) is stored when the tokens to
+re-read since the last one would exceed ``checkpoint_tokens``, which bounds both the bytes written
+per turn and the time to restore a cold channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from chat.store import NewRef, NewState, Store, StoredState, Turn
+from engine.errors import StateMismatchError
+from engine.state import Snapshot
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+DROPPED = "it had been idle and its stored state was dropped to save space"
+Read = Callable[[Snapshot | None, list[int]], Awaitable[Snapshot]]
+
+
+@dataclass(frozen=True)
+class StatePolicy:
+    """Budgets and intervals of state storage (from the settings)."""
+
+    device_bytes: int = 2048 * MB
+    host_bytes: int = 8192 * MB
+    db_bytes: int = 0  # checkpoints in the database; 0: no limit
+    checkpoint_tokens: int = 65536
+    carry_over_tokens: int = 2048
+    retention_s: float = 30 * 86400.0  # 0: keep everything
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A state to start from: a stored one (``ref``) or a root (a blank or opening state)."""
+
+    ref: int | None
+    base: str  # for roots: "zero" or "init"
+    snapshot: Snapshot | None  # None: the blank state
+    preset_key: str
+    replay: int  # tokens to re-read from the nearest whole state to rebuild it
+
+
+class CarryOver(Exception):
+    """The chat state must be re-read from the transcript; the message says why."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """Tokens fed in one read, and the state after them."""
+
+    tokens: list[int]
+    snapshot: Snapshot
+
+
+# ------------------------------------------------------------------------------------ memory tiers
+
+
+@dataclass
+class _Entry:
+    states: dict[int, Snapshot]
+    nbytes: int
+
+
+def _move(snapshot: Snapshot, devices: Sequence[torch.device]) -> Snapshot:
+    """The snapshot with its tensors (then its logits) on ``devices``; pinned host memory when
+    moving off a GPU, so that the way back is fast."""
+    pin = torch.cuda.is_available()
+
+    def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if t.device == device:
+            return t
+        moved = t.to(device)
+        return moved.pin_memory() if pin and device.type == "cpu" else moved
+
+    tensors = [to(t, d) for t, d in zip(snapshot.tensors, devices, strict=False)]
+    return replace(snapshot, tensors=tensors, logits=to(snapshot.logits, devices[-1]))
+
+
+@dataclass
+class TierStats:
+    """Counters of moves between tiers."""
+
+    promoted: int = 0  # host -> device
+    demoted: int = 0  # device -> host
+    evicted: int = 0  # host -> durable only
+    restored: int = 0  # durable -> device (re-read from SQLite)
+
+
+class StateTiers:
+    """The device and host tiers: each channel's states, by state id, in LRU order by channel.
+
+    The channel being used is never moved down, so a tier may exceed its budget by one channel.
+    """
+
+    def __init__(self, device_bytes: int, host_bytes: int) -> None:
+        self.device_bytes = device_bytes
+        self.host_bytes = host_bytes
+        # Where the engine reads each state tensor (then the logits), learnt from its snapshots;
+        # until then states stay where they are.
+        self.layout: list[torch.device] | None = None
+        self._device: OrderedDict[str, _Entry] = OrderedDict()
+        self._host: OrderedDict[str, _Entry] = OrderedDict()
+        self.stats = TierStats()
+
+    def usage(self) -> dict[str, int]:
+        """Channels and bytes per tier."""
+        return {
+            "device_channels": len(self._device),
+            "device_bytes": sum(e.nbytes for e in self._device.values()),
+            "host_channels": len(self._host),
+            "host_bytes": sum(e.nbytes for e in self._host.values()),
+        }
+
+    def where(self, channel: str) -> str | None:
+        """``"device"``, ``"host"`` or None."""
+        if channel in self._device:
+            return "device"
+        return "host" if channel in self._host else None
+
+    def learn(self, snapshot: Snapshot) -> None:
+        """Take the devices of a snapshot the engine made as where states belong."""
+        self.layout = [t.device for t in snapshot.tensors] + [snapshot.logits.device]
+
+    def _home(self, snapshot: Snapshot) -> Snapshot:
+        if self.layout is None or len(self.layout) != len(snapshot.tensors) + 1:
+            return snapshot
+        return _move(snapshot, self.layout)
+
+    def get(self, channel: str, state_id: int) -> Snapshot | None:
+        """A state held in memory, brought to the device first."""
+        entry = self._device.get(channel)
+        if entry is None:
+            entry = self._host.pop(channel, None)
+            if entry is None or state_id not in entry.states:
+                if entry is not None:
+                    self._host[channel] = entry
+                return None
+            entry.states = {k: self._home(v) for k, v in entry.states.items()}
+            self._device[channel] = entry
+            self.stats.promoted += 1
+            self._shrink(protect=channel)
+        self._device.move_to_end(channel)
+        return entry.states.get(state_id)
+
+    def put(self, channel: str, states: dict[int, Snapshot]) -> None:
+        """Hold exactly ``states`` for the channel, on the device, as the most recently used."""
+        self._host.pop(channel, None)
+        self._device.pop(channel, None)
+        if not states:
+            return
+        placed = {k: self._home(v) for k, v in states.items()}
+        self._device[channel] = _Entry(placed, sum(s.nbytes() for s in placed.values()))
+        self._shrink(protect=channel)
+
+    def keep_only(self, channel: str, state_ids: set[int]) -> None:
+        """Forget the channel's other states, leaving it in its tier and place in the order."""
+        for tier in (self._device, self._host):
+            entry = tier.get(channel)
+            if entry is not None:
+                entry.states = {k: v for k, v in entry.states.items() if k in state_ids}
+                entry.nbytes = sum(s.nbytes() for s in entry.states.values())
+                if not entry.states:
+                    del tier[channel]
+
+    def held(self, channel: str) -> dict[int, Snapshot]:
+        """The states held for a channel (without moving them)."""
+        entry = self._device.get(channel) or self._host.get(channel)
+        return dict(entry.states) if entry else {}
+
+    def drop(self, channel: str) -> None:
+        """Forget a channel's states (they are durable in the database)."""
+        self._device.pop(channel, None)
+        self._host.pop(channel, None)
+
+    def _shrink(self, protect: str) -> None:
+        used = sum(e.nbytes for e in self._device.values())
+        for name in list(self._device):
+            if used <= self.device_bytes:
+                break
+            if name == protect:
+                continue
+            entry = self._device.pop(name)
+            used -= entry.nbytes
+            host = torch.device("cpu")
+            entry.states = {k: _move(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()}
+            self._host[name] = entry
+            self._host.move_to_end(name)
+            self.stats.demoted += 1
+        used = sum(e.nbytes for e in self._host.values())
+        while used > self.host_bytes and self._host:
+            _, entry = self._host.popitem(last=False)
+            used -= entry.nbytes
+            self.stats.evicted += 1
+
+
+# ----------------------------------------------------------------------------- channel states
+
+
+def conversation(turns: list[Turn]) -> list[tuple[str, str]]:
+    """The (message, reply) pairs of the current conversation, from a channel's transcript."""
+    current: list[tuple[str, str]] = []
+    undo: list[tuple[str, str]] | None = None
+    for turn in turns:
+        if turn.command == "chat":
+            current.append((turn.user_text, turn.reply_text))
+        elif turn.command == "+" and current:
+            current[-1] = (current[-1][0], turn.reply_text)
+        elif turn.command == "+reset":
+            if current:
+                undo = current
+            current = []
+        elif turn.command == "undo-reset" and undo is not None:
+            current, undo = undo, None
+    return current
+
+
+class ChannelStates:
+    """Loads and stores the named states of channels through the tiers and the state log."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        fingerprint: str,
+        read: Read,
+        policy: StatePolicy,
+        opening: Callable[[str], Awaitable[Snapshot]],
+        encode: Callable[[str], Awaitable[list[int]]],
+    ) -> None:
+        """``fingerprint`` and ``read`` are the loaded model's (:meth:`Engine.read`);
+        ``opening(preset_key)`` gives a preset's opening state; ``encode`` tokenizes a text."""
+        self.store = store
+        self.fingerprint = fingerprint
+        self._engine_read = read
+        self.policy = policy
+        self.tiers = StateTiers(policy.device_bytes, policy.host_bytes)
+        self._opening = opening
+        self._encode = encode
+        self.restore_tokens = 0  # tokens re-read to restore states (monitoring)
+        self.checkpoints_written = 0
+
+    # ------------------------------------------------------------------------ reading
+
+    def root(self, snapshot: Snapshot | None, preset_key: str) -> Loaded:
+        """A start from the blank state (``snapshot`` None) or from a preset's opening state."""
+        return Loaded(None, "zero" if snapshot is None else "init", snapshot, preset_key, 0)
+
+    async def load(self, channel: str, name: str, notices: list[str]) -> Loaded | None:
+        """The channel's state ``name``, or None when it has none (or it cannot be used).
+
+        Raises :class:`CarryOver` when the chat state must be re-read from the transcript (the
+        model changed, the stored state is damaged, or it was dropped to save space); other
+        states that cannot be used are dropped with a notice.
+        """
+        heads = await self.store.heads(channel)
+        state_id = heads.get(name)
+        if state_id is None:
+            if name == "chat" and await self.store.rebuild_pending(channel):
+                raise CarryOver(DROPPED)
+            return None
+        held = self.tiers.get(channel, state_id)
+        try:
+            state = await self.store.state(state_id)
+        except StateMismatchError as exc:
+            log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
+            if name == "chat":
+                raise CarryOver("its stored state was damaged") from exc
+            notices.append(f"The stored {name} state could not be used ({exc}).")
+            return None
+        if state.fingerprint != self.fingerprint:
+            if name == "chat":
+                raise CarryOver("the model changed")
+            what = "reply" if name == "chat_pre" else "generation"
+            notices.append(f"The last {what} was made with another model and cannot be reused.")
+            return None
+        if held is None:
+            try:
+                held = await self._restore(channel, await self.store.chain(state_id))
+            except StateMismatchError as exc:
+                log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
+                if name == "chat":
+                    raise CarryOver("its stored state was damaged") from exc
+                notices.append(f"The stored {name} state could not be used ({exc}).")
+                return None
+            current = self.tiers.held(channel)
+            current[state_id] = held
+            self.tiers.put(channel, {k: v for k, v in current.items() if k in heads.values()})
+            self.tiers.stats.restored += 1
+        return Loaded(state_id, "parent", held, state.preset_key, state.replay)
+
+    async def durable(self, channel: str, name: str) -> Snapshot | None:
+        """The state ``name`` rebuilt from the database alone (what a restart would find)."""
+        state_id = (await self.store.heads(channel)).get(name)
+        if state_id is None:
+            return None
+        return await self._restore(channel, await self.store.chain(state_id), use_memory=False)
+
+    async def _restore(self, channel: str, chain: list[StoredState], use_memory: bool = True) -> Snapshot:
+        """Rebuild the last state of ``chain``: from the nearest one in memory, else from the
+        stored base, re-reading the logged tokens."""
+        held = self.tiers.held(channel) if use_memory else {}
+        start = 0
+        snapshot: Snapshot | None = None
+        for index in range(len(chain) - 1, -1, -1):
+            if chain[index].id in held:
+                start, snapshot = index + 1, held[chain[index].id]
+                break
+        else:
+            base = chain[0]
+            if base.base == "checkpoint":
+                stored = await self.store.load_checkpoint(base.id, self.fingerprint)
+                snapshot = replace(stored, meta={**stored.meta, **base.meta})
+            elif base.base == "init":
+                snapshot = await self._opening(base.preset_key)
+                if base.tokens:
+                    snapshot = await self._read(snapshot, base.tokens)
+                snapshot = replace(snapshot, meta=dict(base.meta))
+            else:
+                snapshot = replace(await self._read(None, base.tokens), meta=dict(base.meta))
+            start = 1
+        for row in chain[start:]:
+            assert snapshot is not None
+            snapshot = replace(await self._read(snapshot, row.tokens), meta=dict(row.meta))
+        assert snapshot is not None
+        return snapshot
+
+    async def _read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
+        self.restore_tokens += len(tokens)
+        snapshot = await self._engine_read(start, tokens)
+        self.tiers.learn(snapshot)
+        return snapshot
+
+    # ------------------------------------------------------------------------ writing
+
+    async def commit(
+        self,
+        channel: str,
+        start: Loaded,
+        steps: list[Step],
+        heads: dict[str, int],
+        turn: Turn | None,
+    ) -> dict[str, Loaded]:
+        """Store ``steps`` (each read from the previous, the first from ``start``) and point
+        ``heads`` at them (by step index; -1 is ``start``); returns the heads as new starts."""
+        fingerprint = self.fingerprint
+        new: list[NewState] = []
+        replays: list[int] = []
+        replay = start.replay
+        for index, step in enumerate(steps):
+            replay += len(step.tokens)
+            whole = replay > self.policy.checkpoint_tokens
+            if index == 0 and start.ref is None:
+                base, parent = start.base, None
+            else:
+                base, parent = "parent", (NewRef(index - 1) if index else start.ref)
+            new.append(
+                NewState(
+                    base=base,
+                    preset_key=start.preset_key,
+                    tokens=step.tokens,
+                    replay=replay,
+                    fingerprint=fingerprint,
+                    parent=parent,
+                    meta=dict(step.snapshot.meta),
+                    checkpoint=step.snapshot if whole else None,
+                )
+            )
+            if whole:
+                replay = 0
+                self.checkpoints_written += 1
+            replays.append(replay)
+        targets: dict[str, int | NewRef | None] = {}
+        for name, index in heads.items():
+            if index < 0:
+                if start.ref is None:
+                    raise ValueError("a root state cannot be a head without tokens")
+                targets[name] = start.ref
+            else:
+                targets[name] = NewRef(index)
+        ids = await self.store.write_states(channel, new, targets, turn)
+        if steps:
+            self.tiers.learn(steps[-1].snapshot)
+        held = self.tiers.held(channel)
+        if start.ref is not None and start.snapshot is not None:
+            held[start.ref] = start.snapshot
+        for state_id, step in zip(ids, steps, strict=True):
+            held[state_id] = step.snapshot
+        live = set((await self.store.heads(channel)).values())
+        self.tiers.put(channel, {k: v for k, v in held.items() if k in live})
+        result: dict[str, Loaded] = {}
+        for name, index in heads.items():
+            if index < 0:
+                result[name] = start
+            else:
+                result[name] = Loaded(
+                    ids[index], "parent", steps[index].snapshot, start.preset_key, replays[index]
+                )
+        return result
+
+    async def reset(self, channel: str, preset_key: str, turn: Turn) -> None:
+        """Point chat at the opening state; the conversation stays as undo_chat(_pre)."""
+        heads = await self.store.heads(channel)
+        targets: dict[str, int | NewRef | None] = {"chat": NewRef(0), "chat_pre": None}
+        if "chat" in heads:
+            targets["undo_chat"] = heads["chat"]
+            targets["undo_chat_pre"] = heads.get("chat_pre")
+        opening = NewState("init", preset_key, [], 0, self.fingerprint)
+        await self.store.write_states(channel, [opening], targets, turn)
+        self.tiers.drop(channel)
+
+    async def undo_reset(self, channel: str, turn: Turn) -> bool:
+        """Bring back the conversation of before the last reset; False when there is none."""
+        heads = await self.store.heads(channel)
+        if "undo_chat" not in heads:
+            return False
+        targets: dict[str, int | NewRef | None] = {
+            "chat": heads["undo_chat"],
+            "chat_pre": heads.get("undo_chat_pre"),
+            "undo_chat": None,
+            "undo_chat_pre": None,
+        }
+        await self.store.write_states(channel, [], targets, turn)
+        self.tiers.drop(channel)
+        return True
+
+    async def carry_over(
+        self, channel: str, preset_key: str, chat_turn: Callable[[str], str], reason: str, notices: list[str]
+    ) -> Loaded:
+        """Re-read the newest messages of the transcript (within ``carry_over_tokens``) into the
+        preset's opening state, store that as the chat state, and say so."""
+        pairs = conversation(await self.store.transcript(channel))
+        budget = self.policy.carry_over_tokens
+        pieces: list[list[int]] = []
+        used = 0
+        for message, reply in reversed(pairs):
+            tokens = await self._encode(chat_turn(message)) + await self._encode(f" {reply}\n\n")
+            if used + len(tokens) > budget:
+                break
+            pieces.append(tokens)
+            used += len(tokens)
+        pieces.reverse()
+        tokens = [t for piece in pieces for t in piece]
+        opening = await self._opening(preset_key)
+        snapshot = await self._read(opening, tokens) if tokens else opening
+        snapshot = replace(snapshot, meta={})
+        state = NewState("init", preset_key, tokens, len(tokens), self.fingerprint)
+        heads: dict[str, int | NewRef | None] = {name: None for name in _OTHER_HEADS}
+        heads["chat"] = NewRef(0)
+        (state_id,) = await self.store.write_states(channel, [state], heads)
+        self.tiers.put(channel, {state_id: snapshot})
+        if pairs:
+            notices.append(
+                f"This conversation was re-read from its last {len(pieces)} of {len(pairs)} "
+                f"messages, because {reason}."
+            )
+        elif reason != DROPPED:  # nothing to re-read: as if it had never been dropped
+            notices.append(f"This conversation starts afresh, because {reason}.")
+        log.info("channel %s: carried over %d messages (%d tokens): %s", channel, len(pieces), used, reason)
+        return Loaded(state_id, "init", snapshot, preset_key, len(tokens))
+
+    # ------------------------------------------------------------------------ housekeeping
+
+    async def retire(self, channel: str, unused_since: float) -> bool:
+        """A channel not used since ``unused_since`` keeps only its chat state (and what
+        rebuilding it needs); False when it was used in the meantime."""
+        if not await self.store.drop_states(channel, keep=("chat",), unused_since=unused_since):
+            return False
+        heads = await self.store.heads(channel)
+        self.tiers.keep_only(channel, set(heads.values()))
+        return True
+
+    async def freeze(self, channel: str, unused_since: float) -> bool:
+        """Drop the stored states of a channel not used since ``unused_since`` and not in memory;
+        its next message re-reads the transcript. False when it was used in the meantime."""
+        if self.tiers.where(channel) is not None:
+            return False
+        return await self.store.drop_states(channel, unused_since=unused_since, rebuild=True)
+
+    def metrics(self) -> dict[str, Any]:
+        """Tier occupancy and moves, for status and monitoring."""
+        stats = self.tiers.stats
+        return {
+            **self.tiers.usage(),
+            "device_budget_bytes": self.policy.device_bytes,
+            "host_budget_bytes": self.policy.host_bytes,
+            "promoted": stats.promoted,
+            "demoted": stats.demoted,
+            "evicted": stats.evicted,
+            "restored": stats.restored,
+            "restore_tokens": self.restore_tokens,
+            "checkpoints_written": self.checkpoints_written,
+        }
+
+
+_OTHER_HEADS = ("chat_pre", "gen_0", "gen_1", "undo_chat", "undo_chat_pre")
