@@ -36,6 +36,7 @@ import torch
 
 from chat.states import MB, ChannelStates, Loaded, StatePolicy, Step
 from chat.store import NewRef, NewState, Store, Turn
+from engine.interface import Engine
 from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
 from engine.state import Snapshot
 
@@ -251,9 +252,40 @@ async def scale_cost(
                 rss_growth_after_first_100_bytes=_rss() - rss_warm,
             )
             await store.close()
+            result.update(await _database_budget(path, engine, rng, channels))
         finally:
             await engine.close()
     return result
+
+
+async def _database_budget(path: Path, engine: Engine, rng: random.Random, channels: int) -> dict[str, Any]:
+    """Give a tenth of the channels a checkpoint, then let housekeeping keep a budget of a
+    quarter of that: the least recently used channels keep only their transcript."""
+    from chat.presets import load_presets
+    from chat.session import ChatConfig, ChatService
+
+    store = await Store.open(path)
+    snapshot = await engine.read(None, _tokens(rng, 8))
+    for index in rng.sample(range(channels), max(1, channels // 10)):
+        state = NewState("zero", "p", [], 0, engine.spec.fingerprint, checkpoint=snapshot)
+        await store.write_states(f"ch{index}", [state], {"gen_1": NewRef(0)})
+    before = await store.checkpoint_usage()
+    budget = before // 4
+    config = ChatConfig(default_preset="g1-chat", states=StatePolicy(db_bytes=budget, retention_s=0))
+    service = ChatService(engine, store, load_presets(), config)
+    started = time.perf_counter()
+    done = await service.housekeeping()
+    elapsed = time.perf_counter() - started
+    numbers = await store.stats()
+    await store.close()
+    return {
+        "checkpoint_bytes_before": before,
+        "database_budget_bytes": budget,
+        "checkpoint_bytes_after": numbers["checkpoint_bytes"],
+        "channels_kept_as_transcript": done["frozen"],
+        "housekeeping_s": elapsed,
+        "database_file_bytes": numbers["file_bytes"],
+    }
 
 
 def _rss() -> int:

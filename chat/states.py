@@ -282,31 +282,24 @@ class ChannelStates:
         held = self.tiers.get(channel, state_id)
         try:
             state = await self.store.state(state_id)
+            if state.fingerprint != self.fingerprint:
+                if name == "chat":
+                    raise CarryOver("the model changed")
+                what = "reply" if name == "chat_pre" else "generation"
+                notices.append(f"The last {what} was made with another model and cannot be reused.")
+                return None
+            if held is None:
+                held = await self._restore(channel, await self.store.chain(state_id))
+                current = self.tiers.held(channel)
+                current[state_id] = held
+                self.tiers.put(channel, {k: v for k, v in current.items() if k in heads.values()})
+                self.tiers.stats.restored += 1
         except StateMismatchError as exc:
             log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
             if name == "chat":
                 raise CarryOver("its stored state was damaged") from exc
             notices.append(f"The stored {name} state could not be used ({exc}).")
             return None
-        if state.fingerprint != self.fingerprint:
-            if name == "chat":
-                raise CarryOver("the model changed")
-            what = "reply" if name == "chat_pre" else "generation"
-            notices.append(f"The last {what} was made with another model and cannot be reused.")
-            return None
-        if held is None:
-            try:
-                held = await self._restore(channel, await self.store.chain(state_id))
-            except StateMismatchError as exc:
-                log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
-                if name == "chat":
-                    raise CarryOver("its stored state was damaged") from exc
-                notices.append(f"The stored {name} state could not be used ({exc}).")
-                return None
-            current = self.tiers.held(channel)
-            current[state_id] = held
-            self.tiers.put(channel, {k: v for k, v in current.items() if k in heads.values()})
-            self.tiers.stats.restored += 1
         return Loaded(state_id, "parent", held, state.preset_key, state.replay)
 
     async def durable(self, channel: str, name: str) -> Snapshot | None:

@@ -244,6 +244,9 @@ def test_bench_states_prints_and_writes_its_numbers(tmp_path: Path, model_dir: P
     assert restore["cold_load_ms"] > restore["hot_load_ms"] > 0 and restore["replay_tokens"] == 64
     scale = numbers["scale"]
     assert scale["tier_bytes"] <= scale["tier_budget_bytes"] and scale["restored_channels"] == 30
+    assert (
+        scale["checkpoint_bytes_after"] <= scale["database_budget_bytes"] < scale["checkpoint_bytes_before"]
+    )
 
 
 def test_readme_configuration_table_lists_every_setting() -> None:

@@ -956,7 +956,9 @@ async def test_status_shows_engine_numbers(harness: Harness) -> None:
     await harness.slash("rwkv", "status")
     status = harness.adapter.texts()[-1]
     assert "Model: RWKV-7" in status and "Replies being written: 0" in status
-    assert "messages_waiting" in harness.bot.metrics()
+    assert "States: 1 channels on the device" in status
+    metrics = harness.bot.metrics()
+    assert "messages_waiting" in metrics and metrics["states_device_channels"] == 1
 
 
 async def wait_for(condition: Any, timeout: float = 5.0) -> None:
