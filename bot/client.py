@@ -163,6 +163,7 @@ class RwkvBot(discord.Client):
         channels |= {c for c in await self.service.store.enabled_channels_of(str(guild.id))}
         for channel in channels:
             await self._forget(int(channel))
+        await self.service.store.forget_guild(str(guild.id))
         log.info("removed from server %s: forgot %d conversations", guild.id, len(channels))
 
     async def _forget(self, channel_id: int) -> None:

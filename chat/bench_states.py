@@ -12,9 +12,11 @@ on a fresh SQLite file:
    SQLite and checked, then its logged tokens re-read by the model). The re-reading needs a model
    of that shape (``--model``); it is measured for ``--replay`` tokens and the average cold restore
    (half the checkpoint interval to re-read) is computed from that speed.
-3. **many channels**: ``--channels`` channels with stored conversations; the database size, the
-   time to open it and answer from a channel (which does not grow with the number of channels),
-   and memory while restoring channels one after another under small tier budgets.
+3. **many channels**: ``--channels`` channels of 3 chat turns each (token log and transcript);
+   the database size, the time to open it and find a channel's state (against 10 channels),
+   memory while restoring ``--restores`` channels one after another under tier budgets of 20
+   channels each (the growth over the second and the last two fifths, after a fifth to warm up),
+   and one housekeeping pass keeping the database's checkpoints within a budget.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from chat.states import MB, ChannelStates, Loaded, StatePolicy, Step
+from chat.states import ChannelStates, Loaded, StatePolicy, Step
 from chat.store import NewRef, NewState, Store, Turn
 from engine.interface import Engine
 from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
@@ -87,9 +89,14 @@ def _tokens(rng: random.Random, count: int) -> list[int]:
 
 
 async def write_cost(
-    folder: Path, shape: ModelShape, *, turns: int, prompt: int, reply: int, checkpoint_tokens: int
+    folder: Path, shape: ModelShape, *, intervals: int, prompt: int, reply: int, checkpoint_tokens: int
 ) -> dict[str, Any]:
-    """Bytes written per chat turn over a long conversation."""
+    """Bytes written per chat turn over whole checkpoint intervals of a long conversation.
+
+    The conversation runs until its first checkpoint; then bytes are counted over the next
+    ``intervals`` checkpoints, from just after one to just after the other, with the WAL copied
+    into the database file at both ends (so each end holds the same share of that copying).
+    """
     fingerprint = "bench"
     snapshot = shaped_snapshot(shape, fingerprint)
     store = await Store.open(folder / "writes.sqlite3")
@@ -97,14 +104,23 @@ async def write_cost(
     states = _states(store, fingerprint, policy)
     rng = random.Random(0)
     chat = Loaded(None, "init", snapshot, "preset", 0)
-    await store.write_states("c", [], {})  # the channel row exists before measuring
+
+    async def turn() -> None:
+        nonlocal chat
+        steps = [Step(_tokens(rng, prompt), snapshot), Step(_tokens(rng, reply), snapshot)]
+        line = Turn("chat", "m" * prompt * 4, "r" * reply * 4, reply)
+        chat = (await states.commit("c", chat, steps, {"chat_pre": 0, "chat": 1}, line))["chat"]
+
+    while states.checkpoints_written < 1:
+        await turn()
+    await store.wal_checkpoint()
     before = written_bytes()
     started = time.perf_counter()
-    for _ in range(turns):
-        steps = [Step(_tokens(rng, prompt), snapshot), Step(_tokens(rng, reply), snapshot)]
-        turn = Turn("chat", "m" * prompt * 4, "r" * reply * 4, reply)
-        heads = await states.commit("c", chat, steps, {"chat_pre": 0, "chat": 1}, turn)
-        chat = heads["chat"]
+    turns = 0
+    while states.checkpoints_written < 1 + intervals:
+        await turn()
+        turns += 1
+    await store.wal_checkpoint()
     elapsed = time.perf_counter() - started
     written = written_bytes() - before
     numbers = await store.stats()
@@ -113,14 +129,14 @@ async def write_cost(
     per_turn = written / turns
     return {
         "state_bytes": state_bytes,
-        "turns": turns,
         "tokens_per_turn": prompt + reply,
         "checkpoint_tokens": checkpoint_tokens,
-        "checkpoints_written": states.checkpoints_written,
+        "turns_measured": turns,
+        "checkpoints_in_them": intervals,
         "bytes_written_per_turn": per_turn,
         "percent_of_state_per_turn": 100.0 * per_turn / state_bytes,
         "commit_ms_mean": 1000 * elapsed / turns,
-        "database_bytes": numbers["file_bytes"],
+        "database_bytes": numbers["page_bytes"],
     }
 
 
@@ -155,6 +171,7 @@ async def restore_cost(
         for _ in range(5):
             started = time.perf_counter()
             await store.load_checkpoint(whole, fingerprint)
+            _sync()
             loads.append(time.perf_counter() - started)
         result["state_bytes"] = snapshot.nbytes()
         result["checkpoint_load_ms"] = 1000 * statistics.median(loads)
@@ -163,6 +180,7 @@ async def restore_cost(
         for _ in range(100):
             started = time.perf_counter()
             await states.load("c", "chat", [])
+            _sync()
             hot.append(time.perf_counter() - started)
         result["hot_load_ms"] = 1000 * statistics.median(hot)
         if engine is not None and replay > 0:
@@ -170,9 +188,12 @@ async def restore_cost(
             await store.write_states(
                 "c", [NewState("parent", "p", tokens, replay, fingerprint, parent=whole)], {"chat": NewRef(0)}
             )
+            await engine.read(snapshot, tokens)  # warm-up: kernels compiled or tuned on first use
+            _sync()
             states.tiers.drop("c")
             started = time.perf_counter()
             await states.load("c", "chat", [])
+            _sync()
             cold = time.perf_counter() - started
             speed = replay / max(cold - result["checkpoint_load_ms"] / 1000, 1e-9)
             average = checkpoint_tokens / 2
@@ -191,7 +212,7 @@ async def restore_cost(
 
 
 async def scale_cost(
-    folder: Path, channels: int, turns: int, model: Path | None, strategy: str
+    folder: Path, channels: int, *, turns: int, restores: int, model: Path | None, strategy: str
 ) -> dict[str, Any]:
     """Many channels: database size, open-and-answer time, and memory under tier budgets."""
     rng = random.Random(3)
@@ -208,18 +229,25 @@ async def scale_cost(
         path = folder / f"many-{count}.sqlite3"
         store = await Store.open(path)
         started = time.perf_counter()
-        for index in range(count):
-            new: list[NewState] = []
+        for index in range(count):  # chat turns as the chat stores them: two reads and a line
+            chat: int | None = None
             for turn in range(turns):
-                parent = NewRef(len(new) - 1) if new else None
-                tokens = _tokens(rng, 40 if turn % 2 == 0 else 120)
-                base = "parent" if parent else "zero"
-                new.append(NewState(base, "p", tokens, 80 * (turn + 1), fingerprint, parent=parent))
-            await store.write_states(f"ch{index}", new, {"chat": NewRef(len(new) - 1)})
+                prompt, reply = _tokens(rng, 40), _tokens(rng, 120)
+                base, replay = ("parent", 160 * turn) if chat else ("zero", 0)
+                new = [
+                    NewState(base, "p", prompt, replay + 40, fingerprint, parent=chat),
+                    NewState("parent", "p", reply, replay + 160, fingerprint, parent=NewRef(0)),
+                ]
+                line = Turn("chat", "m" * 160, "r" * 480, 120)
+                ids = await store.write_states(
+                    f"ch{index}", new, {"chat_pre": NewRef(0), "chat": NewRef(1)}, line
+                )
+                chat = ids[1]
         result[f"fill_s_{label}"] = time.perf_counter() - started
+        await store.wal_checkpoint()
         numbers = await store.stats()
         await store.close()
-        result[f"database_bytes_{label}"] = numbers["file_bytes"]
+        result[f"database_bytes_{label}"] = numbers["page_bytes"]
         opened = []
         for _ in range(3):
             started = time.perf_counter()
@@ -232,24 +260,28 @@ async def scale_cost(
     result["database_bytes_per_channel"] = result[f"database_bytes_{channels}_channels"] / channels
     if engine is not None:
         try:
-            budget = 4 * MB
+            state_bytes = (await engine.read(None, [1])).nbytes()
+            budget = 20 * 2 * state_bytes  # 20 channels' chat and chat_pre per tier
             policy = StatePolicy(device_bytes=budget, host_bytes=budget)
             store = await Store.open(path)
             states = _states(store, fingerprint, policy, engine.read)
-            touched = rng.sample(range(channels), min(channels, 400))
+            touched = rng.sample(range(channels), min(channels, restores))
             started = time.perf_counter()
-            for index in touched[:100]:  # fills the tiers: memory after this is the steady level
-                await states.load(f"ch{index}", "chat", [])
-            rss_warm = _rss()
-            for index in touched[100:]:
-                await states.load(f"ch{index}", "chat", [])
+            rss: list[int] = []
+            fifth = len(touched) // 5
+            for part in (touched[:fifth], touched[fifth : 3 * fifth], touched[3 * fifth :]):  # 1st: warm-up
+                for index in part:
+                    await states.load(f"ch{index}", "chat", [])
+                rss.append(_rss())
             usage = states.tiers.usage()
             result.update(
                 restored_channels=len(touched),
                 restore_ms_mean=1000 * (time.perf_counter() - started) / len(touched),
+                state_bytes=state_bytes,
                 tier_budget_bytes=2 * budget,
                 tier_bytes=usage["device_bytes"] + usage["host_bytes"],
-                rss_growth_after_first_100_bytes=_rss() - rss_warm,
+                rss_growth_second_two_fifths_bytes=rss[1] - rss[0],
+                rss_growth_last_two_fifths_bytes=rss[2] - rss[1],
             )
             await store.close()
             result.update(await _database_budget(path, engine, rng, channels))
@@ -288,6 +320,12 @@ async def _database_budget(path: Path, engine: Engine, rng: random.Random, chann
     }
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that a clock stops when the work is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -303,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "restoring a cold channel against a hot one, and many channels in one database.",
     )
     parser.add_argument("--size", choices=sorted(NAMED_SHAPES), default="1.5B", help="state shape")
-    parser.add_argument("--turns", type=int, default=1000, help="turns of the long conversation")
+    parser.add_argument(
+        "--intervals", type=int, default=2, help="checkpoint intervals the writes are counted over"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=40, help="tokens a message feeds")
     parser.add_argument("--reply-tokens", type=int, default=120, help="tokens of a reply")
     parser.add_argument("--checkpoint-tokens", type=int, default=65536, help="as the setting")
@@ -312,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay", type=int, default=512, help="tokens re-read in the cold restore")
     parser.add_argument("--channels", type=int, default=10_000, help="channels in the scale test")
     parser.add_argument("--scale-model", type=Path, help="a model to restore channels with (memory)")
+    parser.add_argument("--restores", type=int, default=1000, help="channels restored in the scale test")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     return parser
 
@@ -327,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             writes = await write_cost(
                 folder,
                 shape,
-                turns=args.turns,
+                intervals=args.intervals,
                 prompt=args.prompt_tokens,
                 reply=args.reply_tokens,
                 checkpoint_tokens=args.checkpoint_tokens,
@@ -342,7 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checkpoint_tokens=args.checkpoint_tokens,
             )
             _print("restoring a channel", restore)
-            scale = await scale_cost(folder, args.channels, 6, args.scale_model, args.strategy)
+            scale = await scale_cost(
+                folder,
+                args.channels,
+                turns=3,
+                restores=args.restores,
+                model=args.scale_model,
+                strategy=args.strategy,
+            )
             _print("many channels", scale)
             return {"size": args.size, "writes": writes, "restore": restore, "scale": scale}
 

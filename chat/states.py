@@ -90,8 +90,9 @@ def _move(snapshot: Snapshot, devices: Sequence[torch.device]) -> Snapshot:
     def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if t.device == device:
             return t
-        moved = t.to(device)
-        return moved.pin_memory() if pin and device.type == "cpu" else moved
+        if pin and device.type == "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return t.to(device)
 
     tensors = [to(t, d) for t, d in zip(snapshot.tensors, devices, strict=False)]
     return replace(snapshot, tensors=tensors, logits=to(snapshot.logits, devices[-1]))

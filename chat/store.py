@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import json
+import logging
 import re
 import sqlite3
 import sys
@@ -31,6 +32,7 @@ import aiosqlite
 from engine.errors import StateMismatchError
 from engine.state import Snapshot, checksum
 
+log = logging.getLogger(__name__)
 HEAD_NAMES = ("chat", "chat_pre", "gen_0", "gen_1", "undo_chat", "undo_chat_pre")
 _MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 
@@ -249,6 +251,10 @@ class Store:
             await asyncio.shield(future)
         except sqlite3.Error as exc:
             raise StoreError(f"database write failed: {exc}") from exc
+
+    async def wal_checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file and empty it."""
+        await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def schema_version(self) -> int:
         """The migration number the database is at."""
@@ -531,6 +537,11 @@ class Store:
                 await self._db.execute("PRAGMA secure_delete = FAST")
 
         await self._write(work)
+        # The WAL still holds copies of the deleted pages: move it into the file and empty it.
+        try:
+            await self.wal_checkpoint()
+        except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
+            log.warning("after a purge, the write-ahead log could not be emptied yet: %s", exc)
         return found
 
     async def idle_channels(self, before: float, limit: int) -> list[str]:
@@ -590,6 +601,14 @@ class Store:
         """A server's own settings (empty when none were set)."""
         row = await self._fetchone("SELECT settings FROM guild_settings WHERE guild_id = ?", (guild_id,))
         return dict(json.loads(row[0])) if row else {}
+
+    async def forget_guild(self, guild_id: str) -> None:
+        """Delete a server's own settings (its channels are purged one by one)."""
+
+        async def work() -> None:
+            await self._db.execute("DELETE FROM guild_settings WHERE guild_id = ?", (guild_id,))
+
+        await self._write(work)
 
     async def set_guild_settings(self, guild_id: str, settings: dict[str, Any]) -> None:
         """Replace a server's own settings."""

@@ -130,7 +130,9 @@ class _DecodeGraph:
                 model._decode_indexed(self.slots, self.tokens)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the event loop's thread may move conversation states between host and
+        # device memory (chat.states) while this worker thread captures.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = model._decode_indexed(self.slots, self.tokens)
 
     def run(self, slots: torch.Tensor, tokens: torch.Tensor, scratch: int) -> torch.Tensor:

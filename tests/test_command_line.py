@@ -232,14 +232,17 @@ def test_db_housekeeping_commands(
 def test_bench_states_prints_and_writes_its_numbers(tmp_path: Path, model_dir: Path) -> None:
     """bench-states runs its three measurements on real files and writes them as JSON."""
     out = tmp_path / "states.json"
-    argv = ["bench-states", "--size", "0.1B", "--turns", "40", "--checkpoint-tokens", "1000"]
+    argv = ["bench-states", "--size", "0.1B", "--intervals", "2", "--checkpoint-tokens", "1000"]
     argv += ["--model", str(model_dir / "v7.pth"), "--replay", "64", "--channels", "30"]
-    argv += ["--scale-model", str(model_dir / "v7.pth"), "--json", str(out)]
+    argv += ["--scale-model", str(model_dir / "v7.pth"), "--restores", "30", "--json", str(out)]
     assert main(argv) == 0
     numbers = json.loads(out.read_text())
     writes = numbers["writes"]
-    assert 6400 // (1000 + 160) <= writes["checkpoints_written"] <= 6400 // 1001  # 40 turns of 160
-    assert 0 < writes["percent_of_state_per_turn"] < 100
+    assert (
+        writes["checkpoints_in_them"] == 2 and 2 * 1000 // 160 <= writes["turns_measured"] <= 2 * 1160 // 160
+    )
+    # Two whole checkpoints (each written to the WAL, then copied into the file) are in the count.
+    assert writes["bytes_written_per_turn"] * writes["turns_measured"] > 2 * 2 * writes["state_bytes"]
     restore = numbers["restore"]
     assert restore["cold_load_ms"] > restore["hot_load_ms"] > 0 and restore["replay_tokens"] == 64
     scale = numbers["scale"]
@@ -247,6 +250,7 @@ def test_bench_states_prints_and_writes_its_numbers(tmp_path: Path, model_dir: P
     assert (
         scale["checkpoint_bytes_after"] <= scale["database_budget_bytes"] < scale["checkpoint_bytes_before"]
     )
+    assert scale["database_bytes_30_channels"] > scale["database_bytes_10_channels"]
 
 
 def test_readme_configuration_table_lists_every_setting() -> None:

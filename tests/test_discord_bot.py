@@ -991,3 +991,23 @@ async def test_deleted_threads_and_channels_are_purged(harness: Harness) -> None
     await wait_for(lambda: gone(GENERAL))
     assert GENERAL not in harness.bot.enabled
     assert str(GENERAL) not in await service.store.enabled_channels()
+
+
+async def test_removed_from_a_server_forgets_its_conversations(harness: Harness) -> None:
+    """When the bot is removed from a server, its conversations and settings are purged."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await service.store.set_guild_settings(str(GUILD), {"reset_policy": "moderators"})
+
+    async def forgotten() -> bool:
+        assert service is not None
+        return (
+            not await service.store.transcript(str(GENERAL))
+            and not await service.store.guild_settings(str(GUILD))
+            and not await service.store.enabled_channels()
+        )
+
+    harness.state.parse_guild_delete({"id": str(GUILD)})
+    await wait_for(forgotten)
+    assert GENERAL not in harness.bot.enabled
