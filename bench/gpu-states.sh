@@ -6,19 +6,8 @@
 # channels with 1,000 restores under tier budgets, then a database-budget pass.
 # Usage, from the repository root: bash bench/gpu-states.sh   (PYTHON=... for the interpreter,
 # OUT=... for where the JSON goes; default bench-out/).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-"$PY" - <<'PYEOF'
-import aiosqlite, discord, pydantic_settings, rwkv, torch  # everything the bot needs
-assert torch.cuda.is_available(), "no CUDA GPU visible (a CPU build of torch?)"
-print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
-PYEOF
+source "$(dirname "$0")/setup.sh"
+"$PY" -c 'import aiosqlite, discord, pydantic_settings, rwkv'  # what the bot needs besides torch
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -8,18 +8,9 @@
 #      parity checked one step at a time in fp16 (limit 2e-2).
 # Usage, from the repository root: bash bench/gpu.sh      (PYTHON=... to pick the interpreter,
 # OUT=... for where the JSON goes; default bench-out/). Exit status 0 only if every step passed.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-OUT=${OUT:-bench-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/setup.sh"
 
 "$PY" - <<'PYEOF'
-import torch
-assert torch.cuda.is_available(), "no CUDA GPU visible"
-print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 try:
     import fla
     print("fla-core", getattr(fla, "__version__", "?"), "(the batched engine self-checks it before use)")
