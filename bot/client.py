@@ -160,7 +160,7 @@ class RwkvBot(discord.Client):
         if self.service is None:
             return
         channels = set(await self.service.store.guild_channels(str(guild.id)))
-        channels |= {c for c in await self.service.store.enabled_channels_of(str(guild.id))}
+        channels |= await self.service.store.enabled_channels(str(guild.id))
         for channel in channels:
             await self._forget(int(channel))
         await self.service.store.forget_guild(str(guild.id))

@@ -145,17 +145,10 @@ async def restore_cost(
 ) -> dict[str, Any]:
     """Hot versus cold: a channel held on the device, and one rebuilt from SQLite."""
     result: dict[str, Any] = {}
-    engine = None
-    fingerprint = "bench"
-    if model is not None:
-        from bot.app import load_engine
-        from bot.settings import load_settings
-
-        engine = await load_engine(load_settings(model=model, strategy=strategy))
-        fingerprint = engine.spec.fingerprint
-        if (engine.spec.n_layer, engine.spec.n_embd) != (shape.n_layer, shape.n_embd):
-            shape = ModelShape(engine.spec.n_layer, engine.spec.n_embd)
-        result["model"] = engine.describe()
+    engine = await _load_engine(model, strategy)
+    fingerprint = engine.spec.fingerprint if engine is not None else "bench"
+    if engine is not None:
+        result["model"] = engine.describe()  # its states, of its own shape, are the ones measured
     try:
         if engine is not None:
             snapshot = await engine.read(None, _tokens(random.Random(1), 16))
@@ -216,14 +209,8 @@ async def scale_cost(
 ) -> dict[str, Any]:
     """Many channels: database size, open-and-answer time, and memory under tier budgets."""
     rng = random.Random(3)
-    fingerprint = "bench"
-    engine = None
-    if model is not None:
-        from bot.app import load_engine
-        from bot.settings import load_settings
-
-        engine = await load_engine(load_settings(model=model, strategy=strategy))
-        fingerprint = engine.spec.fingerprint
+    engine = await _load_engine(model, strategy)
+    fingerprint = engine.spec.fingerprint if engine is not None else "bench"
     result: dict[str, Any] = {"channels": channels}
     for label, count in (("10_channels", 10), (f"{channels}_channels", channels)):
         path = folder / f"many-{count}.sqlite3"
@@ -318,6 +305,16 @@ async def _database_budget(path: Path, engine: Engine, rng: random.Random, chann
         "housekeeping_s": elapsed,
         "database_file_bytes": numbers["file_bytes"],
     }
+
+
+async def _load_engine(model: Path | None, strategy: str) -> Engine | None:
+    """The model as the bot would load it, or None without one."""
+    if model is None:
+        return None
+    from bot.app import load_engine
+    from bot.settings import load_settings
+
+    return await load_engine(load_settings(model=model, strategy=strategy))
 
 
 def _sync() -> None:

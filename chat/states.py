@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from chat.store import NewRef, NewState, Store, StoredState, Turn
+from chat.store import HEAD_NAMES, NewRef, NewState, Store, StoredState, Turn
 from engine.errors import StateMismatchError
 from engine.state import Snapshot
 
@@ -174,6 +174,12 @@ class StateTiers:
         self._device[channel] = _Entry(placed, sum(s.nbytes() for s in placed.values()))
         self._shrink(protect=channel)
 
+    def hold(self, channel: str, states: dict[int, Snapshot], live: set[int]) -> None:
+        """Add ``states`` to the channel's, keep those in ``live`` (the ids its heads name), and
+        put them on the device as the most recently used."""
+        merged = {**self.held(channel), **states}
+        self.put(channel, {k: v for k, v in merged.items() if k in live})
+
     def keep_only(self, channel: str, state_ids: set[int]) -> None:
         """Forget the channel's other states, leaving it in its tier and place in the order."""
         for tier in (self._device, self._host):
@@ -291,9 +297,7 @@ class ChannelStates:
                 return None
             if held is None:
                 held = await self._restore(channel, await self.store.chain(state_id))
-                current = self.tiers.held(channel)
-                current[state_id] = held
-                self.tiers.put(channel, {k: v for k, v in current.items() if k in heads.values()})
+                self.tiers.hold(channel, {state_id: held}, set(heads.values()))
                 self.tiers.stats.restored += 1
         except StateMismatchError as exc:
             log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
@@ -395,13 +399,10 @@ class ChannelStates:
         ids = await self.store.write_states(channel, new, targets, turn)
         if steps:
             self.tiers.learn(steps[-1].snapshot)
-        held = self.tiers.held(channel)
+        made = {state_id: step.snapshot for state_id, step in zip(ids, steps, strict=True)}
         if start.ref is not None and start.snapshot is not None:
-            held[start.ref] = start.snapshot
-        for state_id, step in zip(ids, steps, strict=True):
-            held[state_id] = step.snapshot
-        live = set((await self.store.heads(channel)).values())
-        self.tiers.put(channel, {k: v for k, v in held.items() if k in live})
+            made[start.ref] = start.snapshot
+        self.tiers.hold(channel, made, set((await self.store.heads(channel)).values()))
         result: dict[str, Loaded] = {}
         for name, index in heads.items():
             if index < 0:
@@ -507,4 +508,4 @@ class ChannelStates:
         }
 
 
-_OTHER_HEADS = ("chat_pre", "gen_0", "gen_1", "undo_chat", "undo_chat_pre")
+_OTHER_HEADS = tuple(name for name in HEAD_NAMES if name != "chat")

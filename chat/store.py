@@ -220,7 +220,7 @@ class Store:
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=10)
         try:
-            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self.wal_checkpoint()
         finally:
             await self._db.close()
 
@@ -571,15 +571,10 @@ class Store:
         ) as cursor:
             return [(str(r[0]), int(r[1]), float(r[2])) for r in await cursor.fetchall()]
 
-    async def enabled_channels(self) -> set[str]:
-        """Channels where moderators enabled the bot."""
-        async with self._db.execute("SELECT channel_id FROM enabled_channels") as cursor:
-            return {str(r[0]) for r in await cursor.fetchall()}
-
-    async def enabled_channels_of(self, guild_id: str) -> set[str]:
-        """Channels of one server where moderators enabled the bot."""
+    async def enabled_channels(self, guild_id: str | None = None) -> set[str]:
+        """Channels where moderators enabled the bot (of one server, when ``guild_id`` is given)."""
         async with self._db.execute(
-            "SELECT channel_id FROM enabled_channels WHERE guild_id = ?", (guild_id,)
+            "SELECT channel_id FROM enabled_channels WHERE ?1 IS NULL OR guild_id = ?1", (guild_id,)
         ) as cursor:
             return {str(r[0]) for r in await cursor.fetchall()}
 
