@@ -5,7 +5,8 @@
 # checkpoint read back from SQLite, then 8,192 logged tokens re-read on the GPU), and 1,000
 # channels with 1,000 restores under tier budgets, then a database-budget pass.
 # Usage, from the repository root: bash bench/gpu-states.sh   (PYTHON=... for the interpreter,
-# OUT=... for where the JSON goes; default bench-out/).
+# OUT=... for where the JSON goes; default bench-out/). Without a package index there, see
+# bench/wheels.sh.
 source "$(dirname "$0")/setup.sh"
 "$PY" -c 'import aiosqlite, discord, pydantic_settings, rwkv'  # what the bot needs besides torch
 

@@ -8,6 +8,9 @@
 #      parity checked one step at a time in fp16 (limit 2e-2).
 # Usage, from the repository root: bash bench/gpu.sh      (PYTHON=... to pick the interpreter,
 # OUT=... for where the JSON goes; default bench-out/). Exit status 0 only if every step passed.
+# On a machine without a package index, run bash bench/wheels.sh first where PyPI is reachable
+# and bring the .whl/ folder along: setup.sh installs it (rwkv, fla-core, ...).
+# Step 1 also pays for Triton compiling and autotuning fla-core's kernel (cached for step 2).
 source "$(dirname "$0")/setup.sh"
 
 "$PY" - <<'PYEOF'
@@ -19,7 +22,7 @@ except Exception as exc:  # optional
 PYEOF
 
 echo "== 1/2 parity in fp32 (small model) =="
-timeout 60 "$PY" -m engine.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
+timeout 120 "$PY" -m engine.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
     --tokens 8 --prompt-tokens 16 --parity --json "$OUT/parity-cuda-fp32.json"
 
 echo "== 2/2 bench, 1.5B shape, fp16 =="
