@@ -5,7 +5,8 @@
 #   2. a random RWKV-7 of the 1.5B shape (L24 D2048) written in fp16, then the bench at
 #      concurrency 1, 8, 32 and 128 in 'cuda fp16' against the reference engine (measured up to 8:
 #      it runs one sequence at a time, so higher levels repeat its c=8 number, marked so), with
-#      parity checked one step at a time in fp16 (limit 2e-2).
+#      parity checked one step at a time in fp16 (limit 2e-2);
+#   3. the same bench on a model too small to matter: what the host's per-token work allows.
 # Usage, from the repository root: bash bench/gpu.sh      (PYTHON=... to pick the interpreter,
 # OUT=... for where the JSON goes; default bench-out/). Exit status 0 only if every step passed.
 # On a machine without a package index, run bash bench/wheels.sh first where PyPI is reachable
@@ -21,12 +22,22 @@ except Exception as exc:  # optional
     print("fla-core not available, plain PyTorch recurrence:", exc)
 PYEOF
 
-echo "== 1/2 parity in fp32 (small model) =="
-timeout 120 "$PY" -m engine.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
+FAILED=0
+step() {  # run every step even when one fails, so one run on a lent GPU shows everything
+    "$@" || { echo "!! step failed (exit status $?): $*"; FAILED=1; }
+}
+
+echo "== 1/3 parity in fp32 (small model) =="
+step timeout 120 "$PY" -m engine.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
     --tokens 8 --prompt-tokens 16 --parity --json "$OUT/parity-cuda-fp32.json"
 
-echo "== 2/2 bench, 1.5B shape, fp16 =="
-timeout 240 "$PY" -m engine.bench --size 1.5B --strategy "cuda fp16" --concurrency 1,8,32,128 \
+echo "== 2/3 bench, 1.5B shape, fp16 =="
+step timeout 240 "$PY" -m engine.bench --size 1.5B --strategy "cuda fp16" --concurrency 1,8,32,128 \
     --tokens 64 --prompt-tokens 64 --reference-max 8 --parity --json "$OUT/bench-1.5B-cuda-fp16.json"
 
-echo "results: $OUT/parity-cuda-fp32.json $OUT/bench-1.5B-cuda-fp16.json"
+echo "== 3/3 host work per token: a 1-layer model with a 1,024-token head, so the GPU idles =="
+step timeout 60 "$PY" -m engine.bench --layers 1 --embd 64 --vocab 1024 --strategy "cuda fp16" \
+    --concurrency 32,128 --tokens 128 --prompt-tokens 16 --reference-max 32 --json "$OUT/host-cuda.json"
+
+echo "results: $OUT/parity-cuda-fp32.json $OUT/bench-1.5B-cuda-fp16.json $OUT/host-cuda.json"
+exit $FAILED

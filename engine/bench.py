@@ -37,13 +37,13 @@ from typing import Any
 import torch
 
 from engine.errors import EngineError
-from engine.formats import inspect_model
+from engine.formats import WORLD_VOCAB_SIZE, inspect_model
 from engine.generation import PENDING_LIMIT
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, TextDelta
 from engine.make_model import NAMED_SHAPES, ModelShape, write_random_model
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, world_tokenizer
 
 PROG = "rwkv-discord bench"
 
@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--size", choices=sorted(NAMED_SHAPES), help="a random model of a real RWKV-7 shape")
     parser.add_argument("--layers", type=int, help="a random model with this many layers")
     parser.add_argument("--embd", type=int, default=256, help="width of the random model (default: 256)")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=WORLD_VOCAB_SIZE,
+        help="vocabulary of the random model (default: 65536, the World one); a smaller one, decoded "
+        "by the World tokenizer, makes the model and the vocabulary-wide sampling cheap, so that "
+        "the per-token work on the host shows, as on a GPU",
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="levels, comma-separated (default: 1,8,32)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default: 32)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if not levels or levels[0] < 1 or args.tokens < 1 or args.prompt_tokens < 1:
         print(f"{PROG}: error: concurrency, --tokens and --prompt-tokens must be at least 1", file=sys.stderr)
         return 2
+    if not 256 <= args.vocab <= WORLD_VOCAB_SIZE or (args.model and args.vocab != WORLD_VOCAB_SIZE):
+        print(f"{PROG}: error: --vocab takes 256 to 65536, for random models only", file=sys.stderr)
+        return 2
     try:
         with tempfile.TemporaryDirectory(prefix="rwkv-bench-") as tmp:
             path = args.model or _random_model(Path(tmp), args)
@@ -127,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _random_model(folder: Path, args: argparse.Namespace) -> Path:
     shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers or 4, args.embd)
+    shape = ModelShape(shape.n_layer, shape.n_embd, args.vocab)
     dtype = torch.float16 if args.strategy.split()[-1] == "fp16" else torch.float32
-    print(f"writing a random RWKV-7 L{shape.n_layer} D{shape.n_embd} model ...", file=sys.stderr)
+    print(
+        f"writing a random RWKV-7 L{shape.n_layer} D{shape.n_embd} vocab {shape.vocab_size} model ...",
+        file=sys.stderr,
+    )
     return write_random_model(folder / "bench.pth", 7, shape, seed=0, dtype=dtype)
 
 
@@ -154,7 +169,11 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
     }
 
     _reset_memory(device)
-    reference = await asyncio.to_thread(ReferenceEngine.load, path, args.strategy)
+    # A random model with a small vocabulary is read with the World tokenizer (ids below it).
+    tokenizer: str | Tokenizer = "auto"
+    if args.model is None and spec.vocab_size < WORLD_VOCAB_SIZE:
+        tokenizer = world_tokenizer()
+    reference = await asyncio.to_thread(ReferenceEngine.load, path, args.strategy, tokenizer)
     ref: dict[int, Measure] = {}
     try:
         await _warm_up(reference, prompts[:1], sampling)
@@ -177,6 +196,7 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
         BatchedEngine.load,
         path,
         args.strategy,
+        tokenizer,
         max_batch=args.max_batch or top,
         cuda_graphs=not args.no_cuda_graphs,
     )

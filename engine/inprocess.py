@@ -45,10 +45,15 @@ class ReferenceEngine(Engine):
         self._closed = False
 
     @classmethod
-    def load(cls, path: Path, strategy: str = "cpu fp32", tokenizer: str = "auto") -> ReferenceEngine:
-        """Check and load a model file (slow: call it from a thread in async code)."""
+    def load(
+        cls, path: Path, strategy: str = "cpu fp32", tokenizer: str | Tokenizer = "auto"
+    ) -> ReferenceEngine:
+        """Check and load a model file (slow: call it from a thread in async code).
+
+        ``tokenizer`` is a setting (see :func:`engine.tokenizer.load_tokenizer`) or a tokenizer.
+        """
         spec = inspect_model(path)
-        tok = load_tokenizer(tokenizer, spec)
+        tok = load_tokenizer(tokenizer, spec) if isinstance(tokenizer, str) else tokenizer
         model = load_reference_model(spec, strategy)
         return cls(model, spec, tok, strategy)
 

@@ -9,8 +9,11 @@ Each step of the scheduler
    more are resident) with exactly :class:`engine.generation.SequenceRunner`'s policy, and feeds
    all of them to the model in one batched step.
 
-A sequence that finishes leaves at once, and a new request joins at the next step. Events reach
-the asyncio side through ``loop.call_soon_threadsafe``; the event loop never waits on the model.
+A sequence that finishes leaves at once, and a new request joins at the next step. The events of
+a step reach the asyncio side in one ``loop.call_soon_threadsafe`` call; the event loop never
+waits on the model, and a caller that falls behind gets the text already waiting as one piece.
+The per-token work on the host is kept small (penalties decay in one vectorised multiply, the
+end-of-turn check looks at the new text only): on a GPU it, not the model, bounds a large batch.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.batched import BatchedRWKV7
@@ -49,6 +53,8 @@ from engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+PREFILL_BUDGET_CPU = 256  # prompt tokens read per scheduler step, by default
+PREFILL_BUDGET_CUDA = 2048
 TOPK_STAGES = (64, 1024)  # where the top-p cut is looked for before falling back to a full sort
 _WINDOW_S = 10.0  # metrics: tokens per second over this many recent seconds
 
@@ -156,18 +162,13 @@ def shape_batch(
     newline bias; subtract the penalties. Each step is one indexed operation for the batch
     (every (row, column) pair occurs once per operation, so the values are the per-row ones).
     """
-    shaped = torch.stack([t.float() for t in logits])  # a copy: the raw logits stay for snapshots
+    shaped = torch.stack(list(logits)).float()  # a new tensor: the raw logits stay for snapshots
     device = shaped.device
     ban_rows: list[int] = []
     ban_cols: list[int] = []
     nl_rows: list[int] = []
     nl_bias: list[float] = []
     eos_rows: list[int] = []
-    pen_rows: list[int] = []
-    pen_cols: list[int] = []
-    pen_counts: list[float] = []
-    pen_presence: list[float] = []
-    pen_frequency: list[float] = []
     for row, reply in enumerate(replies):
         if reply.last is not None and reply.last in reply.avoid_ids:
             ban_rows.append(row)
@@ -179,13 +180,6 @@ def shape_batch(
         elif reply.request.newline_bias:
             nl_rows.append(row)
             nl_bias.append(reply.request.newline_bias)
-        counts = reply.penalties.counts
-        if counts:
-            pen_rows.extend([row] * len(counts))
-            pen_cols.extend(counts)
-            pen_counts.extend(counts.values())
-            pen_presence.extend([reply.penalties.presence] * len(counts))
-            pen_frequency.extend([reply.penalties.frequency] * len(counts))
 
     def index(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -200,10 +194,16 @@ def shape_batch(
         shaped[rows, newline_id] = shaped[rows, newline_id] + floats(nl_bias)
     if eos_rows:
         shaped[index(eos_rows), eos_id] = BANNED
-    if pen_rows:
-        rows, cols = index(pen_rows), index(pen_cols)
-        penalty = floats(pen_presence) + floats(pen_counts) * floats(pen_frequency)
-        shaped[rows, cols] = shaped[rows, cols] - penalty
+    trackers = [reply.penalties for reply in replies]
+    lengths = [len(t) for t in trackers]
+    if any(lengths):
+        # every (row, id) pair once: the ids of a reply are distinct
+        rows = torch.repeat_interleave(torch.arange(len(trackers)), torch.tensor(lengths)).to(device)
+        cols = torch.from_numpy(np.concatenate([t.ids for t in trackers])).to(device)
+        counts = torch.from_numpy(np.concatenate([t.values for t in trackers])).to(device, shaped.dtype)
+        presence = floats([t.presence for t in trackers])[rows]
+        frequency = floats([t.frequency for t in trackers])[rows]
+        shaped[rows, cols] = shaped[rows, cols] - (presence + counts * frequency)
     return shaped
 
 
@@ -258,13 +258,18 @@ class _Reply:
         events: list[GenerationEvent] = []
         piece = self.tokenizer.decode(self.tokens[self.emitted :])
         clean = "\ufffd" not in piece
-        if clean or len(self.tokens) - self.emitted >= PENDING_LIMIT:
+        grew = clean or len(self.tokens) - self.emitted >= PENDING_LIMIT
+        if grew:
             self.text += piece
             self.emitted = len(self.tokens)
             if piece:
                 events.append(TextDelta(piece))
         if self.chat:
-            if "\n\n" in (visible_text(self.text) if self.request.thinking else self.text):
+            if self.request.thinking:
+                ended = "\n\n" in visible_text(self.text)
+            else:  # the text before this piece had no blank line: look at the new end only
+                ended = grew and "\n\n" in self.text[-len(piece) - 1 :]
+            if ended:
                 return events, StopReason.END_OF_TURN
         elif clean and index + 1 >= self.request.max_tokens:
             return events, StopReason.LENGTH
@@ -288,6 +293,12 @@ class _Reply:
 
 def _nobody(item: object) -> None:
     """The event sink of a job before its caller's queue is attached."""
+
+
+def _deliver(items: list[tuple[asyncio.Queue[object], object]]) -> None:
+    """On the event loop: put a step's events into their callers' queues."""
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class _Failure:
@@ -349,10 +360,12 @@ class BatchedEngine(Engine):
         *,
         max_batch: int = 32,
         prefill_chunk: int = 128,
-        prefill_budget: int = 256,
+        prefill_budget: int | None = None,
     ) -> None:
         if not model.matches(spec):
             raise EngineError(f"the loaded weights do not match {spec.describe()}")
+        if prefill_budget is None:  # a GPU reads thousands of tokens in the time of a decode step
+            prefill_budget = PREFILL_BUDGET_CUDA if model.device.type == "cuda" else PREFILL_BUDGET_CPU
         if max_batch < 1 or prefill_chunk < 1 or prefill_budget < 1:
             raise ValueError("max_batch, prefill_chunk and prefill_budget must be at least 1")
         self.model = model
@@ -374,6 +387,7 @@ class BatchedEngine(Engine):
         self._prefill_turn = 0
         self._decode_turn = 0
         self._stats = _Stats()
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object], _Job, object]] = []
         self._thread = threading.Thread(target=self._work, name=f"rwkv-batch-{model.device}", daemon=True)
         self._thread.start()
 
@@ -382,12 +396,12 @@ class BatchedEngine(Engine):
         cls,
         path: Path,
         strategy: str = "cpu fp32",
-        tokenizer: str = "auto",
+        tokenizer: str | Tokenizer = "auto",
         *,
         max_batch: int = 32,
         max_resident: int | None = None,
         prefill_chunk: int = 128,
-        prefill_budget: int = 256,
+        prefill_budget: int | None = None,
         cuda_graphs: bool = True,
         use_fla: bool | None = None,
     ) -> BatchedEngine:
@@ -403,7 +417,7 @@ class BatchedEngine(Engine):
                 f"the batched engine runs RWKV-7 models only; {path.name} is {spec.describe()}: "
                 "use the reference engine for it"
             )
-        tok = load_tokenizer(tokenizer, spec)
+        tok = load_tokenizer(tokenizer, spec) if isinstance(tokenizer, str) else tokenizer
         resident = max_resident or max_batch
         model = BatchedRWKV7.load(
             path, strategy, max_slots=resident, cuda_graphs=cuda_graphs, use_fla=use_fla
@@ -452,13 +466,24 @@ class BatchedEngine(Engine):
         job.post = self._poster(queue, job)
         self._submit(job)
         done = False
+        held: object | None = None
         try:
             while True:
-                item = await queue.get()
+                item, held = (held, None) if held is not None else (await queue.get(), None)
                 if isinstance(item, _Failure):
                     done = True
                     raise item.error
                 assert isinstance(item, PromptRead | TextDelta | Finished)
+                if isinstance(item, TextDelta) and not queue.empty():
+                    # A caller that fell behind gets the text already waiting as one piece.
+                    pieces = [item.text]
+                    while not queue.empty():
+                        later = queue.get_nowait()
+                        if not isinstance(later, TextDelta):
+                            held = later
+                            break
+                        pieces.append(later.text)
+                    item = TextDelta("".join(pieces))
                 if isinstance(item, Finished):
                     done = True
                 yield item
@@ -507,13 +532,28 @@ class BatchedEngine(Engine):
     def _poster(self, queue: asyncio.Queue[object], job: _Job) -> Callable[[object], None]:
         loop = asyncio.get_running_loop()
 
-        def post(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
-                job.abandoned = True
+        def post(item: object) -> None:  # on the worker: sent with the step's other events
+            self._outbox.append((loop, queue, job, item))
 
         return post
+
+    def _flush(self) -> None:
+        """Hand the events of a step to their event loops, one call per loop (not one per event:
+        each call wakes the loop through a socket, which costs more than the event at batch 128)."""
+        if not self._outbox:
+            return
+        sent, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]] = {}
+        jobs: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for loop, queue, job, item in sent:
+            by_loop.setdefault(loop, []).append((queue, item))
+            jobs.setdefault(loop, []).append(job)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
+                for job in jobs[loop]:
+                    job.abandoned = True
 
     def _submit(self, job: _Job) -> None:
         with self._cond:
@@ -535,7 +575,10 @@ class BatchedEngine(Engine):
                             self._cond.wait()
                         if self._closing:
                             break
-                    self._step()
+                    try:
+                        self._step()
+                    finally:
+                        self._flush()
         except BaseException as exc:  # a bug in the scheduler: every caller hears of it
             log.exception("the batched engine's worker died")
             self._dead = exc
@@ -547,6 +590,7 @@ class BatchedEngine(Engine):
             reason = "the engine has been closed" if self._dead is None else f"the engine died: {self._dead}"
             for job in queued + self._prefilling + self._decoding:
                 job.post(_Failure(EngineDiedError(reason)))
+            self._flush()
             self._prefilling.clear()
             self._decoding.clear()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -40,6 +42,29 @@ def test_penalties_follow_presence_frequency_and_decay() -> None:
     assert logits[3].item() == pytest.approx(-(0.5 + 0.75 * 0.25))
     assert logits[5].item() == pytest.approx(-(0.5 + 0.25))
     assert logits[0].item() == 0.0
+
+
+def test_penalty_counts_are_the_reference_numbers_bit_for_bit() -> None:
+    """Over a long reply with repeats and more ids than the first allocation, the counts equal
+    the reference's dict of Python floats exactly, and so do the lowered logits."""
+    rng = random.Random(11)
+    tracker = PenaltyTracker(presence=0.4, frequency=0.6, decay=0.996)
+    reference: dict[int, float] = {}
+    for _ in range(3000):
+        token = rng.choice(range(200)) if rng.random() < 0.7 else rng.choice(range(8))
+        tracker.add(token)
+        for key in reference:
+            reference[key] *= 0.996
+        reference[token] = reference.get(token, 0.0) + 1.0
+    assert len(tracker) == len(reference) > 32
+    assert tracker.counts == reference  # exact: same keys, same floats, same order
+    assert list(tracker.counts) == list(reference)
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(2))
+    expected = logits.clone()
+    ids = torch.tensor(list(reference))
+    expected[ids] -= 0.4 + torch.tensor(list(reference.values()), dtype=torch.float32) * 0.6
+    tracker.apply(logits)
+    assert torch.equal(logits, expected)
 
 
 def test_top_p_zero_is_greedy() -> None:

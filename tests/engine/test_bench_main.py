@@ -34,3 +34,23 @@ def test_bench_refuses_bad_levels(capsys: pytest.CaptureFixture[str]) -> None:
     """A malformed --concurrency is a usage error."""
     assert main(["--concurrency", "one"]) == 2
     assert "concurrency" in capsys.readouterr().err
+
+
+def test_bench_with_a_small_vocabulary(tmp_path: Path) -> None:
+    """--vocab writes a random model with that head, read by the World tokenizer in both engines."""
+    out = tmp_path / "bench.json"
+    argv = ["--layers", "1", "--embd", "64", "--vocab", "512", "--concurrency", "2", "--tokens", "3"]
+    assert main([*argv, "--prompt-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "vocab 512" in report["model"]["description"]
+    for name in ("reference", "batched"):
+        assert report["results"][0][name]["generated_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra", [["--vocab", "100"], ["--vocab", "70000"], ["--model", "x.pth", "--vocab", "512"]]
+)
+def test_bench_refuses_a_wrong_vocabulary(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--vocab takes 256 to 65,536, and only for random models."""
+    assert main(extra) == 2
+    assert "--vocab" in capsys.readouterr().err

@@ -363,3 +363,40 @@ async def test_a_read_gives_the_same_state_whatever_else_is_read(model_dir: Path
             assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
     finally:
         await engine.close()
+
+
+async def test_a_step_wakes_the_event_loop_once(
+    batched: BatchedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events of one step (one per channel) reach the loop in one call, not one call each."""
+    loop = asyncio.get_running_loop()
+    calls = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    prompts = [batched.tokenizer.encode(f"Channel {i} says") for i in range(6)]
+    results = await asyncio.gather(*(collect(batched, request(p, 12)) for p in prompts))
+    events = sum(len(r) for r in results)
+    steps = max(len(finished(r).tokens) for r in results) + 4  # decode steps, prompt reads, the end
+    assert events >= 6 * 12
+    assert calls <= steps, (calls, events)
+
+
+async def test_a_caller_that_falls_behind_gets_the_waiting_text_as_one_piece(batched: BatchedEngine) -> None:
+    """Text produced while the caller was busy comes as one TextDelta; nothing is lost."""
+    req = request(batched.tokenizer.encode("A long story:"), 24)
+    alone = await collect(batched, request(batched.tokenizer.encode("A long story:"), 24))
+    stream = batched.generate(req)
+    first = await anext(stream)
+    assert isinstance(first, PromptRead)
+    await wait_for(lambda: batched.metrics()["resident"] == 0)  # all of it is waiting now
+    rest = [event async for event in stream]
+    deltas = [e for e in rest if isinstance(e, TextDelta)]
+    done = finished(rest)
+    assert len(deltas) == 1 and len(done.tokens) == 24
+    assert deltas[0].text == done.text == finished(alone).text
