@@ -193,6 +193,15 @@ class BatchedRWKV7:
         #                                           transposed (the rwkv package keeps [value, key])
         #   ffn_x [L, slots, C]        model dtype  channel-mix token shift  = snapshot tensor 3*l+2
         L, S, C, H, N = self.n_layer, max_slots + 1, self.n_embd, self.n_head, self.head_size
+        per_slot = L * (2 * C * dtype.itemsize + H * N * N * 4)
+        free = _free_memory(self.device)
+        if free is not None and S * per_slot > 0.9 * free:  # refuse plainly rather than fail midway
+            fit = max(0, int(0.9 * free) // per_slot - 1)
+            raise EngineError(
+                f"{max_slots} resident sequence states need {S * per_slot / 2**30:.1f} GiB and "
+                f"{free / 2**30:.1f} GiB of {self.device.type} memory is free after the weights: "
+                f"lower max_resident (or max_batch) to at most {fit}"
+            )
         self.att_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
         self.att_kv = torch.zeros(L, S, H, N, N, dtype=torch.float32, device=self.device)
         self.ffn_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
@@ -513,6 +522,21 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
         return None
     return fused
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes of memory free on a device (GPU memory, or available RAM for the CPU); None: unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _bucket(n: int) -> int:

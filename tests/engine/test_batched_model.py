@@ -1,0 +1,22 @@
+"""The batched model's limits: what it refuses to load, and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.batched import BatchedRWKV7
+from engine.errors import EngineError
+
+
+def test_too_many_resident_states_for_the_memory_is_refused_plainly(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slots that would not fit in free memory give one line naming the settings, and how many fit."""
+    model = BatchedRWKV7.load(model_dir / "v7.pth", max_slots=1)
+    per_slot = model.att_x[:, 0].nbytes + model.att_kv[:, 0].nbytes + model.ffn_x[:, 0].nbytes
+    monkeypatch.setattr("engine.batched._free_memory", lambda device: 100 * per_slot)
+    with pytest.raises(EngineError, match=r"lower max_resident \(or max_batch\) to at most 89"):
+        BatchedRWKV7.load(model_dir / "v7.pth", max_slots=100)
+    assert BatchedRWKV7.load(model_dir / "v7.pth", max_slots=89).max_slots == 89
