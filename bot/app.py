@@ -8,11 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from bot.settings import ConfigError, Settings, require_model
+from bot.settings import ENV_PREFIX, ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
 from chat.session import ChatConfig, ChatService
 from chat.states import MB, StatePolicy
 from chat.store import Store
+from engine.devices import DeviceEngines
 from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
 from engine.interface import Engine
@@ -45,6 +46,24 @@ async def load_engine(settings: Settings) -> Engine:
     if choice == "auto":
         spec = await asyncio.to_thread(inspect_model, path)
         choice = "batched" if spec.family >= 7 else "reference"
+    if settings.devices is not None and choice != "batched":
+        raise ConfigError(
+            f"{ENV_PREFIX}DEVICES is set, but {path.name} runs on the reference engine, which uses one "
+            "device: leave it unset (the strategy names the device), or use an RWKV-7 model"
+        )
+    if choice == "batched" and settings.devices is not None:
+        devices = settings.devices.split(",")
+        return await asyncio.to_thread(
+            functools.partial(
+                DeviceEngines.load,
+                path,
+                settings.strategy,
+                devices,
+                settings.tokenizer,
+                max_batch=settings.max_batch,
+                max_resident=settings.max_resident,
+            )
+        )
     if choice == "batched":
         return await asyncio.to_thread(
             functools.partial(

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.devices import parse_devices
+
 ENV_PREFIX = "RWKV_DISCORD_"
 
 # How to fix each setting, for the one-line start-up error.
@@ -18,6 +20,7 @@ FIXES: dict[str, str] = {
     "engine": "use auto, batched (RWKV-7 only) or reference",
     "max_batch": "use a whole number from 1 to 1024",
     "max_resident": "use a whole number from 1 to 100000, or leave it unset",
+    "devices": "list GPUs separated by commas, e.g. cuda:0,cuda:1, or leave it unset",
     "db": "give a writable file path, e.g. RWKV_DISCORD_DB=data/rwkv-discord.sqlite3",
     "preset": "use 'auto' or the name of a preset (g1-chat, raven-chat, raven-qa, or your own)",
     "presets_dir": "give an existing folder of .toml presets, or leave it unset",
@@ -68,6 +71,9 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together (batched engine)")
     max_resident: int | None = Field(None, ge=1, le=100_000, description="states kept on the device")
+    devices: str | None = Field(
+        None, description="GPUs for the batched engine, e.g. cuda:0,cuda:1: a model copy and worker on each"
+    )
     tokenizer: str = Field("auto", description="auto, world, or a tokenizer.json path")
     db: Path = Field(Path("data/rwkv-discord.sqlite3"), description="SQLite database file")
     preset: str = Field("auto", description="default prompt preset")
@@ -106,6 +112,13 @@ class Settings(BaseSettings):
         if len(parts) < 2 or parts[0].split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"{value!r} is not a strategy")
         return " ".join(parts)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return ",".join(parse_devices(value))
 
     @field_validator("log_level")
     @classmethod

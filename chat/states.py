@@ -80,6 +80,7 @@ class Step:
 class _Entry:
     states: dict[int, Snapshot]
     nbytes: int
+    home: list[torch.device] | None = None  # where the states were before they moved to the host
 
 
 def _move(snapshot: Snapshot, devices: Sequence[torch.device]) -> Snapshot:
@@ -143,10 +144,16 @@ class StateTiers:
         """Take the devices of a snapshot the engine made as where states belong."""
         self.layout = [t.device for t in snapshot.tensors] + [snapshot.logits.device]
 
-    def _home(self, snapshot: Snapshot) -> Snapshot:
-        if self.layout is None or len(self.layout) != len(snapshot.tensors) + 1:
+    def _home(self, snapshot: Snapshot, home: list[torch.device] | None = None) -> Snapshot:
+        """The snapshot where the engine reads it: a state already on a GPU stays on it (with
+        several GPUs, each keeps its channels), one in host memory goes back to the GPU it came
+        from (``home``), else to the devices of the engine's latest snapshot."""
+        layout = home or self.layout
+        if layout is None or len(layout) != len(snapshot.tensors) + 1:
             return snapshot
-        return _move(snapshot, self.layout)
+        if any(t.device.type != "cpu" for t in snapshot.tensors):
+            return snapshot
+        return _move(snapshot, layout)
 
     def get(self, channel: str, state_id: int) -> Snapshot | None:
         """A state held in memory, brought to the device first."""
@@ -157,7 +164,8 @@ class StateTiers:
                 if entry is not None:
                     self._host[channel] = entry
                 return None
-            entry.states = {k: self._home(v) for k, v in entry.states.items()}
+            entry.states = {k: self._home(v, entry.home) for k, v in entry.states.items()}
+            entry.home = None
             self._device[channel] = entry
             self.stats.promoted += 1
             self._shrink(protect=channel)
@@ -209,6 +217,9 @@ class StateTiers:
                 continue
             entry = self._device.pop(name)
             used -= entry.nbytes
+            if entry.states:
+                some = next(iter(entry.states.values()))
+                entry.home = [t.device for t in some.tensors] + [some.logits.device]
             host = torch.device("cpu")
             entry.states = {k: _move(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()}
             self._host[name] = entry

@@ -48,9 +48,15 @@ def parse_strategy(strategy: str) -> tuple[torch.device, torch.dtype]:
             f"strategy {strategy!r} is not supported by the batched engine: use 'cpu fp32', "
             "'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp32'"
         )
-    device = torch.device(parts[0])
+    try:
+        device = torch.device(parts[0])
+    except RuntimeError as exc:
+        raise EngineError(f"strategy {strategy!r}: {parts[0]!r} is not a device") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and none is visible")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise EngineError(f"strategy {strategy!r}: there is no {device}, only {count} GPUs")
     if device.type == "cpu" and parts[1] == "fp16":
         raise EngineError(f"strategy {strategy!r}: on the CPU use fp32 or bf16")
     return device, _DTYPES[parts[1]]

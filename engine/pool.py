@@ -501,6 +501,12 @@ class BatchedEngine(Engine):
             self._cond.notify_all()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
+    def busy(self) -> int:
+        """Requests waiting or holding a state slot: how loaded this engine is."""
+        with self._cond:
+            queued = len(self._queue)
+        return queued + self.max_resident - len(self._free)
+
     def metrics(self) -> dict[str, float]:
         """Recent numbers: queue, batch, resident states, tokens/s, time to first token, steps."""
         now = time.monotonic()

@@ -224,6 +224,34 @@ def test_tiers_move_least_recently_used_channels_down_within_budgets() -> None:
     assert tiers.stats.promoted == 1 and tiers.stats.evicted == 2 and tiers.stats.demoted == 5
 
 
+def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several devices, a state already on a GPU stays there, and a channel moved to host
+    memory goes back to the device it came from, not to that of the engine's latest snapshot."""
+    gpu, host = torch.device("meta"), torch.device("cpu")  # meta: a device without real copies
+    moves: list[list[torch.device]] = []
+
+    def move(snapshot: Snapshot, devices: list[torch.device]) -> Snapshot:
+        moves.append(list(devices))
+        tensors = [torch.empty(t.shape, device=d) for t, d in zip(snapshot.tensors, devices, strict=False)]
+        return Snapshot(tensors, torch.empty(4, device=devices[-1]), None, "fp")
+
+    def on(device: torch.device) -> Snapshot:
+        return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
+
+    monkeypatch.setattr("chat.states._move", move)
+    tiers = StateTiers(device_bytes=MB, host_bytes=4 * MB)
+    tiers.learn(on(host))  # the engine's latest snapshot was made elsewhere
+    tiers.put("b", {1: on(gpu)})
+    assert moves == [] and tiers.held("b")[1].tensors[0].device == gpu  # left where it is
+    tiers.put("a", {1: on(gpu)})  # over the budget: b goes to host memory
+    assert tiers.where("b") == "host" and moves == [[host, host]]
+    back = tiers.get("b", 1)
+    assert back is not None and back.tensors[0].device == gpu
+    assert moves == [[host, host], [gpu, gpu], [host, host]]  # b back where it came from; a down
+    tiers.put("c", {1: on(host)})  # a state in host memory with no home: the learnt layout
+    assert moves[3] == [host, host]
+
+
 async def test_model_change_carries_the_conversation_over(engine7: ReferenceEngine, tmp_path: Path) -> None:
     """After a switch to another model, the next message re-reads the transcript's last messages
     (within the token budget) into the new model, with a notice, instead of dropping them."""

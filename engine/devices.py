@@ -1,0 +1,116 @@
+"""One batched engine per device, behind one :class:`Engine`: the worker pool of a multi-GPU box.
+
+Each device gets its own copy of the model, its own resident states and its own scheduler
+thread (:class:`engine.pool.BatchedEngine`). A request goes to the device that holds its start
+state, so a channel sticks to one GPU while its state is there (a state in host memory or the
+database has no home: the request goes to the least loaded device, and stays there from then on,
+since the states it produces live on that device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.batched import parse_strategy
+from engine.interface import Engine, GenerationEvent, GenerationRequest
+from engine.pool import BatchedEngine
+from engine.state import Snapshot
+from engine.tokenizer import Tokenizer
+
+__all__ = ["DeviceEngines", "parse_devices"]
+
+
+def parse_devices(text: str) -> list[str]:
+    """The devices of a comma-separated list such as ``cuda:0,cuda:1``; ValueError when wrong."""
+    devices = [part.strip() for part in text.split(",") if part.strip()]
+    if not devices:
+        raise ValueError("no devices listed")
+    for device in devices:
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"{device!r} is not a device")
+    if len({_canonical(torch.device(d)) for d in devices}) != len(devices):
+        raise ValueError("a device is listed twice")
+    return devices
+
+
+class DeviceEngines(Engine):
+    """Several batched engines of one model, one per device; requests follow their states."""
+
+    def __init__(self, engines: Sequence[BatchedEngine]) -> None:
+        if not engines:
+            raise ValueError("DeviceEngines needs at least one engine")
+        fingerprints = {e.spec.fingerprint for e in engines}
+        if len(fingerprints) != 1:
+            raise ValueError("the engines of a DeviceEngines must run the same model")
+        self.engines = list(engines)
+        self.spec = engines[0].spec
+        self.tokenizer: Tokenizer = engines[0].tokenizer
+        self.devices = [_canonical(e.model.device) for e in self.engines]
+
+    @classmethod
+    def load(
+        cls, path: Path, strategy: str, devices: Sequence[str], tokenizer: str = "auto", **options: Any
+    ) -> DeviceEngines:
+        """Load the model once per device, with the precision of ``strategy`` (slow: use a thread)."""
+        precision = strategy.rsplit(maxsplit=1)[-1]
+        for device in devices:
+            parse_strategy(f"{device} {precision}")  # refuse a device that is not there, before loading
+        loaded: list[BatchedEngine] = []
+        try:
+            for device in devices:
+                loaded.append(BatchedEngine.load(path, f"{device} {precision}", tokenizer, **options))
+        except BaseException:
+            for engine in loaded:
+                asyncio.run(engine.close())
+            raise
+        return cls(loaded)
+
+    def pick(self, start: Snapshot | None) -> BatchedEngine:
+        """The engine for a request: where its start state is, else the least loaded one."""
+        if start is not None and start.tensors:
+            where = _canonical(start.tensors[0].device)
+            if where.type != "cpu":  # host memory is every device's: no reason to stick
+                for device, engine in zip(self.devices, self.engines, strict=True):
+                    if device == where:
+                        return engine
+        return min(self.engines, key=lambda e: e.busy())
+
+    async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
+        return await self.pick(start).read(start, tokens)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        return self.pick(request.start).generate(request)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self.engines))
+
+    def describe(self) -> str:
+        first = self.engines[0]
+        where = ", ".join(str(d) for d in self.devices)
+        return (
+            f"{self.spec.describe()} ({first.strategy.split()[-1]}, batched engine on {len(self.engines)} "
+            f"devices: {where}; per device max batch {first.max_batch}, {first.max_resident} resident, "
+            f"{first.model.describe_kernels()})"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """The devices' numbers together: sums of counts and rates, the slowest device's times."""
+        each = [engine.metrics() for engine in self.engines]
+        total = {key: float(sum(m[key] for m in each)) for key in each[0]}
+        for key in ("ttft_p50_s", "step_p50_ms", "step_p99_ms"):
+            total[key] = max(m[key] for m in each)
+        total["devices"] = float(len(self.engines))
+        return total
+
+
+def _canonical(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``, so that a tensor's device and a setting compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device

@@ -1,0 +1,98 @@
+"""Several batched engines, one per device, behind one engine: routing, balance, settings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.app import load_engine
+from bot.settings import ConfigError, load_settings
+from engine.devices import DeviceEngines, parse_devices
+from engine.errors import EngineError
+from engine.interface import Finished, GenerationRequest, ReplyMode
+from engine.pool import BatchedEngine
+from engine.sampling import SamplingParams
+from engine.state import Snapshot
+
+GREEDY = SamplingParams(top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def two(model_dir: Path) -> Iterator[DeviceEngines]:
+    """Two workers of the tiny RWKV-7 model (both on the CPU: this machine has no GPU)."""
+    engines = DeviceEngines([BatchedEngine.load(model_dir / "v7.pth", max_batch=4) for _ in range(2)])
+    yield engines
+    asyncio.run(engines.close())
+
+
+async def reply(engine: BatchedEngine | DeviceEngines, prompt: list[int]) -> list[int]:
+    request = GenerationRequest(None, prompt, GREEDY, ReplyMode.FREE, 6)
+    events = [event async for event in engine.generate(request)]
+    assert isinstance(events[-1], Finished)
+    return events[-1].tokens
+
+
+def test_device_lists() -> None:
+    """A list of distinct cpu/cuda devices is taken; anything else is refused."""
+    assert parse_devices(" cuda:0, cuda:1 ") == ["cuda:0", "cuda:1"]
+    for wrong in ("", "gpu0", "cuda:x", "cpu:1", "cuda:0,cuda:0", "cuda,cuda:0"):
+        with pytest.raises(ValueError):
+            parse_devices(wrong)
+
+
+async def test_requests_spread_over_the_devices_and_give_the_same_replies(
+    two: DeviceEngines, model_dir: Path
+) -> None:
+    """Channels that start together are shared out between the workers, with the replies one
+    engine gives; the status numbers add the devices up."""
+    prompts = [two.tokenizer.encode(f"Channel {i}:") for i in range(6)]
+    before = [engine.metrics()["steps"] for engine in two.engines]
+    got = await asyncio.gather(*(reply(two, p) for p in prompts))
+    assert all(engine.metrics()["steps"] > b for engine, b in zip(two.engines, before, strict=True))
+    single = BatchedEngine.load(model_dir / "v7.pth", max_batch=4)
+    try:
+        assert got == [await reply(single, p) for p in prompts]
+    finally:
+        await single.close()
+    metrics = two.metrics()
+    assert metrics["devices"] == 2 and metrics["max_resident"] == 8
+    assert "on 2 devices" in two.describe()
+
+
+async def test_a_state_on_a_device_goes_back_to_that_device(two: DeviceEngines) -> None:
+    """A request whose start state is on a GPU runs on that GPU's worker; a state in host memory
+    goes to the least busy worker."""
+    two.devices[1] = torch.device("meta")  # stands for a second GPU (this machine has none)
+    try:
+        on_gpu = Snapshot([torch.empty(3, device="meta")], torch.empty(2, device="meta"), None, "fp")
+        assert two.pick(on_gpu) is two.engines[1]
+        on_host = await two.read(None, two.tokenizer.encode("Hello"))
+        assert two.pick(on_host) is two.engines[0]  # both idle: the first
+    finally:
+        two.devices[1] = two.devices[0]
+
+
+def test_devices_setting(model_dir: Path) -> None:
+    """RWKV_DISCORD_DEVICES is checked at start, with one line naming it and the fix."""
+    assert load_settings(devices="cuda:0, cuda:1").devices == "cuda:0,cuda:1"
+    assert load_settings(devices=" ").devices is None
+    with pytest.raises(ConfigError, match=r"RWKV_DISCORD_DEVICES is wrong .*cuda:0,cuda:1"):
+        load_settings(devices="cuda:0,cuda:0")
+    with pytest.raises(ConfigError, match=r"RWKV_DISCORD_DEVICES is set, but v4\.pth runs on the reference"):
+        asyncio.run(load_engine(load_settings(model=model_dir / "v4.pth", devices="cpu")))
+    with pytest.raises(EngineError, match="needs a CUDA GPU"):  # refused before any model is loaded
+        DeviceEngines.load(model_dir / "v7.pth", "cuda fp16", ["cuda:0", "cuda:1"])
+
+
+async def test_devices_setting_loads_a_worker_per_device(model_dir: Path) -> None:
+    """With RWKV_DISCORD_DEVICES, the bot's engine is one batched worker per listed device."""
+    engine = await load_engine(load_settings(model=model_dir / "v7.pth", devices="cpu", max_batch=2))
+    try:
+        assert isinstance(engine, DeviceEngines) and len(engine.engines) == 1
+        assert await reply(engine, engine.tokenizer.encode("Hi")) != []
+    finally:
+        await engine.close()
