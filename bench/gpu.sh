@@ -11,15 +11,25 @@
 # OUT=... for where the JSON goes; default bench-out/). Exit status 0 only if every step passed.
 # On a machine without a package index, run bash bench/wheels.sh first where PyPI is reachable
 # and bring the .whl/ folder along: setup.sh installs it (rwkv, fla-core, ...).
-# Step 1 also pays for Triton compiling and autotuning fla-core's kernel (cached for step 2).
+# Step 0 pays for Triton compiling and autotuning fla-core's kernel (cached on disk for the others).
+# Worst case, with every timeout reached, 10 minutes: run gpu-states.sh as a second call.
 source "$(dirname "$0")/setup.sh"
 
-"$PY" - <<'PYEOF'
+echo "== 0/3 fla-core's fused kernel: compile, autotune and self-check (cached for the steps after) =="
+timeout 180 "$PY" - <<'PYEOF' || echo "!! the fused-kernel check did not finish; the steps below say which path they use"
+import logging, time, torch
+logging.basicConfig(level=logging.WARNING)
+from engine.batched import _load_fla
+started = time.perf_counter()
 try:
     import fla
-    print("fla-core", getattr(fla, "__version__", "?"), "(the batched engine self-checks it before use)")
-except Exception as exc:  # optional
-    print("fla-core not available, plain PyTorch recurrence:", exc)
+    version = getattr(fla, "__version__", "?")
+except Exception as exc:
+    print("fla-core not importable, the plain PyTorch recurrence serves:", exc)
+else:
+    fused = _load_fla(torch.device("cuda"), 32, 64)  # the 1.5B shape's heads
+    verdict = "in use" if fused is not None else "NOT in use (see the warning above)"
+    print(f"fla-core {version}: {verdict}, {time.perf_counter() - started:.1f} s")
 PYEOF
 
 FAILED=0

@@ -165,6 +165,8 @@ class BatchedRWKV7:
         use_fla: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         if max_slots < 1:
             raise ValueError("max_slots must be at least 1")
@@ -247,6 +249,11 @@ class BatchedRWKV7:
             self.n_head,
         )
 
+    @property
+    def fused_recurrence(self) -> bool:
+        """Whether fla-core's kernel runs the recurrence (else the plain, token by token, path)."""
+        return self._fla is not None
+
     def describe_kernels(self) -> str:
         """Which optional fast paths are on, for logs."""
         parts = []
@@ -325,6 +332,15 @@ class BatchedRWKV7:
             )
             hidden = self._blocks(x, idx, span)
             return self._logits(hidden) if logits else None
+
+    def capture_graphs(self, max_batch: int) -> None:
+        """Capture the decode step of every bucket a batch of up to ``max_batch`` uses, the
+        largest first (they share one memory pool); a no-op without CUDA graphs."""
+        with torch.no_grad():
+            for bucket in graph_buckets(max_batch, self.max_slots):
+                if not self.cuda_graphs:
+                    return
+                self._graph(bucket)
 
     def _graph(self, bucket: int) -> _DecodeGraph | None:
         """The captured decode step of a bucket (captured on first use); None: run eagerly."""
@@ -472,7 +488,7 @@ def _recurrent_plain(
     S = state.view(B * H, N, N)
     w = torch.exp(log_w)
     b = kk * a
-    out = torch.empty(B, T, H, N, dtype=torch.float32, device=r.device)
+    out = torch.empty(B, T, H, N, dtype=r.dtype, device=r.device)
     for t in range(T):
         sa = torch.bmm((-kk[:, t]).reshape(B * H, 1, N), S)  # [BH, 1, V], from the state before decay
         S.mul_(w[:, t].reshape(B * H, N, 1))
@@ -500,30 +516,59 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         kk: torch.Tensor,
         a: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, H, N = r.shape
+        if T == 1:  # a decode step: the batch buckets of the CUDA graphs
+            out, final = fused_mul_recurrent_rwkv7(
+                r=r, w=log_w, k=k, v=v, kk=kk, a=a, scale=1.0, initial_state=state, output_final_state=True
+            )
+            return out, final
+        # Prompt chunks: the slots as packed sequences of one batch row. The kernel's batch size
+        # is a compile-time constant, so this compiles once instead of once per group size.
+        starts = torch.arange(0, (B + 1) * T, T, dtype=torch.long, device=r.device)
+
+        def packed(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(1, B * T, H, N)
+
         out, final = fused_mul_recurrent_rwkv7(
-            r=r, w=log_w, k=k, v=v, kk=kk, a=a, scale=1.0, initial_state=state, output_final_state=True
+            r=packed(r),
+            w=packed(log_w),
+            k=packed(k),
+            v=packed(v),
+            kk=packed(kk),
+            a=packed(a),
+            scale=1.0,
+            initial_state=state,
+            output_final_state=True,
+            cu_seqlens=starts,
         )
-        return out, final
+        return out.reshape(B, T, H, N), final
 
     try:
         gen = torch.Generator(device="cpu").manual_seed(7)
-        B, T, H, N = 2, 3, n_head, head_size
+        for B, T in ((2, 1), (3, 5)):  # both kernel variants: decode, and packed prompt chunks
+            H, N = n_head, head_size
 
-        def rnd(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=gen).to(device)
+            def rnd(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen).to(device)
 
-        r, k, v = rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N)
-        log_w = _DECAY_SCALE * torch.sigmoid(rnd(B, T, H, N))
-        kk = F.normalize(rnd(B, T, H, N), dim=-1)
-        a = torch.sigmoid(rnd(B, T, H, N))
-        state = rnd(B, H, N, N) * 0.1
-        inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
-        want_y, want_s = _recurrent_plain(state.clone(), **inputs)
-        got_y, got_s = fused(state.clone(), **inputs)
-        scale = float(want_y.abs().max())
-        if (got_y - want_y).abs().max() > 1e-3 * scale or (got_s - want_s).abs().max() > 1e-3:
-            log.warning("fla-core's fused RWKV-7 kernel disagrees with the plain path; not using it")
-            return None
+            r, k, v = rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N)
+            log_w = _DECAY_SCALE * torch.sigmoid(rnd(B, T, H, N))
+            kk = F.normalize(rnd(B, T, H, N), dim=-1)
+            a = torch.sigmoid(rnd(B, T, H, N))
+            state = rnd(B, H, N, N) * 0.1
+            inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+            # float64 for the reference: TF32 (which importing the rwkv package turns on for
+            # float32 matrix products) cannot touch it
+            want_y, want_s = _recurrent_plain(
+                state.double(), **{name: t.double() for name, t in inputs.items()}
+            )
+            got_y, got_s = fused(state.clone(), **inputs)
+            scale = float(want_y.abs().max())
+            if (got_y.double() - want_y).abs().max() > 1e-3 * scale or (
+                got_s.double() - want_s
+            ).abs().max() > 1e-3:
+                log.warning("fla-core's fused RWKV-7 kernel disagrees with the plain path; not using it")
+                return None
     except Exception as exc:  # an API change in fla-core: fall back, and say so
         log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
         return None
@@ -543,6 +588,12 @@ def _free_memory(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def graph_buckets(max_batch: int, max_slots: int) -> list[int]:
+    """The CUDA-graph buckets that batches of 1 to ``max_batch`` sequences use, largest first."""
+    top = min(max_batch, max_slots)
+    return sorted({min(_bucket(n), max_slots) for n in range(1, top + 1)}, reverse=True)
 
 
 def _bucket(n: int) -> int:

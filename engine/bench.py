@@ -202,12 +202,12 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
     )
     bat: dict[int, Measure] = {}
     try:
-        report["batched_engine"] = batched.describe()
         for level in levels:
             await _warm_up(batched, prompts[:level], sampling)
             bat[level] = await _measure(batched, prompts[:level], args.tokens, sampling)
             print(f"batched    c={level:<4} {bat[level].decode_tokens_per_s:10.1f} tok/s", file=sys.stderr)
         batched_memory = _memory_mb(device)
+        report["batched_engine"] = batched.describe()  # after the runs: a failed capture shows
     finally:
         await batched.close()
 
@@ -267,39 +267,56 @@ async def _generate(
     )
     submitted = time.perf_counter()
     began = submitted
-    texts: list[float] = []
+    times: list[float] = []
+    pieces: list[str] = []
     async for event in engine.generate(request):
         now = time.perf_counter()
         if isinstance(event, PromptRead):
             began = now
         elif isinstance(event, TextDelta):
-            if not texts:
+            if not times:
                 run.first_text.append(now - submitted)
-            texts.append(now)
+            times.append(now)
+            pieces.append(event.text)
         elif isinstance(event, Finished):
             run.tokens += len(event.tokens)
             run.intervals.append((began, now))
-            run.gaps.extend(_token_gaps(texts, event.tokens, engine.tokenizer))
+            run.gaps.extend(_token_gaps(times, pieces, event.tokens, engine.tokenizer))
 
 
-def _token_gaps(times: Sequence[float], tokens: list[int], tokenizer: Tokenizer) -> list[float]:
+def _token_gaps(
+    times: Sequence[float], pieces: Sequence[str], tokens: list[int], tokenizer: Tokenizer
+) -> list[float]:
     """Time per token between pieces of text, one value per token.
 
-    A piece can carry several tokens (text is held back while it ends inside a character): the
-    engines' emission rule is replayed to learn how many, and the gap is shared among them.
+    A piece can carry several tokens: text is held back while it ends inside a character, and a
+    caller that falls behind gets the waiting text as one piece. The engines' emission rule is
+    replayed to learn which tokens each piece holds, and the gap is shared among them.
     """
-    counts: list[int] = []
+    emitted_pieces: list[tuple[int, str]] = []  # (tokens, text) of each emission, in order
     emitted = 0
     for end in range(1, len(tokens) + 1):
         piece = tokenizer.decode(tokens[emitted:end])
         if "\ufffd" not in piece or end - emitted >= PENDING_LIMIT:
             if piece:
-                counts.append(end - emitted)
+                emitted_pieces.append((end - emitted, piece))
             emitted = end
-    if emitted < len(tokens) and tokenizer.decode(tokens[emitted:]):
-        counts.append(len(tokens) - emitted)
-    if len(counts) != len(times):  # not the rule this bench knows: plain gaps
-        return [b - a for a, b in itertools.pairwise(times)]
+    if emitted < len(tokens):
+        rest = tokenizer.decode(tokens[emitted:])
+        if rest:
+            emitted_pieces.append((len(tokens) - emitted, rest))
+    counts: list[int] = []
+    queue = iter(emitted_pieces)
+    for piece in pieces:  # each piece received is one or more emissions joined
+        count, text = 0, ""
+        while len(text) < len(piece):
+            step = next(queue, None)
+            if step is None:
+                break
+            count, text = count + step[0], text + step[1]
+        if text != piece:  # not the rule this bench knows: plain gaps
+            return [b - a for a, b in itertools.pairwise(times)]
+        counts.append(count)
     gaps: list[float] = []
     for (before, after), count in zip(itertools.pairwise(times), counts[1:], strict=True):
         gaps.extend([(after - before) / count] * count)
@@ -333,11 +350,11 @@ def _parity(reference: Any, path: Path, strategy: str) -> dict[str, Any]:
     """
     from engine.batched import BatchedRWKV7
 
-    model = BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False)
-    ref_model = reference.model
     if strategy.startswith("cuda"):  # the package turns TF32 on at import; compare real fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    model = BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False)
+    ref_model = reference.model
     prompts = [[11, 22, 33, 44, 55, 66, 77, 88], [5, 6], [1000, 2000, 3000], [42] * 5]
     exact = strategy.endswith("fp32")
     decode_err = prefill_err = 0.0
@@ -365,6 +382,7 @@ def _parity(reference: Any, path: Path, strategy: str) -> dict[str, Any]:
         "prefill_rel_err": prefill_err,
         "limit": limit,
         "ok": decode_err < limit and prefill_err < limit,
+        "kernels": model.describe_kernels(),
     }
 
 
@@ -433,7 +451,8 @@ def _print_table(report: dict[str, Any]) -> None:
         verdict = "ok" if p["ok"] else "FAILED"
         print(
             f"logits parity vs the rwkv package: decode {p['decode_rel_err']:.2e}, "
-            f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.0e}): {verdict}"
+            f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.0e}): {verdict} "
+            f"[{p['kernels']}]"
         )
 
 

@@ -364,8 +364,10 @@ class BatchedEngine(Engine):
     ) -> None:
         if not model.matches(spec):
             raise EngineError(f"the loaded weights do not match {spec.describe()}")
-        if prefill_budget is None:  # a GPU reads thousands of tokens in the time of a decode step
-            prefill_budget = PREFILL_BUDGET_CUDA if model.device.type == "cuda" else PREFILL_BUDGET_CPU
+        if prefill_budget is None:  # a GPU with the fused kernel reads thousands of tokens in the
+            # time of a decode step; the plain recurrence launches kernels token by token
+            fast = model.device.type == "cuda" and model.fused_recurrence
+            prefill_budget = PREFILL_BUDGET_CUDA if fast else PREFILL_BUDGET_CPU
         if max_batch < 1 or prefill_chunk < 1 or prefill_budget < 1:
             raise ValueError("max_batch, prefill_chunk and prefill_budget must be at least 1")
         self.model = model
@@ -563,18 +565,26 @@ class BatchedEngine(Engine):
 
     def _submit(self, job: _Job) -> None:
         with self._cond:
-            if self._closing or self._dead is not None:
+            if self._dead is not None:
+                raise EngineDiedError(f"the engine died: {self._dead}")
+            if self._closing:
                 raise EngineDiedError("the engine has been closed")
             self._queue.append(job)
             self._cond.notify()
 
     # ------------------------------------------------------------------------------ the worker
 
-    def _work(self) -> None:
+    def _bind(self) -> None:
+        """Prepare the worker thread: its GPU, and the decode step's CUDA graphs for every batch
+        bucket up to ``max_batch`` (captured now rather than in the middle of someone's reply)."""
         if self.model.device.type == "cuda":
             torch.cuda.set_device(self.model.device)
+            self.model.capture_graphs(self.max_batch)
+
+    def _work(self) -> None:
         try:
             with torch.no_grad():
+                self._bind()
                 while True:
                     with self._cond:
                         while not (self._closing or self._queue or self._prefilling or self._decoding):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.batched import BatchedRWKV7
+from engine.batched import BatchedRWKV7, graph_buckets
 from engine.errors import EngineError
 
 
@@ -20,3 +20,11 @@ def test_too_many_resident_states_for_the_memory_is_refused_plainly(
     with pytest.raises(EngineError, match=r"lower max_resident \(or max_batch\) to at most 89"):
         BatchedRWKV7.load(model_dir / "v7.pth", max_slots=100)
     assert BatchedRWKV7.load(model_dir / "v7.pth", max_slots=89).max_slots == 89
+
+
+def test_graph_buckets_cover_every_batch_size() -> None:
+    """The buckets captured at start are the ones decode steps of 1 to max_batch sequences use."""
+    assert graph_buckets(128, 128) == [128, 64, 32, 16, 8, 4, 2, 1]
+    assert graph_buckets(70, 100) == [100, 64, 32, 16, 8, 4, 2, 1]  # 65 to 70 use the 100 slots
+    assert graph_buckets(5, 3) == [3, 2, 1]
+    assert graph_buckets(1, 32) == [1]

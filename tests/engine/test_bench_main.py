@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import main
+from engine.bench import _token_gaps, main
+from engine.tokenizer import world_tokenizer
 
 
 def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,3 +55,16 @@ def test_bench_refuses_a_wrong_vocabulary(extra: list[str], capsys: pytest.Captu
     """--vocab takes 256 to 65,536, and only for random models."""
     assert main(extra) == 2
     assert "--vocab" in capsys.readouterr().err
+
+
+def test_token_gaps_share_a_piece_s_gap_among_its_tokens() -> None:
+    """A piece that carries several tokens (text held back, or merged for a slow caller) spreads
+    its gap over them; pieces the rule cannot explain fall back to one gap per piece."""
+    tok = world_tokenizer()
+    tokens = tok.encode("one two three four five")
+    texts = [tok.decode([t]) for t in tokens]
+    assert len(tokens) == 5 and "".join(texts) == "one two three four five"
+    pieces = [texts[0], texts[1] + texts[2], texts[3] + texts[4]]
+    gaps = _token_gaps([0.0, 1.0, 1.5], pieces, tokens, tok)
+    assert gaps == pytest.approx([0.5, 0.5, 0.25, 0.25])
+    assert _token_gaps([0.0, 1.0], ["one", " two!"], tokens, tok) == pytest.approx([1.0])

@@ -400,3 +400,23 @@ async def test_a_caller_that_falls_behind_gets_the_waiting_text_as_one_piece(bat
     done = finished(rest)
     assert len(deltas) == 1 and len(done.tokens) == 24
     assert deltas[0].text == done.text == finished(alone).text
+
+
+async def test_a_worker_that_cannot_start_fails_requests_at_once(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies while preparing its device answers every request with the reason
+    instead of leaving it waiting."""
+
+    def no_gpu(self: BatchedEngine) -> None:
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    monkeypatch.setattr(BatchedEngine, "_bind", no_gpu)
+    engine = make_engine(model_dir)
+    try:
+        with pytest.raises(EngineDiedError, match="no kernel image"):
+            await asyncio.wait_for(engine.read(None, [1, 2, 3]), 10)
+        with pytest.raises(EngineDiedError, match="no kernel image"):
+            await asyncio.wait_for(collect(engine, request([1, 2], 3)), 10)
+    finally:
+        await engine.close()
