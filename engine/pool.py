@@ -22,6 +22,7 @@ import asyncio
 import heapq
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -63,82 +64,170 @@ _WINDOW_S = 10.0  # metrics: tokens per second over this many recent seconds
 
 
 def sample_batch(
-    shaped: torch.Tensor, sampling: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    shaped: torch.Tensor,
+    sampling: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    keys: Sequence[tuple[int, int]],
 ) -> list[int]:
     """:func:`engine.sampling.sample_token` for every row of ``shaped`` [R, vocab], batched.
 
     The rule is the same: greedy when ``top_p`` or the temperature is 0; otherwise keep the tokens
     at or above the probability where the sorted cumulative sum first reaches ``top_p``, then
     ``top_k``, then the temperature, and draw. The cut is found among the top few probabilities
-    (a top-k, not a sort of the whole vocabulary), falling back to ``sample_token`` when it is not
-    there. The draw is an exponential race over the kept tokens, which picks each with its
-    probability, from the row's own generator (so a seed replays the same tokens here, though
-    not the same as the reference engine's, which races the whole vocabulary).
+    (a top-k, not a sort of the whole vocabulary), on the device for the whole batch, falling
+    back to ``sample_token`` (with the row's generator) when it is not there. The draw is an
+    exponential race over the kept tokens, which picks each with its probability; its random
+    numbers are a hash of the row's key (seed, token index), so a seed replays the same tokens
+    whatever else is in the batch and on any device (though not the reference engine's tokens,
+    which races the whole vocabulary). The tokens come back to the host in one transfer.
     """
     count, vocab = shaped.shape
+    device = shaped.device
     tokens = [0] * count
     greedy = [i for i, s in enumerate(sampling) if s.top_p <= 0 or s.temperature <= 0]
-    if greedy:
-        rows = shaped if len(greedy) == count else shaped[greedy]
-        for i, token in zip(greedy, rows.argmax(dim=-1).tolist(), strict=True):
-            tokens[i] = int(token)
     drawn = [i for i, s in enumerate(sampling) if not (s.top_p <= 0 or s.temperature <= 0)]
+    parts: list[torch.Tensor] = []
+    if greedy:
+        parts.append((shaped if len(greedy) == count else shaped[greedy]).argmax(dim=-1))
+    if drawn:
+        probs = torch.softmax(shaped if not greedy else shaped[drawn], dim=-1)
+        params = _RowParams([sampling[i] for i in drawn], [keys[i] for i in drawn], device)
+        picks, undecided = _draw(probs, params, TOPK_STAGES[0], stage=0)
+        parts += [picks, undecided.long()]
+    fetched = torch.cat(parts).tolist() if parts else []  # the one wait for the device
+    for i, token in zip(greedy, fetched, strict=False):
+        tokens[i] = int(token)
     if not drawn:
         return tokens
-    probs = torch.softmax(shaped if not greedy else shaped[drawn], dim=-1)
-    pending = list(range(len(drawn)))  # rows of ``probs`` still to decide
-    for stage in TOPK_STAGES:
-        k = min(stage, vocab)
-        rows = probs if len(pending) == len(drawn) else probs[pending]
-        values, ids = (t.cpu() for t in torch.topk(rows, k, dim=-1))
-        weights, decided = nucleus_batch(values, [sampling[drawn[r]] for r in pending], vocab)
-        race = torch.full_like(weights, math.inf)
-        for j, row in enumerate(pending):
-            if decided[j]:
-                race[j].exponential_(1, generator=generators[drawn[row]])
-        picks = ids.gather(1, torch.argmax(weights / race.clamp_min_(1e-30), dim=-1, keepdim=True))
-        for j, row in enumerate(pending):
-            if decided[j]:
-                tokens[drawn[row]] = int(picks[j])
-        pending = [row for j, row in enumerate(pending) if not decided[j]]
-        if not pending or k == vocab:
+    picks_list = fetched[len(greedy) : len(greedy) + len(drawn)]
+    undecided_list = fetched[len(greedy) + len(drawn) :]
+    pending = []
+    for row, (token, open_) in enumerate(zip(picks_list, undecided_list, strict=True)):
+        if open_:
+            pending.append(row)
+        else:
+            tokens[drawn[row]] = int(token)
+    for stage, top in enumerate(TOPK_STAGES[1:], start=1):  # rare: a flat distribution
+        if not pending or TOPK_STAGES[stage - 1] >= vocab:
             break
+        sub = torch.tensor(pending, dtype=torch.long, device=device)
+        picks, undecided = _draw(probs.index_select(0, sub), params.take(pending), top, stage=stage)
+        decided_rows = []
+        for row, token, open_ in zip(pending, picks.tolist(), undecided.tolist(), strict=True):
+            if not open_:
+                tokens[drawn[row]] = int(token)
+                decided_rows.append(row)
+        pending = [row for row in pending if row not in decided_rows]
     for row in pending:
         i, s = drawn[row], sampling[drawn[row]]
         tokens[i] = sample_token(shaped[i], s.temperature, s.top_p, s.top_k, generators[i])
     return tokens
 
 
-def nucleus_batch(
-    values: torch.Tensor, sampling: Sequence[SamplingParams], vocab: int
-) -> tuple[torch.Tensor, list[bool]]:
-    """What ``sample_token`` keeps, row by row, from each row's top probabilities (descending).
+class _RowParams:
+    """The sampling settings and draw keys of a batch's rows, as device tensors [R, 1]."""
 
-    Returns the weights of the kept tokens (the probabilities after the temperature; 0 for the
-    others) [R, k], and whether the top k decided the row (else the caller sorts everything).
-    """
+    def __init__(
+        self, sampling: Sequence[SamplingParams], keys: Sequence[tuple[int, int]], device: torch.device
+    ) -> None:
+        self.sampling = list(sampling)
+        self.keys = list(keys)
+        floats = torch.tensor([[s.top_p, 1.0 / s.temperature] for s in sampling], dtype=torch.float32)
+        whole = torch.tensor([[s.top_k, _row_key(*key)] for s, key in zip(sampling, keys, strict=True)])
+        floats, whole = floats.to(device), whole.to(device)  # two transfers for all of it
+        self.top_p, self.inv_temperature = floats[:, :1].contiguous(), floats[:, 1:].contiguous()
+        self.top_k, self.row_keys = whole[:, :1].contiguous(), whole[:, 1:].contiguous()
+        self.plain = all(s.temperature == 1.0 for s in sampling)
+
+    def take(self, rows: Sequence[int]) -> _RowParams:
+        return _RowParams([self.sampling[r] for r in rows], [self.keys[r] for r in rows], self.top_p.device)
+
+
+def _draw(probs: torch.Tensor, params: _RowParams, top: int, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage of the batched draw: the picked token of each row and whether the row's cut lay
+    beyond the top ``top`` probabilities (undecided), both on the device."""
+    vocab = probs.shape[-1]
+    values, ids = torch.topk(probs, min(top, vocab), dim=-1)
+    weights, undecided = _nucleus(values, params, vocab)
+    race = _exponentials(params.row_keys, stage, values.shape[-1])
+    picks = ids.gather(1, torch.argmax(weights.double() / race, dim=-1, keepdim=True)).flatten()
+    return picks, undecided
+
+
+def _nucleus(values: torch.Tensor, params: _RowParams, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``sample_token`` keeps from each row's top probabilities (descending): the weights
+    (the probabilities after the temperature, 0 for the others) [R, k], and whether the top k
+    did not decide the row [R] (then the caller looks further)."""
     rows, k = values.shape
     partial = k < vocab
     cumulative = torch.cumsum(values, dim=-1)
-    top_p = torch.tensor([[s.top_p] for s in sampling], dtype=values.dtype)
-    cut = torch.searchsorted(cumulative, top_p)  # first place where the sum reaches top_p
-    undecided = (cut >= k).flatten() if partial else torch.zeros(rows, dtype=torch.bool)
+    cut = torch.searchsorted(cumulative, params.top_p.to(values.dtype))  # where the sum reaches top_p
+    undecided = (cut >= k).flatten() if partial else torch.zeros(rows, dtype=torch.bool, device=values.device)
     cutoff = values.gather(1, cut.clamp_max(k - 1))
     if partial:  # ties with the cut may continue past the top k
         undecided |= (values[:, -1:] >= cutoff).flatten()
     keep = values >= cutoff
-    top_k = torch.tensor([[s.top_k] for s in sampling])
+    top_k = params.top_k
+    # a top_k at or above the kept count removes nothing: it does not apply
     applies = (top_k > 0) & (top_k < vocab) & (top_k <= keep.sum(dim=-1, keepdim=True))
-    if bool(applies.any()):  # a larger top_k removes nothing: the dropped tokens are zeros there
-        kth = values.gather(1, (top_k - 1).clamp(0, k - 1))
-        keep &= ~applies | (values >= kth)
+    kth = values.gather(1, (top_k - 1).clamp(0, k - 1))
+    keep &= ~applies | (values >= kth)
     weights = torch.where(keep, values, torch.zeros_like(values))
-    for row, s in enumerate(sampling):
-        if s.temperature != 1.0:
-            weights[row] = weights[row] ** (1.0 / s.temperature)
+    if not params.plain:
+        weights = torch.where(params.inv_temperature == 1.0, weights, weights**params.inv_temperature)
     total = weights.sum(dim=-1)
     undecided |= ~torch.isfinite(total) | (total <= 0)
+    return weights, undecided
+
+
+def nucleus_batch(
+    values: torch.Tensor, sampling: Sequence[SamplingParams], vocab: int
+) -> tuple[torch.Tensor, list[bool]]:
+    """:func:`_nucleus` for rows of settings; returns the weights and whether each row was decided."""
+    params = _RowParams(sampling, [(0, 0)] * len(sampling), values.device)
+    weights, undecided = _nucleus(values, params, vocab)
     return weights, [not u for u in undecided.tolist()]
+
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's constants
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+
+
+def _splitmix(z: int) -> int:
+    """splitmix64's finaliser on a Python integer (64 bits)."""
+    z &= _MASK
+    z = ((z ^ (z >> 30)) * _MIX_1) & _MASK
+    z = ((z ^ (z >> 27)) * _MIX_2) & _MASK
+    return z ^ (z >> 31)
+
+
+def _row_key(seed: int, index: int) -> int:
+    """A row's 64-bit draw key from its seed and token index, as a signed int64 value."""
+    key = _splitmix(seed ^ _splitmix(index * _GOLDEN))
+    return key - (1 << 64) if key >> 63 else key
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping products; logical shifts made from
+    arithmetic ones)."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(_MIX_1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(_MIX_2)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def _exponentials(row_keys: torch.Tensor, stage: int, k: int) -> torch.Tensor:
+    """Standard exponential variates [R, k] (float64), a pure function of each row's key, the
+    stage and the position: counter-based, so no generator state is kept."""
+    position = torch.arange(1, k + 1, dtype=torch.long, device=row_keys.device) + stage * k
+    bits = _mix(row_keys + position * _signed(_GOLDEN))
+    uniform = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0**-53  # in (0, 1)
+    return -torch.log(uniform)
 
 
 def nucleus(
@@ -217,11 +306,10 @@ class _Reply:
         self.request = request
         self.tokenizer = tokenizer
         self.avoid_ids = avoid_ids
+        # The seed keys the batched draw; the generator serves the rare full-vocabulary fallback.
+        self.seed = request.seed % (1 << 63) if request.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device="cpu")
-        if request.seed is not None:
-            self.generator.manual_seed(request.seed)
-        else:
-            self.generator.seed()
+        self.generator.manual_seed(self.seed)
         s = request.sampling
         self.penalties = PenaltyTracker(s.presence_penalty, s.frequency_penalty, s.penalty_decay)
         self.chat = request.mode is ReplyMode.CHAT
@@ -739,7 +827,10 @@ class BatchedEngine(Engine):
                 self.tokenizer.eos_id,
             )
             tokens = sample_batch(
-                shaped, [r.request.sampling for r in replies], [r.generator for r in replies]
+                shaped,
+                [r.request.sampling for r in replies],
+                [r.generator for r in replies],
+                [(r.seed, r.index) for r in replies],
             )
         except Exception as exc:
             for job in live:

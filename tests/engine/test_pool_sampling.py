@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
 
 from engine.interface import GenerationRequest, ReplyMode
-from engine.pool import TOPK_STAGES, _Reply, nucleus, sample_batch, shape_batch
+from engine.pool import TOPK_STAGES, _exponentials, _Reply, _row_key, nucleus, sample_batch, shape_batch
 from engine.sampling import BANNED, PenaltyTracker, SamplingParams, chat_newline_bias, sample_token
 
 VOCAB = 5000
@@ -114,9 +115,11 @@ def test_nucleus_is_the_reference_distribution(
 
 
 def test_sample_batch_greedy_rows_are_argmax_and_seeds_replay() -> None:
-    """Greedy rows take the argmax; a seeded row draws the same tokens again, within its nucleus."""
+    """Greedy rows take the argmax; a row draws the same tokens again for the same key (seed,
+    token index), within its nucleus, whatever else is in the batch."""
     gen = torch.Generator().manual_seed(9)
     shaped = torch.randn(4, VOCAB, generator=gen) * 3
+    shaped[1, :3] = 30.0  # three equal favourites: the nucleus of row 1 holds all three
     params = [
         SamplingParams(top_p=0.0),
         SamplingParams(),
@@ -126,7 +129,7 @@ def test_sample_batch_greedy_rows_are_argmax_and_seeds_replay() -> None:
 
     def draw(seed: int) -> list[list[int]]:
         gens = [torch.Generator().manual_seed(seed + i) for i in range(4)]
-        return [sample_batch(shaped, params, gens) for _ in range(20)]
+        return [sample_batch(shaped, params, gens, [(seed + i, n) for i in range(4)]) for n in range(20)]
 
     first, again = draw(1), draw(1)
     assert first == again
@@ -135,7 +138,52 @@ def test_sample_batch_greedy_rows_are_argmax_and_seeds_replay() -> None:
     found = nucleus(values, ids, params[1], VOCAB)
     assert found is not None
     assert {row[1] for row in first} <= set(found[0].tolist())
+    assert {row[1] for row in first} == {0, 1, 2}  # the token index moves the draw on
+    alone = [sample_batch(shaped[1:2], params[1:2], [torch.Generator()], [(2, n)]) for n in range(20)]
+    assert [[row[1]] for row in first] == alone  # the same key alone in its batch: the same tokens
     # top_p = 1 keeps everything: that row is sample_token's own draw, same generator, same token
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    tokens = sample_batch(shaped[3:], params[3:], [gen_a])
+    tokens = sample_batch(shaped[3:], params[3:], [gen_a], [(5, 0)])
     assert tokens == [sample_token(shaped[3], 1.0, 1.0, 0, gen_b)]
+
+
+def test_the_draw_is_splitmix64() -> None:
+    """The counter-based random numbers are splitmix64 (written out here on Python integers), so
+    the int64 tensor arithmetic wraps as it should."""
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z &= mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    seeds, index, stage, k = [3, (1 << 63) - 1, 123456789], 41, 1, 5
+    keys = [_row_key(seed, index) for seed in seeds]
+    got = _exponentials(torch.tensor([[key] for key in keys]), stage, k)
+    for row, seed in enumerate(seeds):
+        base = mix(seed ^ mix(index * 0x9E3779B97F4A7C15))
+        assert keys[row] & mask == base
+        for j in range(k):
+            bits = mix(base + (stage * k + j + 1) * 0x9E3779B97F4A7C15)
+            uniform = ((bits >> 11) + 0.5) * 2.0**-53
+            assert got[row, j].item() == -math.log(uniform)
+
+
+def test_the_draw_picks_each_kept_token_with_its_probability() -> None:
+    """Over many keys, the batched draw's frequencies match the nucleus weights (a chi-square
+    test at a 1e-4 false alarm rate, with the keys fixed so the outcome is too)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -1.0, -3.0] + [-9.0] * (VOCAB - 6))
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    rows = 4000
+    shaped = logits.repeat(rows, 1)
+    tokens = sample_batch(shaped, [params] * rows, [torch.Generator()] * rows, [(77, n) for n in range(rows)])
+    values, ids = torch.topk(torch.softmax(logits, dim=-1), 64)
+    found = nucleus(values, ids, params, VOCAB)
+    assert found is not None
+    chosen, weights = found
+    expected = (weights / weights.sum() * rows).tolist()
+    counts = [tokens.count(int(t)) for t in chosen]
+    assert sum(counts) == rows  # nothing outside the nucleus
+    chi2 = sum((c - e) ** 2 / e for c, e in zip(counts, expected, strict=True))
+    assert chi2 < 23.5, (counts, expected)  # df <= 5: P(chi2 > 23.5) < 1e-4
