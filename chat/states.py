@@ -174,11 +174,12 @@ class StateTiers:
 
     def put(self, channel: str, states: dict[int, Snapshot]) -> None:
         """Hold exactly ``states`` for the channel, on the device, as the most recently used."""
-        self._host.pop(channel, None)
+        from_host = self._host.pop(channel, None)
         self._device.pop(channel, None)
         if not states:
             return
-        placed = {k: self._home(v) for k, v in states.items()}
+        home = from_host.home if from_host is not None else None  # back to the GPU it came from
+        placed = {k: self._home(v, home) for k, v in states.items()}
         self._device[channel] = _Entry(placed, sum(s.nbytes() for s in placed.values()))
         self._shrink(protect=channel)
 

@@ -304,17 +304,14 @@ class BatchedRWKV7:
         if len(slots) != len(tokens) or not slots:
             raise ValueError("decode needs one token per slot, and at least one slot")
         with torch.no_grad():
-            idx = torch.tensor(list(slots), dtype=torch.long)
-            tok = torch.tensor(list(tokens), dtype=torch.long)
+            idx = to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
+            tok = to_device(torch.tensor(list(tokens), dtype=torch.long), self.device)
             graph = self._graph(min(_bucket(len(slots)), self.max_slots)) if self.cuda_graphs else None
             if graph is not None:
-                return graph.run(idx.to(self.device), tok.to(self.device), self.scratch_slot)
+                return graph.run(idx, tok, self.scratch_slot)
             span = _span(slots)
-            x = F.embedding(tok.to(self.device), self.emb).unsqueeze(1)  # [B, 1, C]
-            if span is not None:
-                hidden = self._blocks(x, None, span)
-            else:
-                hidden = self._blocks(x, idx.to(self.device), None)
+            x = F.embedding(tok, self.emb).unsqueeze(1)  # [B, 1, C]
+            hidden = self._blocks(x, None, span) if span is not None else self._blocks(x, idx, None)
             return self._logits(hidden)
 
     def prefill(
@@ -324,13 +321,15 @@ class BatchedRWKV7:
         if len(slots) != len(tokens) or not slots or len({len(t) for t in tokens}) != 1 or not tokens[0]:
             raise ValueError("prefill needs one non-empty token run per slot, all of one length")
         with torch.no_grad():
-            tok = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
+            tok = to_device(torch.tensor([list(t) for t in tokens], dtype=torch.long), self.device)
             x = F.embedding(tok, self.emb)  # [B, T, C]
             span = _span(slots)
             idx = (
-                None if span is not None else torch.tensor(list(slots), dtype=torch.long, device=self.device)
+                None
+                if span is not None
+                else to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
             )
-            hidden = self._blocks(x, idx, span)
+            hidden = self._blocks(x, idx, span, prompt=True)
             return self._logits(hidden) if logits else None
 
     def capture_graphs(self, max_batch: int) -> None:
@@ -368,12 +367,18 @@ class BatchedRWKV7:
         return self.head(h).float()
 
     def _blocks(
-        self, x: torch.Tensor, idx: torch.Tensor | None, span: tuple[int, int] | None
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor | None,
+        span: tuple[int, int] | None,
+        *,
+        prompt: bool = False,
     ) -> torch.Tensor:
         """Run all layers on ``x`` [B, T, C], updating the slots; returns the last position [B, C].
 
         ``span`` (first slot, count) works in place on a contiguous run of slots; otherwise the
         slots ``idx`` are gathered and scattered back, one read and one write per layer.
+        ``prompt``: a prompt chunk (the fused kernel packs those, whatever their length).
         """
         C = x.shape[-1]
         v_first: torch.Tensor | None = None
@@ -390,7 +395,7 @@ class BatchedRWKV7:
                 ffn_shift = self.ffn_x[i].index_select(0, idx)
 
             h = F.layer_norm(x, (C,), weight=p.ln1_w, bias=p.ln1_b)
-            out, v_first = self._time_mix(i, p, h, shift=shift, kv=kv, v_first=v_first)
+            out, v_first = self._time_mix(i, p, h, shift=shift, kv=kv, v_first=v_first, prompt=prompt)
             new_shift = h[:, -1]
             x = x + out
             h = F.layer_norm(x, (C,), weight=p.ln2_w, bias=p.ln2_b)
@@ -416,6 +421,7 @@ class BatchedRWKV7:
         shift: torch.Tensor,
         kv: torch.Tensor,
         v_first: torch.Tensor | None,
+        prompt: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         H, N, M = self.n_head, self.head_size, B * T
@@ -442,10 +448,11 @@ class BatchedRWKV7:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.float().reshape(B, T, H, N)
 
-        recurrence = self._fla or _recurrent_plain
-        y, kv_new = recurrence(
-            kv, r=heads(r), log_w=heads(log_w), k=heads(k), v=heads(v), kk=heads(kk), a=heads(a)
-        )
+        inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+        if self._fla is not None:
+            y, kv_new = self._fla(kv, packed=prompt, **{name: heads(t) for name, t in inputs.items()})
+        else:
+            y, kv_new = _recurrent_plain(kv, **{name: heads(t) for name, t in inputs.items()})
         if kv_new is not kv:
             kv.copy_(kv_new)
         y = y.reshape(M, C).to(self.dtype)
@@ -515,27 +522,29 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         v: torch.Tensor,
         kk: torch.Tensor,
         a: torch.Tensor,
+        packed: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, N = r.shape
-        if T == 1:  # a decode step: the batch buckets of the CUDA graphs
+        if not packed:  # a decode step: the batch buckets of the CUDA graphs
             out, final = fused_mul_recurrent_rwkv7(
                 r=r, w=log_w, k=k, v=v, kk=kk, a=a, scale=1.0, initial_state=state, output_final_state=True
             )
             return out, final
-        # Prompt chunks: the slots as packed sequences of one batch row. The kernel's batch size
-        # is a compile-time constant, so this compiles once instead of once per group size.
+        # Prompt chunks (any length, one token too): the slots as packed sequences of one batch
+        # row. The kernel's batch size is a compile-time constant, so this compiles once instead
+        # of once per group size.
         starts = torch.arange(0, (B + 1) * T, T, dtype=torch.long, device=r.device)
 
-        def packed(t: torch.Tensor) -> torch.Tensor:
+        def flat(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(1, B * T, H, N)
 
         out, final = fused_mul_recurrent_rwkv7(
-            r=packed(r),
-            w=packed(log_w),
-            k=packed(k),
-            v=packed(v),
-            kk=packed(kk),
-            a=packed(a),
+            r=flat(r),
+            w=flat(log_w),
+            k=flat(k),
+            v=flat(v),
+            kk=flat(kk),
+            a=flat(a),
             scale=1.0,
             initial_state=state,
             output_final_state=True,
@@ -545,7 +554,7 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
 
     try:
         gen = torch.Generator(device="cpu").manual_seed(7)
-        for B, T in ((2, 1), (3, 5)):  # both kernel variants: decode, and packed prompt chunks
+        for B, T, packed in ((2, 1, False), (3, 5, True), (2, 1, True)):  # decode; prompt chunks
             H, N = n_head, head_size
 
             def rnd(*shape: int) -> torch.Tensor:
@@ -562,7 +571,7 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
             want_y, want_s = _recurrent_plain(
                 state.double(), **{name: t.double() for name, t in inputs.items()}
             )
-            got_y, got_s = fused(state.clone(), **inputs)
+            got_y, got_s = fused(state.clone(), packed=packed, **inputs)
             scale = float(want_y.abs().max())
             if (got_y.double() - want_y).abs().max() > 1e-3 * scale or (
                 got_s.double() - want_s
@@ -573,6 +582,14 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
         return None
     return fused
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device: from pinned memory,
+    asynchronously (a plain copy from pageable memory synchronises the stream first)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _free_memory(device: torch.device) -> int | None:

@@ -350,10 +350,20 @@ def _parity(reference: Any, path: Path, strategy: str) -> dict[str, Any]:
     """
     from engine.batched import BatchedRWKV7
 
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if strategy.startswith("cuda"):  # the package turns TF32 on at import; compare real fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    model = BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False)
+    try:
+        return _compare(
+            reference, BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False), strategy
+        )
+    finally:  # the engines are timed with the package's own setting
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
+    """The parity numbers of a loaded batched model against the reference engine's model."""
     ref_model = reference.model
     prompts = [[11, 22, 33, 44, 55, 66, 77, 88], [5, 6], [1000, 2000, 3000], [42] * 5]
     exact = strategy.endswith("fp32")

@@ -3,20 +3,24 @@
 Each device gets its own copy of the model, its own resident states and its own scheduler
 thread (:class:`engine.pool.BatchedEngine`). A request goes to the device that holds its start
 state, so a channel sticks to one GPU while its state is there (a state in host memory or the
-database has no home: the request goes to the least loaded device, and stays there from then on,
-since the states it produces live on that device).
+database has no home: the request goes to the least busy device, and stays there from then on,
+since the states it produces live on that device). States read from nothing (a preset's opening,
+which every new channel starts from) are handed back in host memory, so that they tie no channel
+to the device that read them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.batched import parse_strategy
+from engine.errors import EngineError
 from engine.interface import Engine, GenerationEvent, GenerationRequest
 from engine.pool import BatchedEngine
 from engine.state import Snapshot
@@ -26,15 +30,22 @@ __all__ = ["DeviceEngines", "parse_devices"]
 
 
 def parse_devices(text: str) -> list[str]:
-    """The devices of a comma-separated list such as ``cuda:0,cuda:1``; ValueError when wrong."""
-    devices = [part.strip() for part in text.split(",") if part.strip()]
+    """The devices of a comma-separated list such as ``cuda:0,cuda:1`` (``cpu`` alone also
+    works); ValueError when wrong."""
+    devices: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        kind, colon, index = part.partition(":")
+        if part == "cpu":
+            devices.append(part)
+        elif kind == "cuda" and (not colon or (index.isascii() and index.isdigit())):
+            devices.append(f"cuda:{int(index)}" if colon else "cuda")
+        else:
+            raise ValueError(f"{part!r} is not a device")
     if not devices:
         raise ValueError("no devices listed")
-    for device in devices:
-        kind, _, index = device.partition(":")
-        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ValueError(f"{device!r} is not a device")
-    if len({_canonical(torch.device(d)) for d in devices}) != len(devices):
+    if "cpu" in devices and len(devices) > 1:
+        raise ValueError("the CPU cannot be one of several devices")
+    if len({"cuda:0" if d == "cuda" else d for d in devices}) != len(devices):
         raise ValueError("a device is listed twice")
     return devices
 
@@ -58,16 +69,25 @@ class DeviceEngines(Engine):
         cls, path: Path, strategy: str, devices: Sequence[str], tokenizer: str = "auto", **options: Any
     ) -> DeviceEngines:
         """Load the model once per device, with the precision of ``strategy`` (slow: use a thread)."""
-        precision = strategy.rsplit(maxsplit=1)[-1]
-        for device in devices:
-            parse_strategy(f"{device} {precision}")  # refuse a device that is not there, before loading
+        words = strategy.split()
+        if len(words) != 2:
+            raise EngineError(
+                f"with several devices the strategy gives only the precision, as in 'cuda fp16', "
+                f"and {strategy!r} is more than that"
+            )
+        precision = words[1]
+        for device in devices:  # refuse a device that is not there, before loading anything
+            try:
+                parse_strategy(f"{device} {precision}")
+            except EngineError as exc:
+                raise EngineError(f"device {device} of the devices setting: {exc}") from None
         loaded: list[BatchedEngine] = []
         try:
             for device in devices:
                 loaded.append(BatchedEngine.load(path, f"{device} {precision}", tokenizer, **options))
         except BaseException:
-            for engine in loaded:
-                asyncio.run(engine.close())
+            for engine in loaded:  # no event loop needed: this runs in a loading thread
+                engine.shutdown()
             raise
         return cls(loaded)
 
@@ -77,12 +97,16 @@ class DeviceEngines(Engine):
             where = _canonical(start.tensors[0].device)
             if where.type != "cpu":  # host memory is every device's: no reason to stick
                 for device, engine in zip(self.devices, self.engines, strict=True):
-                    if device == where:
+                    if device == where and engine.alive:
                         return engine
-        return min(self.engines, key=lambda e: e.busy())
+        alive = [engine for engine in self.engines if engine.alive] or self.engines
+        return min(alive, key=lambda e: e.busy())  # (all dead: the request hears why)
 
     async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
-        return await self.pick(start).read(start, tokens)
+        snapshot = await self.pick(start).read(start, tokens)
+        if start is None and len(self.engines) > 1:  # shared (an opening state): no device's
+            snapshot = await asyncio.to_thread(_to_host, snapshot)
+        return snapshot
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.pick(request.start).generate(request)
@@ -107,6 +131,18 @@ class DeviceEngines(Engine):
             total[key] = max(m[key] for m in each)
         total["devices"] = float(len(self.engines))
         return total
+
+
+def _to_host(snapshot: Snapshot) -> Snapshot:
+    """The snapshot in host memory (pinned where there is a GPU, for fast copies back)."""
+    pin = torch.cuda.is_available()
+
+    def host(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
+
+    return replace(snapshot, tensors=[host(t) for t in snapshot.tensors], logits=host(snapshot.logits))
 
 
 def _canonical(device: torch.device) -> torch.device:

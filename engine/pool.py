@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.batched import BatchedRWKV7
+from engine.batched import BatchedRWKV7, to_device
 from engine.errors import EngineDiedError, EngineError
 from engine.formats import ModelSpec, inspect_model
 from engine.generation import PENDING_LIMIT, avoid_repeat_ids, visible_text
@@ -77,9 +77,10 @@ def sample_batch(
     (a top-k, not a sort of the whole vocabulary), on the device for the whole batch, falling
     back to ``sample_token`` (with the row's generator) when it is not there. The draw is an
     exponential race over the kept tokens, which picks each with its probability; its random
-    numbers are a hash of the row's key (seed, token index), so a seed replays the same tokens
-    whatever else is in the batch and on any device (though not the reference engine's tokens,
-    which races the whole vocabulary). The tokens come back to the host in one transfer.
+    numbers are a hash of the row's key (seed, token index), so the same key and the same logits
+    give the same token whatever else is in the batch (on a GPU the batch size can move the last
+    bits of the logits; and these are not the reference engine's tokens, which races the whole
+    vocabulary). The tokens come back to the host in one transfer, the step's one wait.
     """
     count, vocab = shaped.shape
     device = shaped.device
@@ -88,13 +89,14 @@ def sample_batch(
     drawn = [i for i, s in enumerate(sampling) if not (s.top_p <= 0 or s.temperature <= 0)]
     parts: list[torch.Tensor] = []
     if greedy:
-        parts.append((shaped if len(greedy) == count else shaped[greedy]).argmax(dim=-1))
+        rows = shaped if len(greedy) == count else shaped.index_select(0, _rows(greedy, device))
+        parts.append(rows.argmax(dim=-1))
     if drawn:
-        probs = torch.softmax(shaped if not greedy else shaped[drawn], dim=-1)
+        probs = torch.softmax(shaped if not greedy else shaped.index_select(0, _rows(drawn, device)), dim=-1)
         params = _RowParams([sampling[i] for i in drawn], [keys[i] for i in drawn], device)
         picks, undecided = _draw(probs, params, TOPK_STAGES[0], stage=0)
         parts += [picks, undecided.long()]
-    fetched = torch.cat(parts).tolist() if parts else []  # the one wait for the device
+    fetched = torch.cat(parts).tolist() if parts else []  # the step's one wait for the device
     for i, token in zip(greedy, fetched, strict=False):
         tokens[i] = int(token)
     if not drawn:
@@ -110,8 +112,9 @@ def sample_batch(
     for stage, top in enumerate(TOPK_STAGES[1:], start=1):  # rare: a flat distribution
         if not pending or TOPK_STAGES[stage - 1] >= vocab:
             break
-        sub = torch.tensor(pending, dtype=torch.long, device=device)
-        picks, undecided = _draw(probs.index_select(0, sub), params.take(pending), top, stage=stage)
+        picks, undecided = _draw(
+            probs.index_select(0, _rows(pending, device)), params.take(pending), top, stage
+        )
         decided_rows = []
         for row, token, open_ in zip(pending, picks.tolist(), undecided.tolist(), strict=True):
             if not open_:
@@ -124,6 +127,11 @@ def sample_batch(
     return tokens
 
 
+def _rows(rows: list[int], device: torch.device) -> torch.Tensor:
+    """Row numbers as an index on the device (a Python list as an index would wait for it)."""
+    return to_device(torch.tensor(rows, dtype=torch.long), device)
+
+
 class _RowParams:
     """The sampling settings and draw keys of a batch's rows, as device tensors [R, 1]."""
 
@@ -134,7 +142,7 @@ class _RowParams:
         self.keys = list(keys)
         floats = torch.tensor([[s.top_p, 1.0 / s.temperature] for s in sampling], dtype=torch.float32)
         whole = torch.tensor([[s.top_k, _row_key(*key)] for s, key in zip(sampling, keys, strict=True)])
-        floats, whole = floats.to(device), whole.to(device)  # two transfers for all of it
+        floats, whole = to_device(floats, device), to_device(whole, device)  # two, without waiting
         self.top_p, self.inv_temperature = floats[:, :1].contiguous(), floats[:, 1:].contiguous()
         self.top_k, self.row_keys = whole[:, :1].contiguous(), whole[:, 1:].contiguous()
         self.plain = all(s.temperature == 1.0 for s in sampling)
@@ -271,10 +279,10 @@ def shape_batch(
             nl_bias.append(reply.request.newline_bias)
 
     def index(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return to_device(torch.tensor(values, dtype=torch.long), device)
 
     def floats(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=shaped.dtype, device=device)
+        return to_device(torch.tensor(values, dtype=shaped.dtype), device)
 
     if ban_rows:
         shaped[index(ban_rows), index(ban_cols)] = BANNED
@@ -287,9 +295,11 @@ def shape_batch(
     lengths = [len(t) for t in trackers]
     if any(lengths):
         # every (row, id) pair once: the ids of a reply are distinct
-        rows = torch.repeat_interleave(torch.arange(len(trackers)), torch.tensor(lengths)).to(device)
-        cols = torch.from_numpy(np.concatenate([t.ids for t in trackers])).to(device)
-        counts = torch.from_numpy(np.concatenate([t.values for t in trackers])).to(device, shaped.dtype)
+        rows = to_device(torch.repeat_interleave(torch.arange(len(trackers)), torch.tensor(lengths)), device)
+        cols = to_device(torch.from_numpy(np.concatenate([t.ids for t in trackers])), device)
+        counts = to_device(
+            torch.from_numpy(np.concatenate([t.values for t in trackers])).to(shaped.dtype), device
+        )
         presence = floats([t.presence for t in trackers])[rows]
         frequency = floats([t.frequency for t in trackers])[rows]
         shaped[rows, cols] = shaped[rows, cols] - (presence + counts * frequency)
@@ -478,8 +488,20 @@ class BatchedEngine(Engine):
         self._decode_turn = 0
         self._stats = _Stats()
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object], _Job, object]] = []
+        self._ready = threading.Event()  # set once the worker has bound its device (or died)
         self._thread = threading.Thread(target=self._work, name=f"rwkv-batch-{model.device}", daemon=True)
         self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Block until the worker has prepared its device; :class:`EngineError` if it could not."""
+        self._ready.wait()
+        if self._dead is not None:
+            raise EngineError(f"the batched engine could not start on {self.model.device}: {self._dead}")
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests (not closed, its worker not dead)."""
+        return not self._closing and self._dead is None
 
     @classmethod
     def load(
@@ -512,7 +534,7 @@ class BatchedEngine(Engine):
         model = BatchedRWKV7.load(
             path, strategy, max_slots=resident, cuda_graphs=cuda_graphs, use_fla=use_fla
         )
-        return cls(
+        engine = cls(
             model,
             spec,
             tok,
@@ -521,6 +543,12 @@ class BatchedEngine(Engine):
             prefill_chunk=prefill_chunk,
             prefill_budget=prefill_budget,
         )
+        try:
+            engine.wait_ready()  # a GPU that cannot run the model says so now, not at the first reply
+        except BaseException:
+            engine.shutdown()
+            raise
+        return engine
 
     def describe(self) -> str:
         """The model, the strategy, and the batch limits."""
@@ -586,10 +614,14 @@ class BatchedEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker; queued and running generations end with :class:`EngineDiedError`."""
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+    def shutdown(self) -> None:
+        """:meth:`close` for code outside an event loop: blocks until the worker has stopped."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread.join()
 
     def busy(self) -> int:
         """Requests waiting or holding a state slot: how loaded this engine is."""
@@ -672,7 +704,13 @@ class BatchedEngine(Engine):
     def _work(self) -> None:
         try:
             with torch.no_grad():
-                self._bind()
+                try:
+                    self._bind()
+                except BaseException as exc:
+                    self._dead = exc  # before the event: wait_ready reads it
+                    raise
+                finally:
+                    self._ready.set()
                 while True:
                     with self._cond:
                         while not (self._closing or self._queue or self._prefilling or self._decoding):

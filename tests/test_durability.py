@@ -250,6 +250,9 @@ def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatc
     assert moves == [[host, host], [gpu, gpu], [host, host]]  # b back where it came from; a down
     tiers.put("c", {1: on(host)})  # a state in host memory with no home: the learnt layout
     assert moves[3] == [host, host]
+    assert tiers.where("b") == "host"  # moved down again to make room for c
+    tiers.put("b", {2: on(host)})  # its states replaced while in host memory (as hold does)
+    assert moves[-2] == [gpu, gpu]  # still its GPU's (then another channel moved down)
 
 
 async def test_model_change_carries_the_conversation_over(engine7: ReferenceEngine, tmp_path: Path) -> None:

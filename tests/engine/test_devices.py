@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from bot.app import load_engine
 from bot.settings import ConfigError, load_settings
+from engine.batched import BatchedRWKV7
 from engine.devices import DeviceEngines, parse_devices
 from engine.errors import EngineError
+from engine.formats import inspect_model
 from engine.interface import Finished, GenerationRequest, ReplyMode
 from engine.pool import BatchedEngine
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
+from engine.tokenizer import world_tokenizer
 
 GREEDY = SamplingParams(top_p=0.0)
 
@@ -39,7 +43,9 @@ async def reply(engine: BatchedEngine | DeviceEngines, prompt: list[int]) -> lis
 def test_device_lists() -> None:
     """A list of distinct cpu/cuda devices is taken; anything else is refused."""
     assert parse_devices(" cuda:0, cuda:1 ") == ["cuda:0", "cuda:1"]
-    for wrong in ("", "gpu0", "cuda:x", "cpu:1", "cuda:0,cuda:0", "cuda,cuda:0"):
+    assert parse_devices("cuda:01,cuda") == ["cuda:1", "cuda"]
+    assert parse_devices("cpu") == ["cpu"]
+    for wrong in ("", "gpu0", "cuda:x", "cpu:1", "cuda:0,cuda:0", "cuda,cuda:0", "cuda:\u0663", "cpu,cuda:0"):
         with pytest.raises(ValueError):
             parse_devices(wrong)
 
@@ -80,6 +86,7 @@ def test_devices_setting(model_dir: Path) -> None:
     """RWKV_DISCORD_DEVICES is checked at start, with one line naming it and the fix."""
     assert load_settings(devices="cuda:0, cuda:1").devices == "cuda:0,cuda:1"
     assert load_settings(devices=" ").devices is None
+    assert load_settings(devices="cuda:00").devices == "cuda:0"
     with pytest.raises(ConfigError, match=r"RWKV_DISCORD_DEVICES is wrong .*cuda:0,cuda:1"):
         load_settings(devices="cuda:0,cuda:0")
     with pytest.raises(ConfigError, match=r"RWKV_DISCORD_DEVICES is set, but v4\.pth runs on the reference"):
@@ -96,3 +103,78 @@ async def test_devices_setting_loads_a_worker_per_device(model_dir: Path) -> Non
         assert await reply(engine, engine.tokenizer.encode("Hi")) != []
     finally:
         await engine.close()
+
+
+async def test_a_dead_worker_gets_no_new_channels(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that could not start is passed over: its empty queue does not make it the least busy."""
+    original = BatchedEngine._bind
+    starts = 0
+
+    def first_fails(self: BatchedEngine) -> None:
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            raise RuntimeError("CUDA error: out of memory")
+        original(self)
+
+    monkeypatch.setattr(BatchedEngine, "_bind", first_fails)
+    model_path = model_dir / "v7.pth"
+    spec = inspect_model(model_path)
+    dead = BatchedEngine(BatchedRWKV7.load(model_path), spec, world_tokenizer(), "cpu fp32")
+    healthy = BatchedEngine.load(model_path, max_batch=2)
+    engines = DeviceEngines([dead, healthy])
+    try:
+        await asyncio.wait_for(asyncio.to_thread(dead._ready.wait), 10)
+        assert not dead.alive and healthy.alive
+        for i in range(3):
+            assert await reply(engines, engines.tokenizer.encode(f"Hi {i}")) != []
+    finally:
+        await engines.close()
+
+
+async def test_a_load_that_fails_halfway_stops_the_workers_it_started(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the second device fails to load, the first one's worker is stopped, not left running,
+    and the error is the load's, also when the load runs on an event loop's thread."""
+    real_load = BatchedEngine.load
+    started: list[BatchedEngine] = []
+
+    def load(*args: Any, **kwargs: Any) -> BatchedEngine:
+        if started:
+            raise EngineError("not enough GPU memory to load v7.pth as 'cuda:1 fp16'")
+        started.append(real_load(args[0]))  # on the CPU: this machine has no GPU
+        return started[0]
+
+    monkeypatch.setattr(BatchedEngine, "load", load)
+    monkeypatch.setattr("engine.devices.parse_strategy", lambda strategy: None)  # pretend GPUs are there
+    with pytest.raises(EngineError, match="not enough GPU memory"):
+        DeviceEngines.load(model_dir / "v7.pth", "cuda fp16", ["cuda:0", "cuda:1"])
+    assert len(started) == 1 and not started[0].alive and not started[0]._thread.is_alive()
+
+
+async def test_states_read_from_nothing_belong_to_no_device(
+    two: DeviceEngines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state read from nothing (a preset's opening, shared by every new channel) comes back in
+    host memory, so new channels spread over the devices; a channel's own reads stay put."""
+    moved: list[Snapshot] = []
+
+    def to_host(snapshot: Snapshot) -> Snapshot:
+        moved.append(snapshot)
+        return snapshot
+
+    monkeypatch.setattr("engine.devices._to_host", to_host)
+    opening = await two.read(None, two.tokenizer.encode("System: be nice"))
+    assert moved == [opening]
+    await two.read(opening, two.tokenizer.encode("User: hi"))
+    assert len(moved) == 1
+
+
+def test_a_strategy_with_more_than_a_precision_is_refused_with_devices(model_dir: Path) -> None:
+    """With several devices only the precision comes from the strategy; more is refused, and a
+    device that cannot take the precision is named."""
+    with pytest.raises(EngineError, match="only the precision"):
+        DeviceEngines.load(model_dir / "v7.pth", "cuda fp16 *10 -> cpu fp32", ["cuda:0", "cuda:1"])
+    with pytest.raises(EngineError, match="device cpu of the devices setting"):
+        DeviceEngines.load(model_dir / "v7.pth", "cuda fp16", ["cpu"])

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from engine.batched import BatchedRWKV7
 from engine.errors import EngineDiedError, EngineError
+from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
 from engine.interface import (
     Finished,
@@ -26,6 +28,7 @@ from engine.interface import (
 from engine.pool import BatchedEngine
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
+from engine.tokenizer import world_tokenizer
 
 GREEDY = SamplingParams(top_p=0.0)
 
@@ -405,14 +408,17 @@ async def test_a_caller_that_falls_behind_gets_the_waiting_text_as_one_piece(bat
 async def test_a_worker_that_cannot_start_fails_requests_at_once(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker that dies while preparing its device answers every request with the reason
-    instead of leaving it waiting."""
+    """A worker that dies while preparing its device makes the load fail with the reason; an
+    engine built without waiting answers every request with it instead of leaving it waiting."""
 
     def no_gpu(self: BatchedEngine) -> None:
         raise RuntimeError("CUDA error: no kernel image is available")
 
     monkeypatch.setattr(BatchedEngine, "_bind", no_gpu)
-    engine = make_engine(model_dir)
+    with pytest.raises(EngineError, match="could not start on cpu: CUDA error: no kernel image"):
+        make_engine(model_dir)
+    path = model_dir / "v7.pth"
+    engine = BatchedEngine(BatchedRWKV7.load(path), inspect_model(path), world_tokenizer(), "cpu fp32")
     try:
         with pytest.raises(EngineDiedError, match="no kernel image"):
             await asyncio.wait_for(engine.read(None, [1, 2, 3]), 10)
