@@ -366,6 +366,7 @@ def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
     """The parity numbers of a loaded batched model against the reference engine's model."""
     ref_model = reference.model
     prompts = [[11, 22, 33, 44, 55, 66, 77, 88], [5, 6], [1000, 2000, 3000], [42] * 5]
+    prompts = [[token % model.vocab_size for token in prompt] for prompt in prompts]  # --vocab
     exact = strategy.endswith("fp32")
     decode_err = prefill_err = 0.0
     with torch.no_grad():

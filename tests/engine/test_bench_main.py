@@ -41,9 +41,9 @@ def test_bench_with_a_small_vocabulary(tmp_path: Path) -> None:
     """--vocab writes a random model with that head, read by the World tokenizer in both engines."""
     out = tmp_path / "bench.json"
     argv = ["--layers", "1", "--embd", "64", "--vocab", "512", "--concurrency", "2", "--tokens", "3"]
-    assert main([*argv, "--prompt-tokens", "4", "--json", str(out)]) == 0
+    assert main([*argv, "--prompt-tokens", "4", "--parity", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert "vocab 512" in report["model"]["description"]
+    assert "vocab 512" in report["model"]["description"] and report["parity"]["ok"]
     for name in ("reference", "batched"):
         assert report["results"][0][name]["generated_tokens"] > 0
 
