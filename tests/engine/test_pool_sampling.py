@@ -187,3 +187,25 @@ def test_the_draw_picks_each_kept_token_with_its_probability() -> None:
     assert sum(counts) == rows  # nothing outside the nucleus
     chi2 = sum((c - e) ** 2 / e for c, e in zip(counts, expected, strict=True))
     assert chi2 < 23.5, (counts, expected)  # df <= 5: P(chi2 > 23.5) < 1e-4
+
+
+def test_rows_decided_further_down_keep_their_places() -> None:
+    """A batch whose rows are decided at different stages: in the top 64, in the top 1024, or
+    only by sample_token over everything (a flat row, ties past any top k); each row's token is
+    its own rule's."""
+    peaked = torch.full((VOCAB,), -5.0)
+    peaked[7], peaked[9] = 6.0, 5.8
+    slope = -torch.arange(VOCAB, dtype=torch.float32) * 1e-3  # top_p 0.3 needs a few hundred tokens
+    flat = torch.zeros(VOCAB)
+    shaped = torch.stack([flat, slope, peaked, slope])
+    params = [SamplingParams(top_p=0.3)] * 4
+    fallback_gen, again = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    gens = [fallback_gen, torch.Generator(), torch.Generator(), torch.Generator()]
+    tokens = sample_batch(shaped, params, gens, [(1, 0), (2, 0), (3, 0), (4, 0)])
+    assert tokens[0] == sample_token(flat, 1.0, 0.3, 0, again)  # the fallback, with the row's generator
+    values, ids = torch.topk(torch.softmax(slope, dim=-1), 64)
+    assert nucleus(values, ids, params[1], VOCAB) is None  # not decided in the top 64
+    values, ids = torch.topk(torch.softmax(slope, dim=-1), 1024)
+    found = nucleus(values, ids, params[1], VOCAB)
+    assert found is not None and tokens[1] in found[0].tolist() and tokens[3] in found[0].tolist()
+    assert tokens[2] in (7, 9)
