@@ -213,11 +213,11 @@ def _splitmix(z: int) -> int:
 
 def _row_key(seed: int, index: int) -> int:
     """A row's 64-bit draw key from its seed and token index, as a signed int64 value."""
-    key = _splitmix(seed ^ _splitmix(index * _GOLDEN))
-    return key - (1 << 64) if key >> 63 else key
+    return _signed(_splitmix(seed ^ _splitmix(index * _GOLDEN)))
 
 
 def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 value with those bits."""
     return value - (1 << 64) if value >> 63 else value
 
 
