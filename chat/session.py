@@ -386,6 +386,7 @@ class ChatService:
             tokens = await self._encode(preset.init_prompt)
             snapshot = await self.engine.read(None, tokens)
             await self.store.save_init(preset.key, snapshot)
+        snapshot = await self.engine.shared(snapshot)  # every new channel starts from it
         self._init_cache[preset.key] = snapshot
         return snapshot
 

@@ -178,7 +178,14 @@ class StateTiers:
         self._device.pop(channel, None)
         if not states:
             return
-        home = from_host.home if from_host is not None else None  # back to the GPU it came from
+        # Back to the GPU the channel came from, unless one of its states is on a GPU already
+        # (a state just read there): the others join it.
+        on_gpu = [v for v in states.values() if any(t.device.type != "cpu" for t in v.tensors)]
+        home: list[torch.device] | None
+        if on_gpu:
+            home = [t.device for t in on_gpu[0].tensors] + [on_gpu[0].logits.device]
+        else:
+            home = from_host.home if from_host is not None else None
         placed = {k: self._home(v, home) for k, v in states.items()}
         self._device[channel] = _Entry(placed, sum(s.nbytes() for s in placed.values()))
         self._shrink(protect=channel)

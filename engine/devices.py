@@ -4,9 +4,9 @@ Each device gets its own copy of the model, its own resident states and its own 
 thread (:class:`engine.pool.BatchedEngine`). A request goes to the device that holds its start
 state, so a channel sticks to one GPU while its state is there (a state in host memory or the
 database has no home: the request goes to the least busy device, and stays there from then on,
-since the states it produces live on that device). States read from nothing (a preset's opening,
-which every new channel starts from) are handed back in host memory, so that they tie no channel
-to the device that read them.
+since the states it produces live on that device). Shared states (a preset's opening, which
+every new channel starts from, see :meth:`Engine.shared`) are kept in host memory, so that they
+tie no channel to the device that read them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def parse_devices(text: str) -> list[str]:
     works); ValueError when wrong."""
     devices: list[str] = []
     for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
         kind, colon, index = part.partition(":")
         if part == "cpu":
             devices.append(part)
@@ -103,10 +105,12 @@ class DeviceEngines(Engine):
         return min(alive, key=lambda e: e.busy())  # (all dead: the request hears why)
 
     async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
-        snapshot = await self.pick(start).read(start, tokens)
-        if start is None and len(self.engines) > 1:  # shared (an opening state): no device's
-            snapshot = await asyncio.to_thread(_to_host, snapshot)
-        return snapshot
+        return await self.pick(start).read(start, tokens)
+
+    async def shared(self, snapshot: Snapshot) -> Snapshot:
+        if len(self.engines) == 1:
+            return snapshot
+        return await asyncio.to_thread(_to_host, snapshot)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return self.pick(request.start).generate(request)

@@ -101,6 +101,11 @@ class Engine(ABC):
     async def close(self) -> None:
         """Release the model; pending generations end with an error."""
 
+    async def shared(self, snapshot: Snapshot) -> Snapshot:
+        """A snapshot that many conversations start from (a preset's opening), placed where no
+        device owns it; on one device that is where it is."""
+        return snapshot
+
     def describe(self) -> str:
         """A line for logs and status: the model and where it runs."""
         return self.spec.describe()

@@ -255,6 +255,32 @@ def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatc
     assert moves[-2] == [gpu, gpu]  # still its GPU's (then another channel moved down)
 
 
+def test_a_channel_s_states_join_the_one_already_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a channel's states come back from host memory together with a state just read on a
+    GPU, they go to that GPU, not to the one the channel left: its states stay together."""
+    gpu, host, other = torch.device("meta"), torch.device("cpu"), torch.device("cuda", 1)
+    moves: list[list[torch.device]] = []
+
+    def move(snapshot: Snapshot, devices: list[torch.device]) -> Snapshot:  # records, copies nothing
+        moves.append(list(devices))
+        return Snapshot(
+            [torch.empty(t.shape, device="meta") for t in snapshot.tensors], snapshot.logits, None, "fp"
+        )
+
+    def on(device: torch.device) -> Snapshot:
+        return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
+
+    monkeypatch.setattr("chat.states._move", move)
+    tiers = StateTiers(device_bytes=MB, host_bytes=8 * MB)
+    tiers.put("b", {1: on(gpu)})
+    tiers.put("a", {1: on(gpu)})  # b goes to host memory
+    assert tiers.where("b") == "host"
+    tiers._host["b"].home = [other, other]  # it had been on another GPU
+    moves.clear()
+    tiers.put("b", {1: on(host), 2: on(gpu)})  # an old state, and one just read on this GPU
+    assert moves[0] == [gpu, gpu]
+
+
 async def test_model_change_carries_the_conversation_over(engine7: ReferenceEngine, tmp_path: Path) -> None:
     """After a switch to another model, the next message re-reads the transcript's last messages
     (within the token budget) into the new model, with a notice, instead of dropping them."""

@@ -21,6 +21,7 @@ from engine.pool import BatchedEngine
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
 from engine.tokenizer import world_tokenizer
+from tests.conftest import open_service
 
 GREEDY = SamplingParams(top_p=0.0)
 
@@ -45,6 +46,7 @@ def test_device_lists() -> None:
     assert parse_devices(" cuda:0, cuda:1 ") == ["cuda:0", "cuda:1"]
     assert parse_devices("cuda:01,cuda") == ["cuda:1", "cuda"]
     assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cuda:0,cuda:1,") == ["cuda:0", "cuda:1"]
     for wrong in ("", "gpu0", "cuda:x", "cpu:1", "cuda:0,cuda:0", "cuda,cuda:0", "cuda:\u0663", "cpu,cuda:0"):
         with pytest.raises(ValueError):
             parse_devices(wrong)
@@ -121,10 +123,10 @@ async def test_a_dead_worker_gets_no_new_channels(model_dir: Path, monkeypatch: 
     model_path = model_dir / "v7.pth"
     spec = inspect_model(model_path)
     dead = BatchedEngine(BatchedRWKV7.load(model_path), spec, world_tokenizer(), "cpu fp32")
+    await asyncio.wait_for(asyncio.to_thread(dead._ready.wait), 10)  # the first start: it fails
     healthy = BatchedEngine.load(model_path, max_batch=2)
     engines = DeviceEngines([dead, healthy])
     try:
-        await asyncio.wait_for(asyncio.to_thread(dead._ready.wait), 10)
         assert not dead.alive and healthy.alive
         for i in range(3):
             assert await reply(engines, engines.tokenizer.encode(f"Hi {i}")) != []
@@ -153,11 +155,11 @@ async def test_a_load_that_fails_halfway_stops_the_workers_it_started(
     assert len(started) == 1 and not started[0].alive and not started[0]._thread.is_alive()
 
 
-async def test_states_read_from_nothing_belong_to_no_device(
-    two: DeviceEngines, monkeypatch: pytest.MonkeyPatch
+async def test_a_preset_opening_belongs_to_no_device(
+    two: DeviceEngines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A state read from nothing (a preset's opening, shared by every new channel) comes back in
-    host memory, so new channels spread over the devices; a channel's own reads stay put."""
+    """The opening state every new channel starts from is kept in host memory, so new channels
+    spread over the devices; other reads, a channel's own included, stay where they ran."""
     moved: list[Snapshot] = []
 
     def to_host(snapshot: Snapshot) -> Snapshot:
@@ -165,10 +167,16 @@ async def test_states_read_from_nothing_belong_to_no_device(
         return snapshot
 
     monkeypatch.setattr("engine.devices._to_host", to_host)
-    opening = await two.read(None, two.tokenizer.encode("System: be nice"))
-    assert moved == [opening]
-    await two.read(opening, two.tokenizer.encode("User: hi"))
-    assert len(moved) == 1
+    service = await open_service(two, tmp_path / "chat.sqlite3")  # type: ignore[arg-type]
+    try:
+        await service.respond("a", "Hello")
+        await service.respond("b", "Hello")
+        await service.respond("b", "And then?")
+        assert len(moved) == 1  # the chat preset's opening, once (then cached)
+        assert await two.read(None, two.tokenizer.encode("Hi")) is not None
+        assert len(moved) == 1
+    finally:
+        await service.store.close()
 
 
 def test_a_strategy_with_more_than_a_precision_is_refused_with_devices(model_dir: Path) -> None:

@@ -197,11 +197,13 @@ def test_rows_decided_further_down_keep_their_places() -> None:
     peaked[7], peaked[9] = 6.0, 5.8
     slope = -torch.arange(VOCAB, dtype=torch.float32) * 1e-3  # top_p 0.3 needs a few hundred tokens
     flat = torch.zeros(VOCAB)
-    shaped = torch.stack([flat, slope, peaked, slope])
-    params = [SamplingParams(top_p=0.3)] * 4
+    greedy = torch.randn(VOCAB, generator=torch.Generator().manual_seed(4))
+    shaped = torch.stack([greedy, flat, slope, peaked, slope])
+    params = [SamplingParams(top_p=0.0)] + [SamplingParams(top_p=0.3)] * 4
     fallback_gen, again = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    gens = [fallback_gen, torch.Generator(), torch.Generator(), torch.Generator()]
-    tokens = sample_batch(shaped, params, gens, [(1, 0), (2, 0), (3, 0), (4, 0)])
+    gens = [torch.Generator(), fallback_gen, torch.Generator(), torch.Generator(), torch.Generator()]
+    tokens = sample_batch(shaped, params, gens, [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)])
+    assert tokens.pop(0) == int(greedy.argmax())  # a greedy row first: the others' places shift
     assert tokens[0] == sample_token(flat, 1.0, 0.3, 0, again)  # the fallback, with the row's generator
     values, ids = torch.topk(torch.softmax(slope, dim=-1), 64)
     assert nucleus(values, ids, params[1], VOCAB) is None  # not decided in the top 64
