@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from bot.settings import ENV_PREFIX, ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
@@ -46,36 +47,23 @@ async def load_engine(settings: Settings) -> Engine:
     if choice == "auto":
         spec = await asyncio.to_thread(inspect_model, path)
         choice = "batched" if spec.family >= 7 else "reference"
-    if settings.devices is not None and choice != "batched":
-        raise ConfigError(
-            f"{ENV_PREFIX}DEVICES is set, but {path.name} runs on the reference engine, which uses one "
-            "device: leave it unset (the strategy names the device), or use an RWKV-7 model"
-        )
-    if choice == "batched" and settings.devices is not None:
+    if choice == "reference":
+        if settings.devices is not None:
+            raise ConfigError(
+                f"{ENV_PREFIX}DEVICES is set, but {path.name} runs on the reference engine, which uses "
+                "one device: leave it unset (the strategy names the device), or use an RWKV-7 model"
+            )
+        return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
+    limits: dict[str, Any] = {"max_batch": settings.max_batch, "max_resident": settings.max_resident}
+    load: Callable[[], Engine]
+    if settings.devices is None:
+        load = functools.partial(BatchedEngine.load, path, settings.strategy, settings.tokenizer, **limits)
+    else:
         devices = settings.devices.split(",")
-        return await asyncio.to_thread(
-            functools.partial(
-                DeviceEngines.load,
-                path,
-                settings.strategy,
-                devices,
-                settings.tokenizer,
-                max_batch=settings.max_batch,
-                max_resident=settings.max_resident,
-            )
+        load = functools.partial(
+            DeviceEngines.load, path, settings.strategy, devices, settings.tokenizer, **limits
         )
-    if choice == "batched":
-        return await asyncio.to_thread(
-            functools.partial(
-                BatchedEngine.load,
-                path,
-                settings.strategy,
-                settings.tokenizer,
-                max_batch=settings.max_batch,
-                max_resident=settings.max_resident,
-            )
-        )
-    return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
+    return await asyncio.to_thread(load)
 
 
 def state_policy(settings: Settings) -> StatePolicy:

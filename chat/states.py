@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 
 from chat.store import HEAD_NAMES, NewRef, NewState, Store, StoredState, Turn
 from engine.errors import StateMismatchError
-from engine.state import Snapshot
+from engine.state import Snapshot, move_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +81,6 @@ class _Entry:
     states: dict[int, Snapshot]
     nbytes: int
     home: list[torch.device] | None = None  # where the states were before they moved to the host
-
-
-def _move(snapshot: Snapshot, devices: Sequence[torch.device]) -> Snapshot:
-    """The snapshot with its tensors (then its logits) on ``devices``; pinned host memory when
-    moving off a GPU, so that the way back is fast."""
-    pin = torch.cuda.is_available()
-
-    def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if t.device == device:
-            return t
-        if pin and device.type == "cpu":
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return t.to(device)
-
-    tensors = [to(t, d) for t, d in zip(snapshot.tensors, devices, strict=False)]
-    return replace(snapshot, tensors=tensors, logits=to(snapshot.logits, devices[-1]))
 
 
 @dataclass
@@ -153,7 +137,7 @@ class StateTiers:
             return snapshot
         if any(t.device.type != "cpu" for t in snapshot.tensors):
             return snapshot
-        return _move(snapshot, layout)
+        return move_snapshot(snapshot, layout)
 
     def get(self, channel: str, state_id: int) -> Snapshot | None:
         """A state held in memory, brought to the device first."""
@@ -229,7 +213,9 @@ class StateTiers:
                 some = next(iter(entry.states.values()))
                 entry.home = [t.device for t in some.tensors] + [some.logits.device]
             host = torch.device("cpu")
-            entry.states = {k: _move(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()}
+            entry.states = {
+                k: move_snapshot(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()
+            }
             self._host[name] = entry
             self._host.move_to_end(name)
             self.stats.demoted += 1

@@ -449,10 +449,11 @@ class BatchedRWKV7:
             return t.float().reshape(B, T, H, N)
 
         inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+        inputs = {name: heads(t) for name, t in inputs.items()}
         if self._fla is not None:
-            y, kv_new = self._fla(kv, packed=prompt, **{name: heads(t) for name, t in inputs.items()})
+            y, kv_new = self._fla(kv, packed=prompt, **inputs)
         else:
-            y, kv_new = _recurrent_plain(kv, **{name: heads(t) for name, t in inputs.items()})
+            y, kv_new = _recurrent_plain(kv, **inputs)
         if kv_new is not kv:
             kv.copy_(kv_new)
         y = y.reshape(M, C).to(self.dtype)

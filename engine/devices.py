@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from engine.batched import parse_strategy
 from engine.errors import EngineError
 from engine.interface import Engine, GenerationEvent, GenerationRequest
 from engine.pool import BatchedEngine
-from engine.state import Snapshot
+from engine.state import Snapshot, move_snapshot
 from engine.tokenizer import Tokenizer
 
 __all__ = ["DeviceEngines", "parse_devices"]
@@ -139,14 +138,7 @@ class DeviceEngines(Engine):
 
 def _to_host(snapshot: Snapshot) -> Snapshot:
     """The snapshot in host memory (pinned where there is a GPU, for fast copies back)."""
-    pin = torch.cuda.is_available()
-
-    def host(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu":
-            return t
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
-
-    return replace(snapshot, tensors=[host(t) for t in snapshot.tensors], logits=host(snapshot.logits))
+    return move_snapshot(snapshot, [torch.device("cpu")] * (len(snapshot.tensors) + 1))
 
 
 def _canonical(device: torch.device) -> torch.device:

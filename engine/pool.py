@@ -101,26 +101,23 @@ def sample_batch(
         tokens[i] = int(token)
     if not drawn:
         return tokens
-    picks_list = fetched[len(greedy) : len(greedy) + len(drawn)]
-    undecided_list = fetched[len(greedy) + len(drawn) :]
-    pending = []
-    for row, (token, open_) in enumerate(zip(picks_list, undecided_list, strict=True)):
-        if open_:
-            pending.append(row)
-        else:
-            tokens[drawn[row]] = int(token)
+
+    def settle(rows: list[int], picks: list[int], undecided: list[int]) -> list[int]:
+        """Take the decided rows' tokens; returns the rows (of ``probs``) still undecided."""
+        for row, token, open_ in zip(rows, picks, undecided, strict=True):
+            if not open_:
+                tokens[drawn[row]] = int(token)
+        return [row for row, open_ in zip(rows, undecided, strict=True) if open_]
+
+    n = len(greedy) + len(drawn)
+    pending = settle(list(range(len(drawn))), fetched[len(greedy) : n], fetched[n:])
     for stage, top in enumerate(TOPK_STAGES[1:], start=1):  # rare: a flat distribution
         if not pending or TOPK_STAGES[stage - 1] >= vocab:
             break
         picks, undecided = _draw(
             probs.index_select(0, _rows(pending, device)), params.take(pending), top, stage
         )
-        decided_rows = []
-        for row, token, open_ in zip(pending, picks.tolist(), undecided.tolist(), strict=True):
-            if not open_:
-                tokens[drawn[row]] = int(token)
-                decided_rows.append(row)
-        pending = [row for row in pending if row not in decided_rows]
+        pending = settle(pending, picks.tolist(), undecided.long().tolist())
     for row in pending:
         i, s = drawn[row], sampling[drawn[row]]
         tokens[i] = sample_token(shaped[i], s.temperature, s.top_p, s.top_k, generators[i])
@@ -188,15 +185,6 @@ def _nucleus(values: torch.Tensor, params: _RowParams, vocab: int) -> tuple[torc
     return weights, undecided
 
 
-def nucleus_batch(
-    values: torch.Tensor, sampling: Sequence[SamplingParams], vocab: int
-) -> tuple[torch.Tensor, list[bool]]:
-    """:func:`_nucleus` for rows of settings; returns the weights and whether each row was decided."""
-    params = _RowParams(sampling, [(0, 0)] * len(sampling), values.device)
-    weights, undecided = _nucleus(values, params, vocab)
-    return weights, [not u for u in undecided.tolist()]
-
-
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's constants
 _MIX_1 = 0xBF58476D1CE4E5B9
@@ -241,9 +229,10 @@ def _exponentials(row_keys: torch.Tensor, stage: int, k: int) -> torch.Tensor:
 def nucleus(
     values: torch.Tensor, ids: torch.Tensor, s: SamplingParams, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The tokens ``sample_token`` may pick and their weights, for one row (see nucleus_batch)."""
-    weights, decided = nucleus_batch(values.unsqueeze(0), [s], vocab)
-    if not decided[0]:
+    """The tokens ``sample_token`` may pick and their weights, for one row (see :func:`_nucleus`);
+    None when the top ``len(values)`` do not decide it."""
+    weights, undecided = _nucleus(values.unsqueeze(0), _RowParams([s], [(0, 0)], values.device), vocab)
+    if bool(undecided[0]):
         return None
     keep = weights[0] > 0
     return ids[keep], weights[0][keep]
@@ -393,9 +382,9 @@ def _nobody(item: object) -> None:
     """The event sink of a job before its caller's queue is attached."""
 
 
-def _deliver(items: list[tuple[asyncio.Queue[object], object]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue[object], _Job, object]]) -> None:
     """On the event loop: put a step's events into their callers' queues."""
-    for queue, item in items:
+    for queue, _job, item in items:
         queue.put_nowait(item)
 
 
@@ -671,16 +660,14 @@ class BatchedEngine(Engine):
         if not self._outbox:
             return
         sent, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], object]]] = {}
-        jobs: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[object], _Job, object]]] = {}
         for loop, queue, job, item in sent:
-            by_loop.setdefault(loop, []).append((queue, item))
-            jobs.setdefault(loop, []).append(job)
+            by_loop.setdefault(loop, []).append((queue, job, item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
-                for job in jobs[loop]:
+                for _, job, _ in items:
                     job.abandoned = True
 
     def _submit(self, job: _Job) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -112,3 +113,19 @@ def _read(data: bytes, offset: int, dtype: torch.dtype, shape: list[int]) -> tup
         raise ValueError("truncated tensor data")
     raw = torch.frombuffer(bytearray(data[offset : offset + size]), dtype=torch.uint8)
     return raw.view(dtype).reshape(shape).clone(), offset + size
+
+
+def move_snapshot(snapshot: Snapshot, devices: Sequence[torch.device]) -> Snapshot:
+    """The snapshot with its tensors (then its logits) on ``devices``; pinned host memory when
+    moving off a GPU, so that the way back is fast."""
+    pin = torch.cuda.is_available()
+
+    def to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if t.device == device:
+            return t
+        if pin and device.type == "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return t.to(device)
+
+    tensors = [to(t, d) for t, d in zip(snapshot.tensors, devices, strict=False)]
+    return replace(snapshot, tensors=tensors, logits=to(snapshot.logits, devices[-1]))

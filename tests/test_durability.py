@@ -238,7 +238,7 @@ def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatc
     def on(device: torch.device) -> Snapshot:
         return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
 
-    monkeypatch.setattr("chat.states._move", move)
+    monkeypatch.setattr("chat.states.move_snapshot", move)
     tiers = StateTiers(device_bytes=MB, host_bytes=4 * MB)
     tiers.learn(on(host))  # the engine's latest snapshot was made elsewhere
     tiers.put("b", {1: on(gpu)})
@@ -270,7 +270,7 @@ def test_a_channel_s_states_join_the_one_already_on_a_gpu(monkeypatch: pytest.Mo
     def on(device: torch.device) -> Snapshot:
         return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
 
-    monkeypatch.setattr("chat.states._move", move)
+    monkeypatch.setattr("chat.states.move_snapshot", move)
     tiers = StateTiers(device_bytes=MB, host_bytes=8 * MB)
     tiers.put("b", {1: on(gpu)})
     tiers.put("a", {1: on(gpu)})  # b goes to host memory
