@@ -3,16 +3,19 @@
 The math is the ``rwkv`` package's ``RWKV_x070`` (same ``.pth`` keys, same folding of ``ln0`` into
 the embedding, same transposes), rearranged for batches:
 
-- every sequence owns a *slot* in preallocated state tensors on the device; a step gathers the
-  slots of its batch by index and scatters the new states back (or works in place on a
-  contiguous run of slots), so no state is ever copied into Python lists;
+- every sequence owns a *slot* in preallocated state tensors on the device. A batch whose slots
+  are a contiguous run is worked on in place; otherwise its slots are gathered by index and the
+  new states scattered back. The scheduler hands out the lowest free slot, so a busy batch is
+  usually the run 0..n-1, and the CUDA graph of a bucket has an in-place variant for that case
+  (its padding rows use free slots), so a decode step reads and writes each state once;
 - the state update ``S*w + (S @ -kk) outer (kk*a) + v outer k`` is computed as what it is, a
   decay and a rank-two update, not as a matrix product with a rank-one matrix;
 - on the CPU in float32 the large matrix products use oneDNN with prepacked weights (plain
   ``x @ W`` repacks the weight on every call, which costs more than the product at batch 32);
 - on CUDA: fp16/bf16 weights, an optional CUDA graph of the decode step per batch bucket
   (1, 2, 4, 8, ...), and ``fla-core``'s fused recurrent RWKV-7 kernel when it can be imported and
-  agrees with the plain path on a self-check; the plain path is always the fallback.
+  agrees with the plain path on a self-check (run in place on the slots where fla-core 0.6's
+  kernel can be called directly); the plain path is always the fallback.
 
 Converting a slot to and from :class:`engine.state.Snapshot` tensors is exact, so snapshots are
 interchangeable with the reference engine's.
@@ -122,29 +125,39 @@ class _Layer:
 
 
 class _DecodeGraph:
-    """A CUDA graph of one decode step for a fixed batch bucket, with its static buffers."""
+    """A CUDA graph of one decode step for a fixed batch bucket, with its static buffers.
 
-    def __init__(self, model: BatchedRWKV7, bucket: int, pool: Any) -> None:
+    ``in_place``: the step of the slot run ``0..bucket-1`` in place (the caller makes sure that
+    the slots past its batch are free: the padding rows write them); otherwise the batch's slots
+    are gathered by index, and the padding rows read and write the scratch slot only.
+    """
+
+    def __init__(self, model: BatchedRWKV7, bucket: int, pool: Any, *, in_place: bool) -> None:
         device = model.device
         self.bucket = bucket
+        self.in_place = in_place
         self.slots = torch.full((bucket,), model.scratch_slot, dtype=torch.long, device=device)
         self.tokens = torch.zeros(bucket, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: lazy init and Triton autotuning happen outside capture
-            for _ in range(2):
+        with torch.cuda.stream(side):  # warm-up: lazy init and Triton autotuning happen outside
+            for _ in range(2):  # capture; the same kernels on the scratch slot, never a live state
                 model._decode_indexed(self.slots, self.tokens)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the event loop's thread may move conversation states between host and
         # device memory (chat.states) while this worker thread captures.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = model._decode_indexed(self.slots, self.tokens)
+            if in_place:
+                self.logits = model._decode_run(self.tokens)
+            else:
+                self.logits = model._decode_indexed(self.slots, self.tokens)
 
-    def run(self, slots: torch.Tensor, tokens: torch.Tensor, scratch: int) -> torch.Tensor:
-        n = slots.numel()
-        self.slots[:n].copy_(slots, non_blocking=True)
-        self.slots[n:].fill_(scratch)  # padding rows read and write the scratch slot only
+    def run(self, slots: torch.Tensor | None, tokens: torch.Tensor, scratch: int) -> torch.Tensor:
+        n = tokens.numel()
+        if slots is not None:
+            self.slots[:n].copy_(slots, non_blocking=True)
+            self.slots[n:].fill_(scratch)
         self.tokens[:n].copy_(tokens, non_blocking=True)
         self.tokens[n:].zero_()
         self.graph.replay()
@@ -211,6 +224,9 @@ class BatchedRWKV7:
                 f"lower max_resident (or max_batch) to at most {fit}"
             )
         self.att_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
+        # which slots hold a sequence (set by load_slot/zero_slot, cleared by release_slot): the
+        # in-place CUDA graphs pad a batch with the slots after it only when those are free
+        self._live = [False] * max_slots
         self.att_kv = torch.zeros(L, S, H, N, N, dtype=torch.float32, device=self.device)
         self.ffn_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
 
@@ -218,7 +234,7 @@ class BatchedRWKV7:
         if self.device.type == "cuda" and use_fla is not False:
             self._fla = _load_fla(self.device, self.n_head, self.head_size)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}
         self._graph_pool: Any = None
 
     @classmethod
@@ -268,10 +284,20 @@ class BatchedRWKV7:
     # ----------------------------------------------------------------------------------- slots
 
     def zero_slot(self, slot: int) -> None:
-        """Reset a slot to the blank state."""
+        """Reset a slot to the blank state (the slot now holds a sequence)."""
         self.att_x[:, slot].zero_()
         self.att_kv[:, slot].zero_()
         self.ffn_x[:, slot].zero_()
+        self._live[slot] = True
+
+    @property
+    def live_slots(self) -> list[int]:
+        """The slots that hold a sequence."""
+        return [slot for slot, live in enumerate(self._live) if live]
+
+    def release_slot(self, slot: int) -> None:
+        """Mark a slot free: its state may be overwritten (by the padding rows of a batch)."""
+        self._live[slot] = False
 
     def load_slot(self, slot: int, tensors: Sequence[torch.Tensor]) -> None:
         """Write snapshot tensors (the reference layout, any device or dtype) into a slot."""
@@ -287,6 +313,7 @@ class BatchedRWKV7:
             self.att_x[layer, slot].copy_(shift)
             self.att_kv[layer, slot].copy_(kv.transpose(-1, -2))  # [value, key] -> [key, value]
             self.ffn_x[layer, slot].copy_(ffn)
+        self._live[slot] = True
 
     def export_slot(self, slot: int) -> list[torch.Tensor]:
         """Fresh snapshot tensors of a slot, in the reference layout, dtypes and device."""
@@ -304,15 +331,18 @@ class BatchedRWKV7:
         if len(slots) != len(tokens) or not slots:
             raise ValueError("decode needs one token per slot, and at least one slot")
         with torch.no_grad():
-            idx = to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
             tok = to_device(torch.tensor(list(tokens), dtype=torch.long), self.device)
-            graph = self._graph(min(_bucket(len(slots)), self.max_slots)) if self.cuda_graphs else None
-            if graph is not None:
-                return graph.run(idx, tok, self.scratch_slot)
-            span = _span(slots)
+            if self.cuda_graphs:
+                bucket, in_place = self.graph_plan(slots)
+                graph = self._graph(bucket, in_place)
+                if graph is not None:
+                    idx = None if in_place else self._indices(slots)
+                    return graph.run(idx, tok, self.scratch_slot)
             x = F.embedding(tok, self.emb).unsqueeze(1)  # [B, 1, C]
-            hidden = self._blocks(x, None, span) if span is not None else self._blocks(x, idx, None)
-            return self._logits(hidden)
+            span = _span(slots)
+            if span is not None:
+                return self._logits(self._blocks(x, None, span))
+            return self._logits(self._blocks(x, self._indices(slots), None))
 
     def prefill(
         self, slots: Sequence[int], tokens: Sequence[Sequence[int]], logits: bool
@@ -324,43 +354,57 @@ class BatchedRWKV7:
             tok = to_device(torch.tensor([list(t) for t in tokens], dtype=torch.long), self.device)
             x = F.embedding(tok, self.emb)  # [B, T, C]
             span = _span(slots)
-            idx = (
-                None
-                if span is not None
-                else to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
-            )
+            idx = None if span is not None else self._indices(slots)
             hidden = self._blocks(x, idx, span, prompt=True)
             return self._logits(hidden) if logits else None
 
+    def graph_plan(self, slots: Sequence[int]) -> tuple[int, bool]:
+        """(bucket, in place) for a decode batch: in place when its slots are ``0..n-1`` and the
+        padding up to the bucket falls on free slots; else gathered by index."""
+        n = len(slots)
+        bucket = min(_bucket(n), self.max_slots)
+        in_place = _span(slots) == (0, n) and not any(self._live[n:bucket])
+        return bucket, in_place
+
+    def _indices(self, slots: Sequence[int]) -> torch.Tensor:
+        return to_device(torch.tensor(list(slots), dtype=torch.long), self.device)
+
     def capture_graphs(self, max_batch: int) -> None:
-        """Capture the decode step of every bucket a batch of up to ``max_batch`` uses, the
-        largest first (they share one memory pool); a no-op without CUDA graphs."""
+        """Capture the decode step of every bucket a batch of up to ``max_batch`` uses, both
+        variants, the largest first (they share one memory pool); a no-op without CUDA graphs."""
         with torch.no_grad():
             for bucket in graph_buckets(max_batch, self.max_slots):
-                if not self.cuda_graphs:
-                    return
-                self._graph(bucket)
+                for in_place in (True, False):
+                    if not self.cuda_graphs:
+                        return
+                    self._graph(bucket, in_place)
 
-    def _graph(self, bucket: int) -> _DecodeGraph | None:
+    def _graph(self, bucket: int, in_place: bool) -> _DecodeGraph | None:
         """The captured decode step of a bucket (captured on first use); None: run eagerly."""
-        graph = self._graphs.get(bucket)
+        graph = self._graphs.get((bucket, in_place))
         if graph is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             try:
-                graph = _DecodeGraph(self, bucket, self._graph_pool)
+                graph = _DecodeGraph(self, bucket, self._graph_pool, in_place=in_place)
             except RuntimeError as exc:  # e.g. an op that syncs with the host: stay eager
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 self.cuda_graphs = False
                 torch.cuda.synchronize(self.device)
                 return None
-            self._graphs[bucket] = graph
+            self._graphs[bucket, in_place] = graph
         return graph
 
     def _decode_indexed(self, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The decode step with device-side slot indices only: what a CUDA graph captures."""
         x = F.embedding(tokens, self.emb).unsqueeze(1)
         return self._logits(self._blocks(x, idx, None))
+
+    def _decode_run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step of the slots ``0..len(tokens)-1`` in place: what an in-place CUDA
+        graph captures (its padding rows write the free slots after the batch)."""
+        x = F.embedding(tokens, self.emb).unsqueeze(1)
+        return self._logits(self._blocks(x, None, (0, tokens.numel())))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
@@ -508,11 +552,22 @@ def _recurrent_plain(
 
 
 def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence | None:
-    """fla-core's fused recurrent RWKV-7 kernel, if installed and in agreement with the plain path."""
+    """fla-core's fused recurrent RWKV-7 kernel, if installed and in agreement with the plain path.
+
+    fla-core's function writes the final states to a new tensor, which then has to be copied
+    into the slots: a second read and write of every state. Its Triton kernel reads a state tile
+    once at the start and writes the same tile at the end, so where it can be called directly
+    (fla-core 0.6) it is given the slots as both the initial and the final state, and updates
+    them in place. Autotuning runs a kernel several times, which in place would corrupt the
+    states: the self-check below calls every variant on throwaway states first, so the tuned
+    configurations are cached (the autotuning key is the head size and the dtypes, which the
+    model never changes) before any slot is touched.
+    """
     try:
         from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7  # type: ignore[import-not-found]
     except Exception:  # not installed, or a broken Triton: the plain path serves
         return None
+    in_place = _fla_in_place()
 
     def fused(
         state: torch.Tensor,
@@ -526,31 +581,21 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         packed: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H, N = r.shape
-        if not packed:  # a decode step: the batch buckets of the CUDA graphs
+        inputs = {"r": r, "w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+        starts = None
+        if packed:
+            # Prompt chunks (any length, one token too): the slots as packed sequences of one
+            # batch row. The kernel's batch size is a compile-time constant, so this compiles
+            # once instead of once per group size.
+            starts = torch.arange(0, (B + 1) * T, T, dtype=torch.long, device=r.device)
+            inputs = {name: t.reshape(1, B * T, H, N) for name, t in inputs.items()}
+        if in_place is not None and state.is_contiguous():
+            out = in_place(state, cu_seqlens=starts, decode=T == 1, **inputs)
+            final = state
+        else:
             out, final = fused_mul_recurrent_rwkv7(
-                r=r, w=log_w, k=k, v=v, kk=kk, a=a, scale=1.0, initial_state=state, output_final_state=True
+                **inputs, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=starts
             )
-            return out, final
-        # Prompt chunks (any length, one token too): the slots as packed sequences of one batch
-        # row. The kernel's batch size is a compile-time constant, so this compiles once instead
-        # of once per group size.
-        starts = torch.arange(0, (B + 1) * T, T, dtype=torch.long, device=r.device)
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(1, B * T, H, N)
-
-        out, final = fused_mul_recurrent_rwkv7(
-            r=flat(r),
-            w=flat(log_w),
-            k=flat(k),
-            v=flat(v),
-            kk=flat(kk),
-            a=flat(a),
-            scale=1.0,
-            initial_state=state,
-            output_final_state=True,
-            cu_seqlens=starts,
-        )
         return out.reshape(B, T, H, N), final
 
     try:
@@ -567,6 +612,7 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
             a = torch.sigmoid(rnd(B, T, H, N))
             state = rnd(B, H, N, N) * 0.1
             inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+            fused(state.clone(), packed=packed, **inputs)  # autotuning, on a throwaway state
             # float64 for the reference: TF32 (which importing the rwkv package turns on for
             # float32 matrix products) cannot touch it
             want_y, want_s = _recurrent_plain(
@@ -583,6 +629,64 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
         return None
     return fused
+
+
+def _fla_in_place() -> Callable[..., torch.Tensor] | None:
+    """fla-core 0.6's fused recurrent RWKV-7 Triton kernel, called with the states as both its
+    initial and its final state (see :func:`_load_fla`); None where that kernel is not there."""
+    try:
+        import triton  # type: ignore[import-not-found]
+        from fla.ops.rwkv7.fused_recurrent import (  # type: ignore[import-not-found]
+            fused_recurrent_rwkv7_fwd_kernel as kernel,
+        )
+    except Exception:
+        return None
+
+    def run(
+        state: torch.Tensor,
+        *,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kk: torch.Tensor,
+        a: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        decode: bool,
+    ) -> torch.Tensor:
+        r, w, k, v, kk, a = (t.contiguous() for t in (r, w, k, v, kk, a))
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        sequences = state.shape[0]
+        out = torch.empty_like(v)
+
+        def grid(meta: dict[str, int]) -> tuple[int]:
+            return (triton.cdiv(V, meta["BV"]) * sequences * H,)
+
+        kernel[grid](
+            r,
+            w,
+            k,
+            v,
+            kk,
+            a,
+            out,
+            state,
+            state,
+            cu_seqlens,
+            1.0,
+            T=T,
+            B=B,
+            H=H,
+            K=K,
+            V=V,
+            BK=triton.next_power_of_2(K),
+            REVERSE=False,
+            IS_DECODE=decode,
+        )
+        return out
+
+    return run
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -355,9 +355,13 @@ def _parity(reference: Any, path: Path, strategy: str) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     try:
-        return _compare(
+        report = _compare(
             reference, BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False), strategy
         )
+        if strategy.startswith("cuda"):
+            report["graphs_rel_err"] = _graph_parity(path, strategy)
+            report["ok"] = report["ok"] and report["graphs_rel_err"] < report["limit"]
+        return report
     finally:  # the engines are timed with the package's own setting
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
@@ -395,6 +399,38 @@ def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
         "ok": decode_err < limit and prefill_err < limit,
         "kernels": model.describe_kernels(),
     }
+
+
+def _graph_parity(path: Path, strategy: str) -> float:
+    """Largest relative error of the CUDA-graph decode step against the same model run eagerly,
+    over batches that use each kind of graph: in place with a padding row on a free slot, in
+    place without padding, and gathered by index (padding on the scratch slot). States too."""
+    from engine.batched import BatchedRWKV7
+
+    eager = BatchedRWKV7.load(path, strategy, max_slots=6, cuda_graphs=False)
+    graphed = BatchedRWKV7.load(path, strategy, max_slots=6, cuda_graphs=True)
+    graphed.capture_graphs(4)
+    if not graphed.cuda_graphs:
+        raise RuntimeError("the CUDA graphs could not be captured (see the warning above)")
+    worst = 0.0
+    with torch.no_grad():
+        for slot in range(6):
+            prompt = [(97 * slot + 13 * i) % eager.vocab_size for i in range(3)]
+            for model in (eager, graphed):
+                model.zero_slot(slot)
+                model.prefill([slot], [prompt], logits=False)
+        for model in (eager, graphed):
+            model.release_slot(3)
+        batches = {"in place, padded": [0, 1, 2], "in place": [0, 1], "by index": [5, 1, 4]}
+        for step, (kind, slots) in enumerate(batches.items()):
+            assert graphed.graph_plan(slots)[1] == kind.startswith("in place"), kind
+            tokens = [(31 * step + 7 * row) % eager.vocab_size for row in range(len(slots))]
+            want = eager.decode(slots, tokens)
+            worst = max(worst, _rel(graphed.decode(slots, tokens), want))
+        for slot in (0, 1, 2, 4, 5):
+            for ours, theirs in zip(graphed.export_slot(slot), eager.export_slot(slot), strict=True):
+                worst = max(worst, _rel(ours.float(), theirs.float()))
+    return worst
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -465,6 +501,8 @@ def _print_table(report: dict[str, Any]) -> None:
             f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.0e}): {verdict} "
             f"[{p['kernels']}]"
         )
+        if "graphs_rel_err" in p:
+            print(f"CUDA graphs vs the same model run eagerly: {p['graphs_rel_err']:.2e}")
 
 
 if __name__ == "__main__":

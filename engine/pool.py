@@ -934,5 +934,6 @@ class BatchedEngine(Engine):
             if job in jobs:
                 jobs.remove(job)
         if job.slot >= 0:
+            self.model.release_slot(job.slot)
             heapq.heappush(self._free, job.slot)
             job.slot = -1

@@ -78,6 +78,55 @@ def test_decode_in_place_on_consecutive_slots(models: tuple[Any, BatchedRWKV7]) 
     assert all(float(t.abs().max()) == 0.0 for t in model.export_slot(3))
 
 
+def test_graph_plan_pads_in_place_onto_free_slots_only(models: tuple[Any, BatchedRWKV7]) -> None:
+    """A CUDA graph's step works in place only on the slots 0..n-1 with free slots up to its bucket."""
+    _, model = models
+    for slot in range(model.max_slots):
+        model.zero_slot(slot)
+    assert model.live_slots == list(range(6))
+    assert model.graph_plan([0, 1, 2, 3]) == (4, True)  # no padding
+    assert model.graph_plan([0, 1, 2]) == (4, False)  # slot 3 holds a sequence
+    model.release_slot(3)
+    assert model.graph_plan([0, 1, 2]) == (4, True)
+    assert model.graph_plan([1, 2]) == (2, False)  # not from slot 0
+    assert model.graph_plan([2, 0, 1]) == (4, False)  # not in order
+    model.release_slot(5)
+    assert model.graph_plan([0, 1, 2, 3, 4]) == (6, True)  # the bucket is capped at the slots
+    model.zero_slot(5)
+    assert model.graph_plan([0, 1, 2, 3, 4]) == (6, False)
+
+
+def test_the_in_place_graph_step_matches_and_touches_only_free_padding(
+    models: tuple[Any, BatchedRWKV7],
+) -> None:
+    """The step an in-place CUDA graph captures (``_decode_run``), run eagerly with a padding row:
+    the batch's rows are the package's, the free padding slot is the only other slot written."""
+    reference, model = models
+    states = [reference_state(reference, p)[1] for p in PROMPTS[:3]]
+    for slot, state in enumerate(states):
+        model.load_slot(slot, state)
+    model.release_slot(3)
+    model.load_slot(4, reference_state(reference, PROMPTS[3])[1])
+    model.zero_slot(5)
+    assert model.graph_plan([0, 1, 2]) == (4, True)
+    others = {slot: model.export_slot(slot) for slot in (4, 5)}
+    for step in range(3):
+        tokens = [5 + step, 6, 7]
+        with torch.no_grad():
+            got = model._decode_run(torch.tensor([*tokens, 0]))
+        assert got.shape == (4, model.vocab_size)
+        for row, token in enumerate(tokens):
+            with torch.no_grad():
+                want, states[row] = reference.forward([token], states[row])
+            assert rel(got[row], want) < LIMIT
+    for slot, state in enumerate(states):
+        for ours, theirs in zip(model.export_slot(slot), state, strict=True):
+            assert rel(ours, theirs) < LIMIT
+    for slot, saved in others.items():
+        assert all(torch.equal(a, b) for a, b in zip(model.export_slot(slot), saved, strict=True))
+    assert any(float(t.abs().max()) > 0 for t in model.export_slot(3))  # the padding row ran there
+
+
 def test_prefill_matches_the_package_in_chunks_and_batches(models: tuple[Any, BatchedRWKV7]) -> None:
     """Prompts read in chunks, several sequences at once, end in the package's logits and state."""
     reference, model = models
