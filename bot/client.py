@@ -148,7 +148,11 @@ class RwkvBot(discord.Client):
     # ------------------------------------------------------------------ deleted channels
 
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
-        """A deleted channel's conversation and transcript are deleted too."""
+        """A deleted channel's conversation and transcript are deleted too, and those of its
+        threads: discord.py reports only the threads it holds, not the archived ones."""
+        if self.service is not None:
+            for thread in await self.service.store.threads_of(str(channel.id)):
+                await self._forget(int(thread))
         await self._forget(channel.id)
 
     async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
@@ -356,6 +360,7 @@ class RwkvBot(discord.Client):
             on_give_up=generation.cancel.set,
         )
         guild_id = str(message.guild.id) if message.guild else None
+        parent = message.channel.parent_id if isinstance(message.channel, discord.Thread) else None
         typing = message.channel.typing()
         typing_on = False
         with contextlib.suppress(discord.HTTPException):
@@ -363,7 +368,13 @@ class RwkvBot(discord.Client):
             typing_on = True
         started = self.clock()
         outcome: Outcome | None = None
-        events = self.service.handle(key, text, cancel=generation.cancel, guild_id=guild_id)
+        events = self.service.handle(
+            key,
+            text,
+            cancel=generation.cancel,
+            guild_id=guild_id,
+            parent_id=None if parent is None else str(parent),
+        )
         try:
             async with contextlib.aclosing(events):
                 async for event in events:

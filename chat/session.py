@@ -128,7 +128,7 @@ class _ChannelLock:
     users: int = 0  # holding or waiting
 
 
-_KNOWN_GUILDS = 10_000
+_KNOWN_PLACES = 10_000
 
 
 class ChatService:
@@ -151,7 +151,8 @@ class ChatService:
         self.faq = faq
         self._locks: dict[str, _ChannelLock] = {}  # only channels with a message in hand
         self._cancel: dict[str, threading.Event] = {}
-        self._known_guilds: OrderedDict[str, str] = OrderedDict()  # recent channels' servers
+        # recent channels' servers and parent channels
+        self._known_places: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         self._init_cache: dict[str, Snapshot] = {}
         self._seeds = random.Random(config.seed)
         self.states = ChannelStates(
@@ -181,11 +182,13 @@ class ChatService:
         *,
         cancel: threading.Event | None = None,
         guild_id: str | None = None,
+        parent_id: str | None = None,
     ) -> AsyncGenerator[ChatEvent, None]:
         """Handle a message: text pieces while the model writes, then one :class:`Outcome`.
 
         Setting ``cancel`` stops a generation early; what was written so far is kept as the
-        reply. ``guild_id`` records the server of the channel (for server-wide resets).
+        reply. ``guild_id`` records the server of the channel (for server-wide resets), and
+        ``parent_id`` the channel of a thread (purged with it).
         """
         parsed = parse_message(message)
         if isinstance(parsed, GrammarError):
@@ -194,11 +197,12 @@ class ChatService:
         async with self._channel(channel_id):
             self._cancel[channel_id] = cancel or threading.Event()
             try:
-                if guild_id is not None and self._known_guilds.get(channel_id) != guild_id:
-                    await self.store.set_channel_guild(channel_id, guild_id)
-                    self._known_guilds[channel_id] = guild_id
-                    while len(self._known_guilds) > _KNOWN_GUILDS:
-                        self._known_guilds.popitem(last=False)
+                place = (guild_id, parent_id)
+                if guild_id is not None and self._known_places.get(channel_id) != place:
+                    await self.store.set_channel_place(channel_id, guild_id, parent_id)
+                    self._known_places[channel_id] = place
+                    while len(self._known_places) > _KNOWN_PLACES:
+                        self._known_places.popitem(last=False)
                 async for event in self._dispatch(channel_id, parsed):
                     yield event
             except EngineError as exc:
@@ -247,7 +251,7 @@ class ChatService:
         self.stop(channel_id)
         async with self._channel(channel_id):
             self.states.tiers.drop(channel_id)
-            self._known_guilds.pop(channel_id, None)
+            self._known_places.pop(channel_id, None)
             return await self.store.purge_channel(channel_id)
 
     async def housekeeping(self, now: float | None = None) -> dict[str, int]:

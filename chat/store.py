@@ -315,14 +315,16 @@ class Store:
 
         await self._write(work)
 
-    async def set_channel_guild(self, channel_id: str, guild_id: str | None) -> None:
-        """Record which server a conversation belongs to (for server-wide resets)."""
+    async def set_channel_place(self, channel_id: str, guild_id: str | None, parent_id: str | None) -> None:
+        """Record which server a conversation belongs to (for server-wide resets) and, for a
+        thread, its channel (a deleted channel takes its threads with it)."""
 
         async def work() -> None:
             await self._ensure_channel(channel_id)
             await self._db.execute(
-                "UPDATE channels SET guild_id = ? WHERE channel_id = ? AND guild_id IS NOT ?",
-                (guild_id, channel_id, guild_id),
+                "UPDATE channels SET guild_id = ?, parent_id = ? WHERE channel_id = ? "
+                "AND (guild_id IS NOT ? OR parent_id IS NOT ?)",
+                (guild_id, parent_id, channel_id, guild_id, parent_id),
             )
 
         await self._write(work)
@@ -331,6 +333,13 @@ class Store:
         """Conversations of a server that have any stored state."""
         async with self._db.execute(
             "SELECT channel_id FROM channels WHERE guild_id = ? ORDER BY channel_id", (guild_id,)
+        ) as cursor:
+            return [str(r[0]) for r in await cursor.fetchall()]
+
+    async def threads_of(self, channel_id: str) -> list[str]:
+        """Conversations in threads of a channel (active or archived) that have any stored state."""
+        async with self._db.execute(
+            "SELECT channel_id FROM channels WHERE parent_id = ? ORDER BY channel_id", (channel_id,)
         ) as cursor:
             return [str(r[0]) for r in await cursor.fetchall()]
 

@@ -993,6 +993,29 @@ async def test_deleted_threads_and_channels_are_purged(harness: Harness) -> None
     assert str(GENERAL) not in await service.store.enabled_channels()
 
 
+async def test_a_deleted_channel_takes_its_archived_threads_with_it(harness: Harness) -> None:
+    """A thread discord.py no longer holds (archived) is purged with its channel all the same."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    await harness.say(f"<@{BOT_ID}> -top_p=0 Hi", channel=QUIET, mentions=[BOT_ID])
+    assert await service.store.threads_of(str(GENERAL)) == [str(THREAD)]
+    guild = harness.bot.get_guild(GUILD)
+    assert guild is not None
+    guild._remove_thread(discord.Object(THREAD))  # archived: out of discord.py's cache
+
+    async def gone(channel: int) -> bool:
+        assert service is not None
+        return not await service.store.transcript(str(channel))
+
+    harness.state.parse_channel_delete({"id": str(GENERAL), "guild_id": str(GUILD), "type": 0})
+    await wait_for(lambda: gone(THREAD))
+    await wait_for(lambda: gone(GENERAL))
+    assert not await gone(QUIET)
+    assert await service.store.threads_of(str(GENERAL)) == []
+
+
 async def test_removed_from_a_server_forgets_its_conversations(harness: Harness) -> None:
     """When the bot is removed from a server, its conversations and settings are purged."""
     service = harness.bot.service
