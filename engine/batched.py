@@ -23,6 +23,7 @@ interchangeable with the reference engine's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -556,18 +557,33 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
 
     fla-core's function writes the final states to a new tensor, which then has to be copied
     into the slots: a second read and write of every state. Its Triton kernel reads a state tile
-    once at the start and writes the same tile at the end, so where it can be called directly
-    (fla-core 0.6) it is given the slots as both the initial and the final state, and updates
-    them in place. Autotuning runs a kernel several times, which in place would corrupt the
-    states: the self-check below calls every variant on throwaway states first, so the tuned
-    configurations are cached (the autotuning key is the head size and the dtypes, which the
-    model never changes) before any slot is touched.
+    once at the start and writes the same tile at the end, so with fla-core 0.6.0 (whose kernel
+    this is known of) it is called directly with the slots as both the initial and the final
+    state, and updates them in place. Autotuning runs a kernel several times, which in place
+    would corrupt the states: the self-check below calls every variant on throwaway states
+    first, so the tuned configurations are cached before any slot is touched (0.6.0 tunes per
+    head size and dtypes, which the model never changes; the direct call is only made when that
+    is the kernel's tuning key). Should the direct call fail its self-check, fla-core's own
+    function is checked instead.
     """
     try:
         from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7  # type: ignore[import-not-found]
     except Exception:  # not installed, or a broken Triton: the plain path serves
         return None
     in_place = _fla_in_place()
+    for direct in [in_place, None] if in_place is not None else [None]:
+        fused = _fla_recurrence(fused_mul_recurrent_rwkv7, direct)
+        problem = _fla_self_check(fused, device, n_head, head_size)
+        if problem is None:
+            return fused
+        how = "called in place" if direct is not None else "through fla-core's function"
+        log.warning("fla-core's fused RWKV-7 kernel, %s, %s; not using it that way", how, problem)
+    return None
+
+
+def _fla_recurrence(function: Callable[..., Any], in_place: Callable[..., torch.Tensor] | None) -> Recurrence:
+    """The recurrence through fla-core: its kernel in place on the states where ``in_place`` is
+    given and the states are contiguous, else its function ``function``."""
 
     def fused(
         state: torch.Tensor,
@@ -593,11 +609,17 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
             out = in_place(state, cu_seqlens=starts, decode=T == 1, **inputs)
             final = state
         else:
-            out, final = fused_mul_recurrent_rwkv7(
+            out, final = function(
                 **inputs, scale=1.0, initial_state=state, output_final_state=True, cu_seqlens=starts
             )
         return out.reshape(B, T, H, N), final
 
+    return fused
+
+
+def _fla_self_check(fused: Recurrence, device: torch.device, n_head: int, head_size: int) -> str | None:
+    """None when ``fused`` agrees with the plain recurrence on decode steps and prompt chunks;
+    else what went wrong. Each variant runs once on a throwaway state first (autotuning)."""
     try:
         gen = torch.Generator(device="cpu").manual_seed(7)
         for B, T, packed in ((2, 1, False), (3, 5, True), (2, 1, True)):  # decode; prompt chunks
@@ -623,23 +645,25 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
             if (got_y.double() - want_y).abs().max() > 1e-3 * scale or (
                 got_s.double() - want_s
             ).abs().max() > 1e-3:
-                log.warning("fla-core's fused RWKV-7 kernel disagrees with the plain path; not using it")
-                return None
-    except Exception as exc:  # an API change in fla-core: fall back, and say so
-        log.warning("fla-core's fused RWKV-7 kernel failed its self-check (%s); not using it", exc)
-        return None
-    return fused
+                return "disagrees with the plain path"
+    except Exception as exc:  # an API change in fla-core
+        return f"failed its self-check ({exc})"
+    return None
 
 
 def _fla_in_place() -> Callable[..., torch.Tensor] | None:
-    """fla-core 0.6's fused recurrent RWKV-7 Triton kernel, called with the states as both its
-    initial and its final state (see :func:`_load_fla`); None where that kernel is not there."""
+    """fla-core 0.6.0's fused recurrent RWKV-7 Triton kernel, called with the states as both its
+    initial and its final state (see :func:`_load_fla`); None with another version."""
     try:
+        import fla  # type: ignore[import-not-found]
         import triton  # type: ignore[import-not-found]
         from fla.ops.rwkv7.fused_recurrent import (  # type: ignore[import-not-found]
             fused_recurrent_rwkv7_fwd_kernel as kernel,
         )
     except Exception:
+        return None
+    tuner = getattr(kernel, "fn", None)  # the kernel is heuristics around an autotuner
+    if getattr(fla, "__version__", None) != "0.6.0" or list(getattr(tuner, "keys", None) or []) != ["BK"]:
         return None
 
     def run(
@@ -655,7 +679,7 @@ def _fla_in_place() -> Callable[..., torch.Tensor] | None:
         decode: bool,
     ) -> torch.Tensor:
         r, w, k, v, kk, a = (t.contiguous() for t in (r, w, k, v, kk, a))
-        B, T, H, K = r.shape
+        _, T, H, K = r.shape
         V = v.shape[-1]
         sequences = state.shape[0]
         out = torch.empty_like(v)
@@ -663,27 +687,31 @@ def _fla_in_place() -> Callable[..., torch.Tensor] | None:
         def grid(meta: dict[str, int]) -> tuple[int]:
             return (triton.cdiv(V, meta["BV"]) * sequences * H,)
 
-        kernel[grid](
-            r,
-            w,
-            k,
-            v,
-            kk,
-            a,
-            out,
-            state,
-            state,
-            cu_seqlens,
-            1.0,
-            T=T,
-            B=B,
-            H=H,
-            K=K,
-            V=V,
-            BK=triton.next_power_of_2(K),
-            REVERSE=False,
-            IS_DECODE=decode,
-        )
+        # Triton launches on the current device, not on the tensors' (fla-core's own function
+        # switches device first): a model on a second GPU is loaded before its worker binds it.
+        where = torch.cuda.device(state.device) if state.is_cuda else contextlib.nullcontext()
+        with where:
+            kernel[grid](
+                r,
+                w,
+                k,
+                v,
+                kk,
+                a,
+                out,
+                state,
+                state,
+                cu_seqlens,
+                1.0,
+                T=T,
+                B=1,  # unused by 0.6.0's kernel body; one value compiles once for every batch size
+                H=H,
+                K=K,
+                V=V,
+                BK=triton.next_power_of_2(K),
+                REVERSE=False,
+                IS_DECODE=decode,
+            )
         return out
 
     return run

@@ -15,12 +15,13 @@ def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.Captur
     """Both engines at two levels, with the ratio, memory and a passing logits parity."""
     out = tmp_path / "bench.json"
     argv = ["--layers", "1", "--embd", "64", "--concurrency", "1,3", "--tokens", "4"]
-    status = main([*argv, "--prompt-tokens", "5", "--parity", "--json", str(out)])
+    status = main([*argv, "--prompt-tokens", "5", "--parity", "--graph-parity", "--json", str(out)])
     assert status == 0
     report = json.loads(out.read_text())
     assert report["concurrency"] == [1, 3] and report["tokens"] == 4 and report["model"]["random"]
     assert set(report["memory_mb"]) == {"reference", "batched"}
     assert report["parity"]["ok"]
+    assert "graphs_rel_err" not in report["parity"]  # CUDA graphs: on a GPU only
     keys = {"decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms_p50", "step_ms_p50", "step_ms_p99"}
     for row in report["results"]:
         assert row["ratio"] > 0
