@@ -87,6 +87,11 @@ def register_commands(bot: RwkvBot) -> None:
         metrics = bot.engine.metrics()
         if metrics:
             lines.append("Engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())))
+        for device, numbers in sorted(bot.engine.device_metrics().items()):
+            lines.append(
+                f"{device}: batch {numbers['batch']:.0f}, {numbers['resident']:.0f} resident, "
+                f"{numbers['queue']:.0f} queued, {numbers['tokens_per_s']:.0f} tokens/s"
+            )
         if bot.service is not None:
             tiers = bot.service.states.metrics()
             lines.append(

@@ -18,26 +18,51 @@ log = logging.getLogger(__name__)
 PREFIX = "rwkv_discord_"
 
 
-class EngineCollector(Collector):
-    """One gauge per number that ``source`` returns (engine metrics plus the bot's)."""
+DeviceSource = Callable[[], dict[str, dict[str, float]]]
 
-    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+
+class EngineCollector(Collector):
+    """One gauge per number that ``source`` returns (engine metrics plus the bot's) and, with
+    several devices, one ``rwkv_discord_device_*`` gauge per number of ``by_device``, labelled
+    with the device."""
+
+    def __init__(self, source: Callable[[], dict[str, float]], by_device: DeviceSource | None = None) -> None:
         self.source = source
+        self.by_device = by_device
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Gauges of the current values (a failing source yields nothing rather than an error page)."""
         try:
             values = self.source()
+            devices = self.by_device() if self.by_device is not None else {}
         except Exception:
             log.exception("metrics could not be read")
             return
         for name, value in sorted(values.items()):
-            clean = re.sub(r"[^a-zA-Z0-9_]", "_", name)
-            yield GaugeMetricFamily(PREFIX + clean, f"rwkv-discord {name}", value=float(value))
+            yield GaugeMetricFamily(PREFIX + _clean(name), f"rwkv-discord {name}", value=float(value))
+        names = sorted({name for numbers in devices.values() for name in numbers})
+        for name in names:
+            gauge = GaugeMetricFamily(
+                PREFIX + "device_" + _clean(name), f"rwkv-discord {name}, by device", labels=["device"]
+            )
+            for device, numbers in sorted(devices.items()):
+                if name in numbers:
+                    gauge.add_metric([device], float(numbers[name]))
+            yield gauge
 
 
-def serve_metrics(port: int, source: Callable[[], dict[str, float]], address: str = "0.0.0.0") -> None:
+def _clean(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def serve_metrics(
+    port: int,
+    source: Callable[[], dict[str, float]],
+    address: str = "0.0.0.0",
+    *,
+    by_device: DeviceSource | None = None,
+) -> None:
     """Start the metrics endpoint (``/metrics``) on ``port`` in a background thread."""
-    REGISTRY.register(EngineCollector(source))
+    REGISTRY.register(EngineCollector(source, by_device))
     start_http_server(port, addr=address)
     log.info("Prometheus metrics on http://%s:%d/metrics", address, port)

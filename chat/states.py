@@ -201,14 +201,20 @@ class StateTiers:
         self._host.pop(channel, None)
 
     def _shrink(self, protect: str) -> None:
-        used = sum(e.nbytes for e in self._device.values())
-        for name in list(self._device):
-            if used <= self.device_bytes:
+        """Move the least recently used channels of each device over its budget (the budget is
+        per device: with several GPUs, each keeps its own channels) to host memory, and the
+        least recently used in host memory out of memory while the host tier is over budget."""
+        used: dict[torch.device, int] = {}
+        for entry in self._device.values():
+            used[_place(entry)] = used.get(_place(entry), 0) + entry.nbytes
+        for name, entry in list(self._device.items()):
+            if all(n <= self.device_bytes for n in used.values()):
                 break
-            if name == protect:
+            place = _place(entry)
+            if name == protect or used[place] <= self.device_bytes:
                 continue
-            entry = self._device.pop(name)
-            used -= entry.nbytes
+            del self._device[name]
+            used[place] -= entry.nbytes
             if entry.states:
                 some = next(iter(entry.states.values()))
                 entry.home = [t.device for t in some.tensors] + [some.logits.device]
@@ -219,11 +225,18 @@ class StateTiers:
             self._host[name] = entry
             self._host.move_to_end(name)
             self.stats.demoted += 1
-        used = sum(e.nbytes for e in self._host.values())
-        while used > self.host_bytes and self._host:
+        on_host = sum(e.nbytes for e in self._host.values())
+        while on_host > self.host_bytes and self._host:
             _, entry = self._host.popitem(last=False)
-            used -= entry.nbytes
+            on_host -= entry.nbytes
             self.stats.evicted += 1
+
+
+def _place(entry: _Entry) -> torch.device:
+    """The device a tier entry's states are on (that of its first state tensor)."""
+    for snapshot in entry.states.values():
+        return snapshot.tensors[0].device if snapshot.tensors else snapshot.logits.device
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- channel states

@@ -135,6 +135,12 @@ class DeviceEngines(Engine):
         total["devices"] = float(len(self.engines))
         return total
 
+    def device_metrics(self) -> dict[str, dict[str, float]]:
+        names = [str(device) for device in self.devices]
+        if len(set(names)) < len(names):  # two workers on one device (tests): number them
+            names = [f"{name}#{i}" for i, name in enumerate(names)]
+        return {name: engine.metrics() for name, engine in zip(names, self.engines, strict=True)}
+
 
 def _to_host(snapshot: Snapshot) -> Snapshot:
     """The snapshot in host memory (pinned where there is a GPU, for fast copies back)."""

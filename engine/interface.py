@@ -113,3 +113,8 @@ class Engine(ABC):
     def metrics(self) -> dict[str, float]:
         """Numbers for status and monitoring (queue, batch, tokens/s...); empty when not tracked."""
         return {}
+
+    def device_metrics(self) -> dict[str, dict[str, float]]:
+        """Each device's own numbers (as :meth:`metrics`), by device name, for an engine that
+        spans several devices; empty otherwise."""
+        return {}

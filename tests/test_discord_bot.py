@@ -950,6 +950,23 @@ def test_prometheus_collector_exposes_engine_and_bot_numbers() -> None:
     assert "rwkv_discord_tokens_per_s 512.5" in text
 
 
+def test_prometheus_collector_labels_each_device_s_numbers() -> None:
+    """With several devices, each device's numbers are gauges labelled with the device."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bot.metrics import EngineCollector
+
+    registry = CollectorRegistry()
+    devices = {"cuda:0": {"batch": 12.0, "queue": 0.0}, "cuda:1": {"batch": 3.0}}
+    registry.register(EngineCollector(lambda: {"batch": 15.0}, lambda: devices))
+    text = generate_latest(registry).decode()
+    assert "rwkv_discord_batch 15.0" in text
+    assert 'rwkv_discord_device_batch{device="cuda:0"} 12.0' in text
+    assert 'rwkv_discord_device_batch{device="cuda:1"} 3.0' in text
+    assert 'rwkv_discord_device_queue{device="cuda:0"} 0.0' in text
+    assert 'device="cuda:1"} 0.0' not in text
+
+
 async def test_status_shows_engine_numbers(harness: Harness) -> None:
     """/rwkv status answers with the model, queues and the engine's numbers."""
     await harness.say("-top_p=0 hi")
@@ -959,6 +976,18 @@ async def test_status_shows_engine_numbers(harness: Harness) -> None:
     assert "States: 1 channels on the device" in status
     metrics = harness.bot.metrics()
     assert "messages_waiting" in metrics and metrics["states_device_channels"] == 1
+    assert "cuda:" not in status
+
+
+async def test_status_shows_each_device(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several GPUs, /rwkv status has a line for each."""
+    numbers = {"batch": 7.0, "resident": 20.0, "queue": 1.0, "tokens_per_s": 3210.4}
+    devices = {"cuda:0": numbers, "cuda:1": {**numbers, "batch": 2.0}}
+    monkeypatch.setattr(harness.bot.engine, "device_metrics", lambda: devices)
+    await harness.slash("rwkv", "status")
+    status = harness.adapter.texts()[-1]
+    assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s" in status
+    assert "cuda:1: batch 2," in status
 
 
 async def wait_for(condition: Any, timeout: float = 5.0) -> None:

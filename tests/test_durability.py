@@ -250,9 +250,40 @@ def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatc
     assert moves == [[host, host], [gpu, gpu], [host, host]]  # b back where it came from; a down
     tiers.put("c", {1: on(host)})  # a state in host memory with no home: the learnt layout
     assert moves[3] == [host, host]
-    assert tiers.where("b") == "host"  # moved down again to make room for c
+    assert tiers.where("b") == "device"  # the budget is per device: c's takes nothing from b's
+    tiers.put("d", {1: on(gpu)})
+    assert tiers.where("b") == "host"  # moved down again to make room for d on its GPU
     tiers.put("b", {2: on(host)})  # its states replaced while in host memory (as hold does)
     assert moves[-2] == [gpu, gpu]  # still its GPU's (then another channel moved down)
+
+
+def test_the_device_budget_is_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each GPU keeps up to the budget of its own channels: a channel on a full GPU moves down,
+    the least recently used of that GPU, not of another that still has room."""
+    gpu0, gpu1 = torch.device("meta"), torch.device("cpu")  # two places (no GPU on this machine)
+
+    def on(device: torch.device) -> Snapshot:
+        return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
+
+    def move(snapshot: Snapshot, devices: list[torch.device]) -> Snapshot:  # copies nothing
+        return on(devices[0])
+
+    monkeypatch.setattr("chat.states.move_snapshot", move)
+    tiers = StateTiers(device_bytes=2 * MB, host_bytes=8 * MB)
+    tiers.put("x0", {1: on(gpu1)})  # the least recently used of all, on the GPU with room
+    for name in ("a0", "a1"):
+        tiers.put(name, {1: on(gpu0)})
+    tiers.put("x1", {1: on(gpu1)})
+    assert [tiers.where(n) for n in ("x0", "a0", "a1", "x1")] == ["device"] * 4  # 2 MB on each
+    tiers.put("a2", {1: on(gpu0)})
+    assert [tiers.where(n) for n in ("x0", "a0", "a1", "x1", "a2")] == [
+        "device",
+        "host",
+        "device",
+        "device",
+        "device",
+    ]
+    assert tiers.stats.demoted == 1
 
 
 def test_a_channel_s_states_join_the_one_already_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

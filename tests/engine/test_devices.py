@@ -69,6 +69,10 @@ async def test_requests_spread_over_the_devices_and_give_the_same_replies(
     metrics = two.metrics()
     assert metrics["devices"] == 2 and metrics["max_resident"] == 8
     assert "on 2 devices" in two.describe()
+    each = two.device_metrics()
+    assert sorted(each) == ["cpu#0", "cpu#1"]
+    assert [m["steps"] for m in each.values()] == [e.metrics()["steps"] for e in two.engines]
+    assert sum(m["steps"] for m in each.values()) == metrics["steps"]
 
 
 async def test_a_state_on_a_device_goes_back_to_that_device(two: DeviceEngines) -> None:
