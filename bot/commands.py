@@ -87,16 +87,19 @@ def register_commands(bot: RwkvBot) -> None:
         metrics = bot.engine.metrics()
         if metrics:
             lines.append("Engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())))
-        for device, numbers in sorted(bot.engine.device_metrics().items()):
+        devices = bot.engine.device_metrics()
+        for device, numbers in sorted(devices.items()):
             lines.append(
                 f"{device}: batch {numbers['batch']:.0f}, {numbers['resident']:.0f} resident, "
                 f"{numbers['queue']:.0f} queued, {numbers['tokens_per_s']:.0f} tokens/s"
             )
         if bot.service is not None:
             tiers = bot.service.states.metrics()
+            budget = f"{tiers['device_budget_bytes'] / MB:.0f} MB" + (" on each" if devices else "")
             lines.append(
-                f"States: {tiers['device_channels']} channels on the device "
-                f"({tiers['device_bytes'] / MB:.0f} of {tiers['device_budget_bytes'] / MB:.0f} MB), "
+                f"States: {tiers['device_channels']} channels on the "
+                f"{f'{len(devices)} devices' if devices else 'device'} "
+                f"({tiers['device_bytes'] / MB:.0f} MB, at most {budget}), "
                 f"{tiers['host_channels']} in host memory "
                 f"({tiers['host_bytes'] / MB:.0f} of {tiers['host_budget_bytes'] / MB:.0f} MB), "
                 f"{tiers['restored']} restored from the database"

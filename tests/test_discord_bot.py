@@ -988,6 +988,7 @@ async def test_status_shows_each_device(harness: Harness, monkeypatch: pytest.Mo
     status = harness.adapter.texts()[-1]
     assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s" in status
     assert "cuda:1: batch 2," in status
+    assert "channels on the 2 devices (" in status and " MB on each)" in status
 
 
 async def wait_for(condition: Any, timeout: float = 5.0) -> None:
