@@ -75,6 +75,7 @@ def state_policy(settings: Settings) -> StatePolicy:
         checkpoint_tokens=settings.checkpoint_tokens,
         carry_over_tokens=settings.carry_over_tokens,
         retention_s=settings.retention_days * 86400.0,
+        transcript_s=settings.transcript_days * 86400.0,
     )
 
 

@@ -46,6 +46,7 @@ FIXES: dict[str, str] = {
     "checkpoint_tokens": "use a whole number from 16 to 10000000, e.g. 65536",
     "carry_over_tokens": "use a whole number from 0 to 1000000, e.g. 2048",
     "retention_days": "use a number of days, or 0 to keep everything",
+    "transcript_days": "use a number of days, or 0 to keep transcripts for good",
 }
 
 
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
         2048, ge=0, le=1_000_000, description="transcript tokens re-read after a model change"
     )
     retention_days: float = Field(30.0, ge=0, description="idle channels then keep only their chat state")
+    transcript_days: float = Field(0.0, ge=0, description="transcript lines older than this are deleted")
 
     @field_validator("strategy")
     @classmethod

@@ -255,12 +255,16 @@ class ChatService:
             return await self.store.purge_channel(channel_id)
 
     async def housekeeping(self, now: float | None = None) -> dict[str, int]:
-        """Retention and the database budget; returns how many channels each touched.
+        """Retention and the database budget; returns how many channels (or transcript lines)
+        each touched.
 
-        Channels idle longer than the retention keep only their chat state. While the whole
-        states in the database exceed their budget, the least recently used channels that are
-        not in memory keep only their transcript (re-read at their next message). Busy channels
-        are skipped; each channel is handled under its lock.
+        Channels idle longer than the retention keep only their chat state. Transcript lines
+        older than the transcript retention are deleted: conversations go on from their stored
+        states, and only a re-read of a transcript (after a model change or damage, or for a
+        channel kept as transcript only) sees fewer messages. While the whole states in the
+        database exceed their budget, the least recently used channels that are not in memory
+        keep only their transcript (re-read at their next message). Busy channels are skipped;
+        each channel is handled under its lock.
         """
         policy = self.config.states
         now = time.time() if now is None else now
@@ -302,9 +306,18 @@ class ChatService:
                         if await self.states.freeze(channel, unused_since=used):
                             usage -= size
                             frozen += 1
-        if retired or frozen:
-            log.info("housekeeping: %d idle channels trimmed, %d kept as transcript only", retired, frozen)
-        return {"retired": retired, "frozen": frozen}
+        forgotten = 0
+        if policy.transcript_s > 0:
+            forgotten = await self.store.delete_turns_before(now - policy.transcript_s)
+        if retired or frozen or forgotten:
+            log.info(
+                "housekeeping: %d idle channels trimmed, %d kept as transcript only, "
+                "%d old transcript lines deleted",
+                retired,
+                frozen,
+                forgotten,
+            )
+        return {"retired": retired, "frozen": frozen, "transcript_lines": forgotten}
 
     @asynccontextmanager
     async def _channel(self, channel_id: str) -> AsyncIterator[None]:

@@ -48,6 +48,7 @@ class StatePolicy:
     checkpoint_tokens: int = 65536
     carry_over_tokens: int = 2048
     retention_s: float = 30 * 86400.0  # 0: keep everything
+    transcript_s: float = 0.0  # transcript lines older than this are deleted; 0: kept
 
 
 @dataclass(frozen=True)

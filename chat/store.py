@@ -553,6 +553,41 @@ class Store:
             log.warning("after a purge, the write-ahead log could not be emptied yet: %s", exc)
         return found
 
+    async def delete_turns_before(self, before: float, batch: int = 5000) -> int:
+        """Delete the transcript lines written before ``before`` (a time), ``batch`` lines a
+        transaction so that messages are not held up; the freed pages are zeroed, and the
+        write-ahead log is emptied after, as for a purge. Returns how many lines went."""
+        deleted = 0
+        while True:
+            count = 0
+
+            async def work() -> None:
+                nonlocal count
+                await self._db.execute("PRAGMA secure_delete = ON")
+                try:
+                    cursor = await self._db.execute(
+                        "DELETE FROM turns WHERE id IN "
+                        "(SELECT id FROM turns WHERE created_at < ? ORDER BY id LIMIT ?)",
+                        (before, batch),
+                    )
+                    count = cursor.rowcount
+                finally:
+                    await self._db.execute("PRAGMA secure_delete = FAST")
+
+            await self._write(work)
+            deleted += count
+            if count < batch:
+                break
+        if deleted:
+            try:
+                await self.wal_checkpoint()
+            except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
+                log.warning(
+                    "after deleting old transcript lines, the write-ahead log could not be emptied yet: %s",
+                    exc,
+                )
+        return deleted
+
     async def idle_channels(self, before: float, limit: int) -> list[str]:
         """Up to ``limit`` channels not used since ``before`` that still keep more than their chat
         state (oldest first)."""

@@ -403,6 +403,33 @@ async def test_housekeeping_trims_idle_channels_and_keeps_the_database_budget(
         await service.store.close()
 
 
+async def test_old_transcript_lines_are_deleted_and_the_conversation_goes_on(
+    engine7: ReferenceEngine, tmp_path: Path
+) -> None:
+    """With a transcript retention, housekeeping deletes the lines older than it; the channel's
+    states are untouched, so its next reply is the one it would have been."""
+    kept = await open_states_service(engine7, tmp_path / "kept.sqlite3")
+    trimmed = await open_states_service(engine7, tmp_path / "trimmed.sqlite3", transcript_s=3600.0)
+    try:
+        for service in (kept, trimmed):
+            for text in ("hello", "how are you?"):
+                await service.respond("c", f"{GREEDY}{text}")
+        heads = await trimmed.store.heads("c")
+        assert (await kept.housekeeping(now=time.time() + 7200))["transcript_lines"] == 0
+        assert (await trimmed.housekeeping(now=time.time() + 60))["transcript_lines"] == 0
+        assert (await trimmed.housekeeping(now=time.time() + 7200))["transcript_lines"] == 2
+        assert await trimmed.store.transcript("c") == [] and len(await kept.store.transcript("c")) == 2
+        assert await trimmed.store.heads("c") == heads
+        trimmed.states.tiers.drop("c")  # from the database: the log, not the transcript
+        want = await kept.respond("c", f"{GREEDY}and now?")
+        got = await trimmed.respond("c", f"{GREEDY}and now?")
+        assert got.text == want.text and not got.notices
+        assert len(await trimmed.store.transcript("c")) == 1
+    finally:
+        await kept.store.close()
+        await trimmed.store.close()
+
+
 async def test_purged_channel_keeps_nothing(engine7: ReferenceEngine, tmp_path: Path) -> None:
     """Purging a channel deletes its states, transcript and settings, in memory too."""
     service = await open_states_service(engine7, tmp_path / "purge.sqlite3")

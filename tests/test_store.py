@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,31 @@ async def test_purge_deletes_everything_of_a_channel(tmp_path: Path) -> None:
         await store.close()
     # Zeroed, not just unlinked: the file keeps nothing of the purged channel's words.
     assert b"a-very-private-remark-" not in (tmp_path / "p.sqlite3").read_bytes()
+
+
+async def test_old_transcript_lines_are_deleted_and_zeroed(tmp_path: Path) -> None:
+    """Lines written before the cut-off go, in several transactions, and leave nothing in the file."""
+    path = tmp_path / "t.sqlite3"
+    store = await Store.open(path)
+    try:
+        secret = "an-old-private-remark-" * 300  # spills into overflow pages
+        for i in range(5):
+            await store.write_states("old", [], {}, Turn("chat", f"{secret}{i}", "noted", 1))
+        await store.write_states("new", [], {}, Turn("chat", "recent", "fine", 1))
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:  # the old lines were written a day ago
+        conn.execute("UPDATE turns SET created_at = created_at - 86400 WHERE channel_id = 'old'")
+    conn.close()
+    store = await Store.open(path)
+    try:
+        assert await store.delete_turns_before(time.time() - 3600, batch=2) == 5
+        assert await store.transcript("old") == []
+        assert [t.user_text for t in await store.transcript("new")] == ["recent"]
+        assert await store.delete_turns_before(time.time() - 3600) == 0
+    finally:
+        await store.close()
+    assert b"an-old-private-remark-" not in path.read_bytes()
 
 
 def test_snapshots_of_schema_2_become_checkpoints(tmp_path: Path) -> None:
