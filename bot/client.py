@@ -149,11 +149,28 @@ class RwkvBot(discord.Client):
 
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
         """A deleted channel's conversation and transcript are deleted too, and those of its
-        threads: discord.py reports only the threads it holds, not the archived ones."""
-        if self.service is not None:
-            for thread in await self.service.store.threads_of(str(channel.id)):
-                await self._forget(int(thread))
-        await self._forget(channel.id)
+        threads: discord.py reports only the threads it holds, not the archived ones. (Looked
+        for again after the channel: a thread may have talked meanwhile.) One purge that fails
+        does not stop the others."""
+        await self._forget_logged(channel.id)
+        if self.service is None:
+            return
+        done: set[str] = set()
+        for _ in range(2):
+            try:
+                threads = [t for t in await self.service.store.threads_of(str(channel.id)) if t not in done]
+            except Exception:
+                log.exception("the threads of deleted channel %s could not be looked up", channel.id)
+                return
+            for thread in threads:
+                done.add(thread)
+                await self._forget_logged(int(thread))
+
+    async def _forget_logged(self, channel_id: int) -> None:
+        try:
+            await self._forget(channel_id)
+        except Exception:
+            log.exception("the conversation of deleted channel %s could not be purged", channel_id)
 
     async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
         """A deleted thread's conversation and transcript are deleted too."""

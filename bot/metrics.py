@@ -34,10 +34,14 @@ class EngineCollector(Collector):
         """Gauges of the current values (a failing source yields nothing rather than an error page)."""
         try:
             values = self.source()
-            devices = self.by_device() if self.by_device is not None else {}
         except Exception:
             log.exception("metrics could not be read")
             return
+        try:
+            devices = self.by_device() if self.by_device is not None else {}
+        except Exception:
+            log.exception("the devices' metrics could not be read")
+            devices = {}
         for name, value in sorted(values.items()):
             yield GaugeMetricFamily(PREFIX + _clean(name), f"rwkv-discord {name}", value=float(value))
         names = sorted({name for numbers in devices.values() for name in numbers})

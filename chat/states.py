@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,8 +80,24 @@ class Step:
 @dataclass
 class _Entry:
     states: dict[int, Snapshot]
-    nbytes: int
     home: list[torch.device] | None = None  # where the states were before they moved to the host
+    by_device: dict[torch.device, int] = field(init=False)  # bytes of the states on each device
+
+    def __post_init__(self) -> None:
+        self.recount()
+
+    def recount(self) -> None:
+        """Count the bytes again after ``states`` changed or moved."""
+        self.by_device = {}
+        for snapshot in self.states.values():
+            for tensor in (*snapshot.tensors, snapshot.logits):
+                self.by_device[tensor.device] = (
+                    self.by_device.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
+                )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.by_device.values())
 
 
 @dataclass
@@ -150,6 +166,7 @@ class StateTiers:
                     self._host[channel] = entry
                 return None
             entry.states = {k: self._home(v, entry.home) for k, v in entry.states.items()}
+            entry.recount()
             entry.home = None
             self._device[channel] = entry
             self.stats.promoted += 1
@@ -172,7 +189,7 @@ class StateTiers:
         else:
             home = from_host.home if from_host is not None else None
         placed = {k: self._home(v, home) for k, v in states.items()}
-        self._device[channel] = _Entry(placed, sum(s.nbytes() for s in placed.values()))
+        self._device[channel] = _Entry(placed)
         self._shrink(protect=channel)
 
     def hold(self, channel: str, states: dict[int, Snapshot], live: set[int]) -> None:
@@ -187,7 +204,7 @@ class StateTiers:
             entry = tier.get(channel)
             if entry is not None:
                 entry.states = {k: v for k, v in entry.states.items() if k in state_ids}
-                entry.nbytes = sum(s.nbytes() for s in entry.states.values())
+                entry.recount()
                 if not entry.states:
                     del tier[channel]
 
@@ -207,15 +224,17 @@ class StateTiers:
         least recently used in host memory out of memory while the host tier is over budget."""
         used: dict[torch.device, int] = {}
         for entry in self._device.values():
-            used[_place(entry)] = used.get(_place(entry), 0) + entry.nbytes
+            for device, n in entry.by_device.items():
+                used[device] = used.get(device, 0) + n
         for name, entry in list(self._device.items()):
-            if all(n <= self.device_bytes for n in used.values()):
+            over = {device for device, n in used.items() if n > self.device_bytes}
+            if not over:
                 break
-            place = _place(entry)
-            if name == protect or used[place] <= self.device_bytes:
+            if name == protect or not over & entry.by_device.keys():
                 continue
             del self._device[name]
-            used[place] -= entry.nbytes
+            for device, n in entry.by_device.items():
+                used[device] -= n
             if entry.states:
                 some = next(iter(entry.states.values()))
                 entry.home = [t.device for t in some.tensors] + [some.logits.device]
@@ -223,6 +242,7 @@ class StateTiers:
             entry.states = {
                 k: move_snapshot(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()
             }
+            entry.recount()
             self._host[name] = entry
             self._host.move_to_end(name)
             self.stats.demoted += 1
@@ -231,13 +251,6 @@ class StateTiers:
             _, entry = self._host.popitem(last=False)
             on_host -= entry.nbytes
             self.stats.evicted += 1
-
-
-def _place(entry: _Entry) -> torch.device:
-    """The device a tier entry's states are on (that of its first state tensor)."""
-    for snapshot in entry.states.values():
-        return snapshot.tensors[0].device if snapshot.tensors else snapshot.logits.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- channel states

@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (2 for a usage or model error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.graph_parity and not args.parity:
+        parser.error("--graph-parity goes with --parity")
     try:
         levels = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
     except ValueError:

@@ -23,6 +23,7 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 from bot.client import STOP_EMOJI, RwkvBot, create_bot
 from bot.settings import Settings
 from bot.streaming import ReplyStream, render_thinking
+from chat.store import StoreError
 from engine.inprocess import ReferenceEngine
 
 GUILD, GENERAL, QUIET, THREAD = 100, 300, 301, 400
@@ -1044,6 +1045,32 @@ async def test_a_deleted_channel_takes_its_archived_threads_with_it(harness: Har
     await wait_for(lambda: gone(GENERAL))
     assert not await gone(QUIET)
     assert await service.store.threads_of(str(GENERAL)) == []
+
+
+async def test_a_purge_that_fails_does_not_stop_the_others(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a thread's purge fails (say the database is busy), the channel is purged all the same."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    purge = service.purge
+
+    async def flaky(channel_id: str) -> bool:
+        if channel_id == str(THREAD):
+            raise StoreError("the database is locked")
+        return await purge(channel_id)
+
+    monkeypatch.setattr(service, "purge", flaky)
+    harness.state.parse_channel_delete({"id": str(GENERAL), "guild_id": str(GUILD), "type": 0})
+
+    async def general_gone() -> bool:
+        assert service is not None
+        return not await service.store.transcript(str(GENERAL))
+
+    await wait_for(general_gone)
+    assert await service.store.transcript(str(THREAD))  # its purge failed (and was logged)
 
 
 async def test_removed_from_a_server_forgets_its_conversations(harness: Harness) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from chat.presets import load_presets
 from chat.session import ChatConfig, ChatService
-from chat.states import MB, StatePolicy, StateTiers, conversation
+from chat.states import MB, StatePolicy, StateTiers, _Entry, conversation
 from chat.store import Store, Turn
 from engine.inprocess import ReferenceEngine
 from engine.make_model import write_random_model
@@ -284,6 +284,19 @@ def test_the_device_budget_is_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         "device",
     ]
     assert tiers.stats.demoted == 1
+    # A channel with states on both GPUs (a reset read on another GPU than its undo copies)
+    # counts on each: each GPU moves down its own least recently used channel. (Set in place:
+    # put would move the state on "cpu", which stands for a second GPU here, to the first.)
+    tiers._device["s"] = _Entry({1: on(gpu0), 2: on(gpu1)})
+    assert tiers._device["s"].by_device == {gpu0: MB, gpu1: MB}
+    tiers._shrink(protect="s")
+    assert [tiers.where(n) for n in ("x0", "a1", "x1", "a2", "s")] == [
+        "host",
+        "host",
+        "device",
+        "device",
+        "device",
+    ]
 
 
 def test_a_channel_s_states_join_the_one_already_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -237,6 +237,28 @@ async def test_old_transcript_lines_are_deleted_and_zeroed(tmp_path: Path) -> No
     assert b"an-old-private-remark-" not in path.read_bytes()
 
 
+async def test_a_thread_stored_before_version_4_gets_its_channel(tmp_path: Path) -> None:
+    """A thread row of a version-3 database (a server, no channel) is linked when it talks."""
+    path = tmp_path / "v3.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for _, _, sql in migrations()[:3]:
+        conn.executescript(sql)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(
+        "INSERT INTO channels (channel_id, guild_id, created_at, updated_at) VALUES ('t', 'g', 0, 0)"
+    )
+    conn.close()
+    store = await Store.open(path)
+    try:
+        assert await store.threads_of("c") == []
+        await store.set_channel_place("t", "g", "c")
+        assert await store.threads_of("c") == ["t"]
+        await store.set_channel_place("t", "g", "c")  # again: nothing changes
+        assert await store.threads_of("c") == ["t"] and await store.guild_channels("g") == ["t"]
+    finally:
+        await store.close()
+
+
 def test_snapshots_of_schema_2_become_checkpoints(tmp_path: Path) -> None:
     """A database written by the whole-snapshot version keeps its conversations and undo copies."""
     path = tmp_path / "old.sqlite3"

@@ -107,6 +107,7 @@ async def test_devices_setting_loads_a_worker_per_device(model_dir: Path) -> Non
     try:
         assert isinstance(engine, DeviceEngines) and len(engine.engines) == 1
         assert await reply(engine, engine.tokenizer.encode("Hi")) != []
+        assert engine.device_metrics() == {}  # one device: its numbers are the totals
     finally:
         await engine.close()
 
