@@ -148,7 +148,9 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the event loop's thread may move conversation states between host and
         # device memory (chat.states) while this worker thread captures.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        # stream=side: the default capture stream is one for the whole process, made on the
+        # device current at the first capture; with several GPUs the others' would record nothing.
+        with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             if in_place:
                 self.logits = model._decode_run(self.tokens)
             else:
@@ -232,8 +234,11 @@ class BatchedRWKV7:
         self.ffn_x = torch.zeros(L, S, C, dtype=dtype, device=self.device)
 
         self._fla: Recurrence | None = None
+        self._fla_in_place = False  # whether fla-core's kernel updates the slots in place
         if self.device.type == "cuda" and use_fla is not False:
-            self._fla = _load_fla(self.device, self.n_head, self.head_size)
+            loaded = _load_fla(self.device, self.n_head, self.head_size)
+            if loaded is not None:
+                self._fla, self._fla_in_place = loaded
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}
         self._graph_pool: Any = None
@@ -277,7 +282,7 @@ class BatchedRWKV7:
         if self.head.packed is not None:
             parts.append("oneDNN prepacked")
         if self._fla is not None:
-            parts.append("fla fused recurrent")
+            parts.append("fla fused recurrent" + (" in place" if self._fla_in_place else ""))
         if self.cuda_graphs:
             parts.append("CUDA graphs")
         return ", ".join(parts) or "plain PyTorch"
@@ -552,7 +557,7 @@ def _recurrent_plain(
     return out, state
 
 
-def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence | None:
+def _load_fla(device: torch.device, n_head: int, head_size: int) -> tuple[Recurrence, bool] | None:
     """fla-core's fused recurrent RWKV-7 kernel, if installed and in agreement with the plain path.
 
     fla-core's function writes the final states to a new tensor, which then has to be copied
@@ -564,7 +569,7 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
     first, so the tuned configurations are cached before any slot is touched (0.6.0 tunes per
     head size and dtypes, which the model never changes; the direct call is only made when that
     is the kernel's tuning key). Should the direct call fail its self-check, fla-core's own
-    function is checked instead.
+    function is checked instead. Returns the recurrence and whether it works in place.
     """
     try:
         from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7  # type: ignore[import-not-found]
@@ -575,7 +580,7 @@ def _load_fla(device: torch.device, n_head: int, head_size: int) -> Recurrence |
         fused = _fla_recurrence(fused_mul_recurrent_rwkv7, direct)
         problem = _fla_self_check(fused, device, n_head, head_size)
         if problem is None:
-            return fused
+            return fused, direct is not None
         how = "called in place" if direct is not None else "through fla-core's function"
         log.warning("fla-core's fused RWKV-7 kernel, %s, %s; not using it that way", how, problem)
     return None
@@ -640,7 +645,12 @@ def _fla_self_check(fused: Recurrence, device: torch.device, n_head: int, head_s
             want_y, want_s = _recurrent_plain(
                 state.double(), **{name: t.double() for name, t in inputs.items()}
             )
-            got_y, got_s = fused(state.clone(), packed=packed, **inputs)
+            # the states as the slots are: a view into a larger tensor, between two other slots
+            slots = torch.cat((rnd(1, H, N, N), state, rnd(1, H, N, N)))
+            neighbours = (slots[0].clone(), slots[-1].clone())
+            got_y, got_s = fused(slots.narrow(0, 1, B), packed=packed, **inputs)
+            if not (torch.equal(slots[0], neighbours[0]) and torch.equal(slots[-1], neighbours[1])):
+                return "wrote outside the states it was given"
             scale = float(want_y.abs().max())
             if (got_y.double() - want_y).abs().max() > 1e-3 * scale or (
                 got_s.double() - want_s
