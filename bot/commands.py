@@ -58,6 +58,16 @@ def _key(interaction: discord.Interaction) -> str:
     return str(interaction.channel_id)
 
 
+async def _record_thread(bot: RwkvBot, interaction: discord.Interaction) -> None:
+    """In a thread, record its channel, so that what is stored for the thread (its enabling, its
+    settings) is purged with the channel even if the thread never talks."""
+    thread = interaction.channel
+    if isinstance(thread, discord.Thread) and interaction.guild_id is not None and bot.service is not None:
+        await bot.service.store.set_channel_place(
+            str(thread.id), str(interaction.guild_id), str(thread.parent_id)
+        )
+
+
 def faq_embed(topic: Topic) -> discord.Embed:
     """A FAQ topic as an embed (title, answer, links), within Discord's embed limits."""
     data = render_embed(topic)
@@ -155,6 +165,7 @@ def register_commands(bot: RwkvBot) -> None:
             return
         await interaction.response.defer(ephemeral=True)
         try:
+            await _record_thread(bot, interaction)
             changes = await bot.service.update_settings(_key(interaction), **values)
         except (ValueError, StoreError) as exc:
             await interaction.followup.send(f"Nothing was changed: {exc}.", ephemeral=True)
@@ -276,6 +287,8 @@ async def _set_enabled(bot: RwkvBot, interaction: discord.Interaction, enabled: 
         return
     assert bot.service is not None
     await interaction.response.defer(ephemeral=True)
+    if enabled:
+        await _record_thread(bot, interaction)
     await bot.service.store.set_enabled(
         str(interaction.channel_id), str(interaction.guild_id), enabled, str(interaction.user.id)
     )

@@ -1047,6 +1047,30 @@ async def test_a_deleted_channel_takes_its_archived_threads_with_it(harness: Har
     assert await service.store.threads_of(str(GENERAL)) == []
 
 
+async def test_a_thread_enabled_or_set_but_silent_goes_with_its_channel(harness: Harness) -> None:
+    """A thread given settings or enabled by a moderator, where nobody talked, is purged with its
+    channel (discord.py may no longer hold it, if it was archived)."""
+    service = harness.bot.service
+    assert service is not None
+    await harness.slash("rwkv", "settings", author=MOD, channel=THREAD, temperature=0.5)
+    await harness.slash("rwkv", "enable", author=MOD, channel=THREAD)
+    assert await service.store.channel_settings(str(THREAD)) == {"temperature": 0.5}
+    assert str(THREAD) in await service.store.enabled_channels()
+    assert await service.store.threads_of(str(GENERAL)) == [str(THREAD)]
+    guild = harness.bot.get_guild(GUILD)
+    assert guild is not None
+    guild._remove_thread(discord.Object(THREAD))
+    harness.state.parse_channel_delete({"id": str(GENERAL), "guild_id": str(GUILD), "type": 0})
+
+    async def gone() -> bool:
+        assert service is not None
+        return str(THREAD) not in await service.store.enabled_channels()
+
+    await wait_for(gone)
+    assert await service.store.channel_settings(str(THREAD)) == {}
+    assert THREAD not in harness.bot.enabled
+
+
 async def test_a_purge_that_fails_does_not_stop_the_others(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
