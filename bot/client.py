@@ -491,6 +491,16 @@ class RwkvBot(discord.Client):
                 values[f"states_{name}"] = float(value)
         return values
 
+    def device_metrics(self) -> dict[str, dict[str, float]]:
+        """With several GPUs, each one's engine numbers and the bytes of conversation states on it
+        (``states_bytes``); empty otherwise."""
+        devices = {name: dict(numbers) for name, numbers in self.engine.device_metrics().items()}
+        if devices and self.service is not None:
+            used = self.service.states.tiers.device_usage()
+            for name, numbers in devices.items():
+                numbers["states_bytes"] = float(used.get(name, 0))
+        return devices
+
     def tokens_per_second(self) -> float:
         """Average speed of the recent replies."""
         tokens = sum(t for t, _ in self.speeds)

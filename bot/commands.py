@@ -97,11 +97,12 @@ def register_commands(bot: RwkvBot) -> None:
         metrics = bot.engine.metrics()
         if metrics:
             lines.append("Engine: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())))
-        devices = bot.engine.device_metrics()
+        devices = bot.device_metrics()
         for device, numbers in sorted(devices.items()):
             lines.append(
                 f"{device}: batch {numbers['batch']:.0f}, {numbers['resident']:.0f} resident, "
-                f"{numbers['queue']:.0f} queued, {numbers['tokens_per_s']:.0f} tokens/s"
+                f"{numbers['queue']:.0f} queued, {numbers['tokens_per_s']:.0f} tokens/s, "
+                f"{numbers.get('states_bytes', 0) / MB:.0f} MB of states"
             )
         if bot.service is not None:
             tiers = bot.service.states.metrics()

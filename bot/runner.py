@@ -54,7 +54,7 @@ async def run_bot(settings: Settings) -> int:
     bot = create_bot(settings, engine)
     holder["bot"] = bot
     if settings.metrics_port is not None:
-        serve_metrics(settings.metrics_port, bot.metrics, by_device=engine.device_metrics)
+        serve_metrics(settings.metrics_port, bot.metrics, by_device=bot.device_metrics)
     beat = asyncio.ensure_future(_heartbeat(bot, heartbeat_path(settings)))
     try:
         async with bot:

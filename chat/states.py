@@ -135,6 +135,14 @@ class StateTiers:
             "host_bytes": sum(e.nbytes for e in self._host.values()),
         }
 
+    def device_usage(self) -> dict[str, int]:
+        """Bytes of the device tier on each device, by device name (``cuda:0``...)."""
+        used: dict[str, int] = {}
+        for entry in self._device.values():
+            for device, n in entry.by_device.items():
+                used[str(device)] = used.get(str(device), 0) + n
+        return used
+
     def where(self, channel: str) -> str | None:
         """``"device"``, ``"host"`` or None."""
         if channel in self._device:

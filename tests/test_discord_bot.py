@@ -985,10 +985,13 @@ async def test_status_shows_each_device(harness: Harness, monkeypatch: pytest.Mo
     numbers = {"batch": 7.0, "resident": 20.0, "queue": 1.0, "tokens_per_s": 3210.4}
     devices = {"cuda:0": numbers, "cuda:1": {**numbers, "batch": 2.0}}
     monkeypatch.setattr(harness.bot.engine, "device_metrics", lambda: devices)
+    assert harness.bot.service is not None
+    monkeypatch.setattr(harness.bot.service.states.tiers, "device_usage", lambda: {"cuda:1": 3 * 2**20})
     await harness.slash("rwkv", "status")
     status = harness.adapter.texts()[-1]
-    assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s" in status
-    assert "cuda:1: batch 2," in status
+    assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s, 0 MB of states" in status
+    assert "cuda:1: batch 2, 20 resident, 1 queued, 3210 tokens/s, 3 MB of states" in status
+    assert harness.bot.device_metrics()["cuda:1"]["states_bytes"] == 3 * 2**20
     assert "channels on the 2 devices (" in status and " MB on each)" in status
 
 

@@ -289,6 +289,7 @@ def test_the_device_budget_is_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # put would move the state on "cpu", which stands for a second GPU here, to the first.)
     tiers._device["s"] = _Entry({1: on(gpu0), 2: on(gpu1)})
     assert tiers._device["s"].by_device == {gpu0: MB, gpu1: MB}
+    assert tiers.device_usage() == {"meta": 3 * MB, "cpu": 3 * MB}
     tiers._shrink(protect="s")
     assert [tiers.where(n) for n in ("x0", "a1", "x1", "a2", "s")] == [
         "host",
