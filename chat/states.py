@@ -91,9 +91,7 @@ class _Entry:
         self.by_device = {}
         for snapshot in self.states.values():
             for tensor in (*snapshot.tensors, snapshot.logits):
-                self.by_device[tensor.device] = (
-                    self.by_device.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
-                )
+                self.by_device[tensor.device] = self.by_device.get(tensor.device, 0) + tensor.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -151,7 +149,7 @@ class StateTiers:
 
     def learn(self, snapshot: Snapshot) -> None:
         """Take the devices of a snapshot the engine made as where states belong."""
-        self.layout = [t.device for t in snapshot.tensors] + [snapshot.logits.device]
+        self.layout = _layout(snapshot)
 
     def _home(self, snapshot: Snapshot, home: list[torch.device] | None = None) -> Snapshot:
         """The snapshot where the engine reads it: a state already on a GPU stays on it (with
@@ -191,11 +189,9 @@ class StateTiers:
         # Back to the GPU the channel came from, unless one of its states is on a GPU already
         # (a state just read there): the others join it.
         on_gpu = [v for v in states.values() if any(t.device.type != "cpu" for t in v.tensors)]
-        home: list[torch.device] | None
+        home = from_host.home if from_host is not None else None
         if on_gpu:
-            home = [t.device for t in on_gpu[0].tensors] + [on_gpu[0].logits.device]
-        else:
-            home = from_host.home if from_host is not None else None
+            home = _layout(on_gpu[0])
         placed = {k: self._home(v, home) for k, v in states.items()}
         self._device[channel] = _Entry(placed)
         self._shrink(protect=channel)
@@ -244,8 +240,7 @@ class StateTiers:
             for device, n in entry.by_device.items():
                 used[device] -= n
             if entry.states:
-                some = next(iter(entry.states.values()))
-                entry.home = [t.device for t in some.tensors] + [some.logits.device]
+                entry.home = _layout(next(iter(entry.states.values())))
             host = torch.device("cpu")
             entry.states = {
                 k: move_snapshot(v, [host] * (len(v.tensors) + 1)) for k, v in entry.states.items()
@@ -259,6 +254,11 @@ class StateTiers:
             _, entry = self._host.popitem(last=False)
             on_host -= entry.nbytes
             self.stats.evicted += 1
+
+
+def _layout(snapshot: Snapshot) -> list[torch.device]:
+    """The devices of a snapshot's tensors, then of its logits (as ``move_snapshot`` takes them)."""
+    return [t.device for t in snapshot.tensors] + [snapshot.logits.device]
 
 
 # ----------------------------------------------------------------------------- channel states

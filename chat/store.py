@@ -532,25 +532,17 @@ class Store:
 
         async def work() -> None:
             nonlocal found
-            await self._db.execute("PRAGMA secure_delete = ON")
-            try:
-                await self._db.execute("DELETE FROM heads WHERE channel_id = ?", (channel_id,))
-                await self._db.execute("DELETE FROM states WHERE channel_id = ?", (channel_id,))
-                cursor = await self._db.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
-                found = cursor.rowcount > 0
-                cursor = await self._db.execute(
-                    "DELETE FROM enabled_channels WHERE channel_id = ?", (channel_id,)
-                )
-                found = found or cursor.rowcount > 0
-            finally:
-                await self._db.execute("PRAGMA secure_delete = FAST")
+            await self._db.execute("DELETE FROM heads WHERE channel_id = ?", (channel_id,))
+            await self._db.execute("DELETE FROM states WHERE channel_id = ?", (channel_id,))
+            cursor = await self._db.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
+            found = cursor.rowcount > 0
+            cursor = await self._db.execute(
+                "DELETE FROM enabled_channels WHERE channel_id = ?", (channel_id,)
+            )
+            found = found or cursor.rowcount > 0
 
-        await self._write(work)
-        # The WAL still holds copies of the deleted pages: move it into the file and empty it.
-        try:
-            await self.wal_checkpoint()
-        except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
-            log.warning("after a purge, the write-ahead log could not be emptied yet: %s", exc)
+        await self._write_zeroed(work)
+        await self._empty_wal("a purge")
         return found
 
     async def delete_turns_before(self, before: float, batch: int = 5000) -> int:
@@ -563,30 +555,40 @@ class Store:
 
             async def work() -> None:
                 nonlocal count
-                await self._db.execute("PRAGMA secure_delete = ON")
-                try:
-                    cursor = await self._db.execute(
-                        "DELETE FROM turns WHERE id IN "
-                        "(SELECT id FROM turns WHERE created_at < ? ORDER BY id LIMIT ?)",
-                        (before, batch),
-                    )
-                    count = cursor.rowcount
-                finally:
-                    await self._db.execute("PRAGMA secure_delete = FAST")
+                cursor = await self._db.execute(
+                    "DELETE FROM turns WHERE id IN "
+                    "(SELECT id FROM turns WHERE created_at < ? ORDER BY id LIMIT ?)",
+                    (before, batch),
+                )
+                count = cursor.rowcount
 
-            await self._write(work)
+            await self._write_zeroed(work)
             deleted += count
             if count < batch:
                 break
         if deleted:
-            try:
-                await self.wal_checkpoint()
-            except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
-                log.warning(
-                    "after deleting old transcript lines, the write-ahead log could not be emptied yet: %s",
-                    exc,
-                )
+            await self._empty_wal("deleting old transcript lines")
         return deleted
+
+    async def _write_zeroed(self, work: Callable[[], Awaitable[None]]) -> None:
+        """:meth:`_write` with the pages that ``work`` frees zeroed (SQLite's secure_delete)."""
+
+        async def zeroed() -> None:
+            await self._db.execute("PRAGMA secure_delete = ON")
+            try:
+                await work()
+            finally:
+                await self._db.execute("PRAGMA secure_delete = FAST")
+
+        await self._write(zeroed)
+
+    async def _empty_wal(self, after: str) -> None:
+        """After a zeroing delete: the write-ahead log still holds copies of the deleted pages,
+        so move it into the file and empty it."""
+        try:
+            await self.wal_checkpoint()
+        except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
+            log.warning("after %s, the write-ahead log could not be emptied yet: %s", after, exc)
 
     async def idle_channels(self, before: float, limit: int) -> list[str]:
         """Up to ``limit`` channels not used since ``before`` that still keep more than their chat
