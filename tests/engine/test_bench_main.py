@@ -38,6 +38,14 @@ def test_bench_refuses_bad_levels(capsys: pytest.CaptureFixture[str]) -> None:
     assert "concurrency" in capsys.readouterr().err
 
 
+def test_graph_parity_goes_with_parity(capsys: pytest.CaptureFixture[str]) -> None:
+    """--graph-parity alone is a usage error, not silently ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--graph-parity"])
+    assert exit_info.value.code == 2
+    assert "--graph-parity goes with --parity" in capsys.readouterr().err
+
+
 def test_bench_with_a_small_vocabulary(tmp_path: Path) -> None:
     """--vocab writes a random model with that head, read by the World tokenizer in both engines."""
     out = tmp_path / "bench.json"
