@@ -7,6 +7,17 @@ aliases counts less, one only in its answer text counts little, and a term no to
 against every topic. A question made of words the FAQ does not know therefore scores low for all
 topics and gets no answer rather than a guess. Typos are caught by fuzzy-matching unknown words
 against the words the topics use (rapidfuzz).
+
+On top of the score, `FaqIndex.lookup` decides what to say:
+
+- an answer needs real evidence: a keyword, or a title word that only one topic has; a single
+  word that several topics share ("bot", "gpu") is not enough;
+- a question that names another product ("is claude censored", "when does the new iphone come
+  out") is answered only when it also names RWKV, one of its models or the bot;
+- two topics that score alike are told apart by their keyword evidence (a keyword is stronger than
+  a title word); when that is equal too, the question is a tie and both are offered ("did you
+  mean"), so the order of topic ids never picks an answer;
+- without an answer, the closest topics are offered as suggestions.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from dataclasses import dataclass
 
 from rapidfuzz import fuzz, process
 
+from faq._lexicon import DOMAIN_WORDS, OTHER_PRODUCTS
 from faq._render import render_answer
 from faq._text import SYNONYMS, canonical, raw_tokens, terms
 from faq._topics import Topic
@@ -32,8 +44,17 @@ _TITLE_WEIGHT = 0.75  # title, aliases, and part of a multi-word keyword
 _BODY_WEIGHT = 0.3  # answer text and link titles
 # Unknown words that contain a digit ("v7", "20b") are usually versions or sizes, not topics.
 _UNKNOWN_NUMBER_FACTOR = 0.3
-# Unknown words count this much less in a question that names RWKV.
+# Unknown words count this much less in a question that names RWKV or the bot.
 _DOMAIN_UNKNOWN_FACTOR = 0.5
+# Evidence an answer needs: the idf-weighted sum of the question's terms that the topic has as a
+# keyword, title or alias word. One keyword that at most three topics use, or one title word that
+# only this topic uses, is enough; a word shared by several topics is not.
+_MIN_EVIDENCE = 1.8
+# Two topics whose confidences are this close are compared by their keyword evidence instead.
+_TIE_MARGIN = 0.03
+# Suggestions offered when nothing answers: at most this many, each at least this confident.
+_SUGGESTIONS = 3
+_SUGGESTION_FLOOR = 0.2
 # Fuzzy matching of unknown words: only words this long, with this rapidfuzz ratio (0-100).
 _FUZZY_MIN_LENGTH = 5
 _FUZZY_CUTOFF = 80.0
@@ -56,6 +77,39 @@ class Match:
 
     topic: Topic
     confidence: float
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the FAQ has for a question.
+
+    `answer` is the topic that answers it, or None. Without an answer, `candidates` are the two
+    topics that tie (`tied` is True: "did you mean one of these?") or the closest topics below
+    the threshold, best first (possibly none).
+    """
+
+    answer: Match | None
+    candidates: tuple[Match, ...] = ()
+    tied: bool = False
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A topic's score for one question, with the evidence behind it."""
+
+    match: Match
+    evidence: float  # coverage by the terms the topic has as keyword, title or alias words
+    keyword_evidence: float  # the same, for keywords (and complete multi-word keywords) only
+
+
+@dataclass(frozen=True)
+class _Query:
+    """A question split into what the matcher needs."""
+
+    known: dict[str, float]  # term -> match quality (1, or less for a fuzzy match)
+    unknown_weight: float
+    names_domain: bool
+    names_product: bool
 
 
 @dataclass(frozen=True)
@@ -95,28 +149,44 @@ class FaqIndex:
         return list(self._by_title)
 
     def match(self, query: str, limit: int = 3) -> list[Match]:
-        """Return up to `limit` topics with a confidence above 0, best first (ties by id).
+        """Return up to `limit` topics with a confidence above 0, best first.
 
-        Unlike `best`, this includes topics below the threshold, for "did you mean" lists.
+        Unlike `best`, this includes topics below the threshold, for "did you mean" lists. Equal
+        confidences are ordered by keyword evidence, then by title.
         """
-        known, unknown_weight = self._analyse(query)
-        if not known:
-            return []
-        total = sum(self._idf[term] for term in known) + unknown_weight
-        matches = []
-        for entry in self._entries:
-            confidence = _coverage(entry, known, self._idf) / total
-            if confidence > 0.0:
-                matches.append(Match(entry.topic, round(min(confidence, 1.0), 4)))
-        matches.sort(key=lambda m: (-m.confidence, m.topic.id))
-        return matches[: max(limit, 0)]
+        return [scored.match for scored in self._score(self._analyse(query))[: max(limit, 0)]]
+
+    def lookup(self, query: str) -> Lookup:
+        """Return the answer to `query`, or the two tied topics, or the closest topics."""
+        analysed = self._analyse(query)
+        ranked = self._score(analysed)
+        suggestions = tuple(
+            scored.match for scored in ranked[:_SUGGESTIONS] if scored.match.confidence >= _SUGGESTION_FLOOR
+        )
+        if not ranked or ranked[0].match.confidence < self.threshold:
+            return Lookup(None, suggestions)
+        if analysed.names_product and not analysed.names_domain:
+            return Lookup(None, suggestions)
+        close = [
+            scored for scored in ranked if scored.match.confidence >= ranked[0].match.confidence - _TIE_MARGIN
+        ]
+        strongest = max(scored.keyword_evidence for scored in close)
+        leaders = [scored for scored in close if scored.keyword_evidence >= strongest - 1e-9]
+        if len(leaders) > 1:
+            return Lookup(None, tuple(scored.match for scored in leaders[:2]), tied=True)
+        leader = leaders[0]
+        if leader.evidence < _MIN_EVIDENCE:
+            return Lookup(None, suggestions)
+        # Without RWKV, a model or the bot named, only a keyword of the topic says what the
+        # question is about: "how much does a gpu cost" shares words with the training cost
+        # topic, but none of its keywords.
+        if not analysed.names_domain and leader.keyword_evidence == 0.0:
+            return Lookup(None, suggestions)
+        return Lookup(leader.match)
 
     def best(self, query: str) -> Match | None:
-        """Return the best match if its confidence reaches the threshold, otherwise None."""
-        matches = self.match(query, limit=1)
-        if matches and matches[0].confidence >= self.threshold:
-            return matches[0]
-        return None
+        """Return the topic that answers `query` (see `lookup`), or None."""
+        return self.lookup(query).answer
 
     def answer(self, query: str) -> str | None:
         """Return the rendered answer of the best topic, or None below the threshold.
@@ -157,21 +227,40 @@ class FaqIndex:
         ordered = sorted(ranked.values(), key=lambda item: (item[0], order[item[1].id]))
         return [topic for _, topic in ordered[: max(limit, 0)]]
 
-    def _analyse(self, query: str) -> tuple[dict[str, float], float]:
+    def _score(self, query: _Query) -> list[_Scored]:
+        """Score every topic that shares a term with the query, best first."""
+        if not query.known:
+            return []
+        total = sum(self._idf[term] for term in query.known) + query.unknown_weight
+        title_rank = {topic.id: position for position, topic in enumerate(self._by_title)}
+        scored = []
+        for entry in self._entries:
+            coverage, evidence, keyword_evidence = _coverage(entry, query.known, self._idf)
+            if coverage > 0.0:
+                confidence = round(min(coverage / total, 1.0), 4)
+                scored.append(_Scored(Match(entry.topic, confidence), evidence, keyword_evidence))
+        scored.sort(key=lambda s: (-s.match.confidence, -s.keyword_evidence, title_rank[s.match.topic.id]))
+        return scored
+
+    def _analyse(self, query: str) -> _Query:
         """Split a query into its known terms (with match quality) and the weight of the rest."""
         known: dict[str, float] = {}
         unknown_weight = 0.0
         tokens = raw_tokens(query)[:_MAX_QUERY_TOKENS]
         # Naming RWKV says the question is about this domain, so words the FAQ does not know
         # are more likely detail ("at home", "on my laptop") than a different subject.
-        unknown_factor = _DOMAIN_UNKNOWN_FACTOR if any("rwkv" in token for token in tokens) else 1.0
+        names_domain = any(token in DOMAIN_WORDS or token.startswith("rwkv") for token in tokens)
+        names_product = any(token in OTHER_PRODUCTS for token in tokens)
+        unknown_factor = _DOMAIN_UNKNOWN_FACTOR if names_domain else 1.0
         for token in tokens:
             term = canonical(token)
             if term is None:
                 continue
             quality = 1.0
             if term not in self._idf:
-                fuzzy = self._fuzzy(token, term)
+                # A word the lexicon knows as something else ("windows") is no typo.
+                known_word = token in SYNONYMS or token in OTHER_PRODUCTS
+                fuzzy = None if known_word else self._fuzzy(token, term)
                 if fuzzy is None:
                     has_digit = any(char.isdigit() for char in term)
                     factor = _UNKNOWN_NUMBER_FACTOR if has_digit else 1.0
@@ -179,7 +268,7 @@ class FaqIndex:
                     continue
                 term, quality = fuzzy
             known[term] = max(known.get(term, 0.0), quality)
-        return known, unknown_weight
+        return _Query(known, unknown_weight, names_domain, names_product)
 
     def _fuzzy(self, token: str, term: str) -> tuple[str, float] | None:
         """Return the known term a misspelt word most likely means, with a 0-1 quality."""
@@ -239,15 +328,28 @@ def _index_topic(topic: Topic) -> _TopicTerms:
     return _TopicTerms(topic, weights, tuple(phrases))
 
 
-def _coverage(entry: _TopicTerms, known: dict[str, float], idf: dict[str, float]) -> float:
-    """Sum of idf * match quality * topic weight over the query's known terms."""
+def _coverage(
+    entry: _TopicTerms, known: dict[str, float], idf: dict[str, float]
+) -> tuple[float, float, float]:
+    """Return the topic's coverage of the query's known terms (idf * quality * topic weight),
+    its evidence (the same over keyword, title and alias words) and its keyword evidence (the
+    idf-weighted terms it has as keywords)."""
     weights = entry.weights
     complete = [phrase for phrase in entry.phrases if phrase <= known.keys()]
     if complete:
         weights = dict(weights)
         for phrase in complete:
             weights.update(dict.fromkeys(phrase, _KEYWORD_WEIGHT))
-    return sum(idf[term] * quality * weights.get(term, 0.0) for term, quality in known.items())
+    coverage = evidence = keyword_evidence = 0.0
+    for term, quality in known.items():
+        weight = weights.get(term, 0.0)
+        value = idf[term] * quality
+        coverage += value * weight
+        if weight >= _TITLE_WEIGHT:
+            evidence += value * weight
+        if weight >= _KEYWORD_WEIGHT:
+            keyword_evidence += value
+    return coverage, evidence, keyword_evidence
 
 
 def _lexicon(entries: Iterable[_TopicTerms], idf: dict[str, float]) -> dict[str, str]:

@@ -33,14 +33,16 @@ class EmbedData(TypedDict):
 
 
 def render_answer(topic: Topic, limit: int = BODY_LIMIT) -> str:
-    """Return the answer as one markdown text: bold title, body, then links not in the body.
+    """Return the answer as one markdown text: bold title, body, links not in the body, source.
 
     The text never exceeds `limit` characters (4096, an embed description, by default; pass 2000
     for a plain message); when it would, the body is shortened at a word and ends with an ellipsis.
     """
     head = f"**{topic.title}**\n\n"
-    links = _extra_links(topic)
-    tail = "\n\n" + "\n".join(f"- [{link.title}]({link.url})" for link in links) if links else ""
+    lines = [f"- [{link.title}]({link.url})" for link in _extra_links(topic)]
+    if topic.page is not None:
+        lines.append(f"Source: [{topic.page.title}]({topic.page.url})")
+    tail = "\n\n" + "\n".join(lines) if lines else ""
     room = limit - len(head) - len(tail)
     if room < 1:
         return _shorten(head + topic.body, limit)
@@ -50,8 +52,8 @@ def render_answer(topic: Topic, limit: int = BODY_LIMIT) -> str:
 def render_embed(topic: Topic) -> EmbedData:
     """Return the embed parts of an answer, each within Discord's limits.
 
-    The title links to the topic's first link (if any); links not already in the body are listed
-    in a "Links" field.
+    The title links to the topic's source page, or else to its first link (if any); links not
+    already in the body are listed in a "Links" field, and the source page in a "Source" field.
     """
     lines: list[str] = []
     for link in _extra_links(topic):
@@ -60,10 +62,15 @@ def render_embed(topic: Topic) -> EmbedData:
             break
         lines.append(line)
     fields = [EmbedField(name="Links", value="\n".join(lines), inline=False)] if lines else []
+    page = topic.page
+    if page is not None:
+        source = _shorten(f"[{page.title}]({page.url})", FIELD_VALUE_LIMIT)
+        fields.append(EmbedField(name="Source", value=source, inline=False))
+    first = page or (topic.links[0] if topic.links else None)
     return EmbedData(
         title=_shorten(topic.title, TITLE_LIMIT),
         description=_shorten(topic.body, BODY_LIMIT),
-        url=topic.links[0].url if topic.links else None,
+        url=first.url if first is not None else None,
         fields=fields,
     )
 

@@ -10,118 +10,32 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Multi-word spellings folded into one token before splitting, so that both halves are not
-# scored separately ("open source" is one idea, "open" and "source" alone are not).
+from faq._lexicon import PHRASES, STOPWORD_TEXT, SYNONYM_GROUPS
+
+# Multi-word spellings folded into one token before splitting (see `faq._lexicon.PHRASES`).
 _PHRASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(rf"\b{pattern}\b"), replacement)
-    for pattern, replacement in (
-        (r"open[ -]?sourced?", "opensource"),
-        (r"fine[ -]?tun(?:e|ed|ing|es)", "finetune"),
-        (r"data[ -]sets?", "dataset"),
-        (r"train(?:ing)?[ -](?:sets?|corpus|corpora)", "dataset"),
-        (r"top[ _-]?p", "topp"),
-        (r"(?:come|comes|coming|came) out", "release"),
-        (r"multi(?:ple)?[ -]gpus?", "multigpu"),
-        (r"(?:many|several) gpus", "multigpu"),
-        (r"self[ -]censor(?:ed|ing|s|ship)?", "selfcensor"),
-        (r"as an ai", "refusal"),
-        (r"hugging ?face", "huggingface"),
-    )
+    (re.compile(rf"\b{pattern}\b"), f" {replacement} ")
+    for replacement, patterns in PHRASES.items()
+    for pattern in patterns
 )
 
-# Single-token variants: British spellings, abbreviations, chat slang, and words that mean the
-# same thing here. Values are raw words; they still go through the stemmer.
-SYNONYMS: dict[str, str] = {
-    "licence": "license",
-    "licences": "license",
-    "licenced": "license",
-    "licencing": "license",
-    "licensing": "license",
-    "licensed": "license",
-    "commercially": "commercial",
-    "commerce": "commercial",
-    "business": "commercial",
-    "company": "commercial",
-    "companies": "commercial",
-    "enterprise": "commercial",
-    "hf": "huggingface",
-    "ctx": "context",
-    "len": "length",
-    "wat": "what",
-    "wut": "what",
-    "wen": "when",
-    "whats": "what",
-    "u": "you",
-    "ur": "your",
-    "r": "are",
-    "y": "why",
-    "pls": "please",
-    "plz": "please",
-    "thx": "thanks",
-    "max": "limit",
-    "maximum": "limit",
-    "cmd": "command",
-    "cmds": "command",
-    "temp": "temperature",
-    "racoon": "raccoon",
-    "uncensored": "censor",
-    "refuse": "refusal",
-    "refuses": "refusal",
-    "refused": "refusal",
-    "refusing": "refusal",
-    "refusals": "refusal",
-    "censorship": "censor",
-    "nsfw": "censor",
-    "oss": "opensource",
-    "foss": "opensource",
-    "data": "dataset",
-    "corpus": "dataset",
-    "parallelism": "parallel",
-    "parallelization": "parallel",
-    "parallelisation": "parallel",
-    "parallelize": "parallel",
-    "parallelise": "parallel",
-    "parallelized": "parallel",
-    "parallelised": "parallel",
-    "parallelizing": "parallel",
-    "parallelising": "parallel",
-    "expensive": "cost",
-    "costly": "cost",
-    "pricey": "cost",
-    "price": "cost",
-    "pricing": "cost",
-    "money": "cost",
-    "launch": "release",
-    "launched": "release",
-    "drop": "release",
-    "dropping": "release",
-    "ship": "release",
-    "upcoming": "next",
-    "eta": "next",
-    "multigpus": "multigpu",
-    "pretrain": "pretraining",
-    "pretrained": "pretraining",
-    "used": "use",
-    "using": "use",
-}
+SYNONYMS: dict[str, str] = {word: target for target, words in SYNONYM_GROUPS.items() for word in words}
+"""Single-word variants and the word each stands for (from `faq._lexicon.SYNONYM_GROUPS`)."""
 
-# Words that carry no topic of their own. "rwkv" and "model" are in every answer, so they cannot
-# tell topics apart; the rest are question words, pronouns and chat filler.
-STOPWORDS: frozenset[str] = frozenset(
-    """
-    a an the and or but if of to in on at by for with about from as into onto is are was were be
-    been being am do does did doing done have has had having can could would should will shall
-    may might must i me my mine we us our you your yours he she it its they them their this that
-    these those there here what which who whom whose when where why how not no yes so than then
-    too very just also any some all each every more most such only own same other else again ever
-    even out up down over under off please thanks thank hi hello hey yo guys guy anyone someone
-    somebody anybody know tell question wondering wonder want wanna gonna need get got let lets
-    like really actually basically pretty kind sort thing things stuff way able possible rwkv
-    model models ok okay lol bro dude sir mate im ive id youre dont doesnt didnt cant isnt arent
-    wont wasnt whats hows whys wheres whos much many go going keep say said help
-    make made makes making vs versus difference between compared
-    """.split()  # noqa: SIM905 (a word list reads better as text than as 180 quoted strings)
-)
+STOPWORDS: frozenset[str] = frozenset(STOPWORD_TEXT.split())
+"""Words that carry no topic of their own (from `faq._lexicon.STOPWORD_TEXT`)."""
+
+VERSION = "version"
+"""The term a version token stands for: "v5", "rwkv6", the "6" of "rwkv 6"."""
+
+KILO_TOKENS = "ktokens"
+"""The term a token count such as "4k", "8k" or "32k" stands for."""
+
+# "rwkv6", "v5", "ctx4096", "raven14b": a name glued to a number is split in two.
+_GLUED = re.compile(r"(rwkv|raven|world|ctx|v)(\d[a-z0-9]*)")
+_VERSION_NUMBER = re.compile(r"\d{1,2}(?:[a-z])?")
+_KILO = re.compile(r"\d+k")
+_SIZE = re.compile(r"\d+[bm]")
 
 # A token is a run of letters and digits, or a chat command made of "+" signs and letters
 # ("+gen", "+++", "+"), which the FAQ has to recognise as such.
@@ -141,8 +55,25 @@ def fold(text: str) -> str:
 
 
 def raw_tokens(text: str) -> list[str]:
-    """Split `text` into folded tokens, keeping filler words (the fuzzy matcher needs them)."""
-    return _TOKEN.findall(fold(text))
+    """Split `text` into folded tokens, keeping filler words (the fuzzy matcher needs them).
+
+    Version and file-name tokens are split: "rwkv6" gives "rwkv" and "version", "v5" gives
+    "version", "ctx4096" gives "ctx" and "4096"; a number right after "rwkv" is a version too.
+    """
+    tokens: list[str] = []
+    for token in _TOKEN.findall(fold(text)):
+        glued = _GLUED.fullmatch(token)
+        if glued is None:
+            after_rwkv = bool(tokens) and tokens[-1] == "rwkv"
+            is_version = after_rwkv and _VERSION_NUMBER.fullmatch(token) is not None
+            tokens.append(VERSION if is_version else token)
+            continue
+        name, number = glued.groups()
+        is_version = name in ("rwkv", "v") and _VERSION_NUMBER.fullmatch(number) is not None
+        if name != "v":
+            tokens.append(name)
+        tokens.append(VERSION if is_version else number)
+    return tokens
 
 
 def stem(word: str) -> str:
@@ -179,11 +110,14 @@ def _strip_suffix(word: str) -> str:
 def canonical(token: str) -> str | None:
     """Return the term a folded token stands for, or None for a filler word or a bare number.
 
-    Bare numbers ("2" of "Apache 2.0", "2+2") name no topic; "4k" or "a100" are kept.
+    Bare numbers ("2" of "Apache 2.0", "2+2") and model sizes ("14b") name no topic; token counts
+    ("4k", "32k") all stand for one term; "a100" is kept.
     """
     token = SYNONYMS.get(token, token)
-    if token in STOPWORDS or token.isdigit():
+    if token in STOPWORDS or token.isdigit() or _SIZE.fullmatch(token):
         return None
+    if _KILO.fullmatch(token):
+        return KILO_TOKENS
     term = stem(token)
     return None if term in STOPWORDS else term
 

@@ -1,6 +1,8 @@
 """FAQ topics: the markdown files they live in and how they are loaded.
 
 A topic file is `<topic-id>.md`: TOML front matter between two `+++` lines, then a markdown body.
+The front matter has `title`, `keywords`, and optionally `aliases`, `[[links]]` and `[source]`
+(the page the answer was written from, shown under every answer).
 Topics load from a list of folders (the bundled one first, then the operator's); a later folder
 replaces a topic of the same id. A broken file is reported and skipped, so one bad file never
 takes the whole FAQ down.
@@ -26,7 +28,7 @@ BODY_LIMIT = 4096
 FRONT_MATTER_FENCE = "+++"
 
 _TOPIC_ID = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-_KNOWN_KEYS = frozenset({"title", "keywords", "aliases", "links"})
+_KNOWN_KEYS = frozenset({"title", "keywords", "aliases", "links", "source"})
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
 
 
@@ -49,6 +51,8 @@ class Topic:
     links: tuple[Link, ...] = field(repr=False)
     body: str = field(repr=False)
     source: Path
+    page: Link | None = field(default=None, repr=False)
+    """The page the answer was written from (the front matter's `[source]`), if any."""
 
 
 @dataclass
@@ -158,6 +162,7 @@ def _parse_topic_text(topic_id: str, text: str, source: Path) -> _ParsedFile:
     keywords = _string_list(meta, "keywords", line_of("keywords"), required=True)
     aliases = _string_list(meta, "aliases", line_of("aliases"), required=False)
     links = _links(meta.get("links", []), line_of("links"))
+    page = _source(meta["source"], line_of("source")) if "source" in meta else None
 
     body_line = closing + 2
     body = "\n".join(lines[closing + 1 :]).strip()
@@ -175,6 +180,7 @@ def _parse_topic_text(topic_id: str, text: str, source: Path) -> _ParsedFile:
         links=links,
         body=body,
         source=source,
+        page=page,
     )
     return _ParsedFile(topic, line_of("keywords"))
 
@@ -214,13 +220,24 @@ def _links(value: object, line: int) -> tuple[Link, ...]:
     for item in value:
         if not isinstance(item, dict) or set(item) != {"title", "url"}:
             raise TopicFileError(line, "each link must have exactly 'title' and 'url'")
-        title, url = item["title"], item["url"]
-        if not isinstance(title, str) or not title.strip():
-            raise TopicFileError(line, "a link title must be a non-empty string")
-        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
-            raise TopicFileError(line, f"link url must start with http:// or https://: {url!r}")
-        links.append(Link(title=title.strip(), url=url))
+        links.append(_link(item["title"], item["url"], line, "link"))
     return tuple(links)
+
+
+def _source(value: object, line: int) -> Link:
+    """Return the `[source]` table as a Link, or raise TopicFileError."""
+    if not isinstance(value, dict) or set(value) != {"title", "url"}:
+        raise TopicFileError(line, "'source' must be a table with exactly 'title' and 'url'")
+    return _link(value["title"], value["url"], line, "source")
+
+
+def _link(title: object, url: object, line: int, what: str) -> Link:
+    """Return a checked Link, or raise TopicFileError naming `what` it is."""
+    if not isinstance(title, str) or not title.strip():
+        raise TopicFileError(line, f"a {what} title must be a non-empty string")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise TopicFileError(line, f"{what} url must start with http:// or https://: {url!r}")
+    return Link(title=title.strip(), url=url)
 
 
 def keyword_key(keyword: str) -> tuple[str, ...]:

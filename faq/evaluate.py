@@ -1,10 +1,20 @@
-"""Score the matcher on a table of questions: `python -m faq.evaluate [--cases FILE]`.
+"""Score the matcher on question tables: `python -m faq.evaluate [--heldout | --cases FILE]`.
 
-The table is `QUESTION_CASES` in tests/faq/test_matcher.py (the quality bar the tests enforce):
-pairs of (question, expected topic id or None for "no entry").
+Two tables, reported separately:
+
+- the tuning table, `QUESTION_CASES` in tests/faq/test_matcher.py: the questions the matcher was
+  tuned on (the quality bar the tests enforce);
+- the held-out set, tests/faq/heldout.toml: questions written from the RWKV wiki FAQ alone and
+  frozen before the matcher was tuned, never used to tune it.
+
+With no option both are scored. A case is a question and the topic id that should answer it, or
+None for a message that should get no answer.
 
 - precision: of the answers given, the share that were the right topic;
-- recall: of the questions that have a topic, the share answered with that topic.
+- recall: of the questions that have a topic, the share answered with that topic;
+- off-topic answered: of the questions without a topic, the share that got an answer anyway.
+
+A tie ("did you mean" with two topics) and a list of suggestions are not answers.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import argparse
 import importlib.util
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +31,11 @@ from pathlib import Path
 from faq._matcher import FaqIndex
 from faq._topics import bundled_topics_dir, load_topics
 
-DEFAULT_CASES = Path(__file__).resolve().parents[1] / "tests" / "faq" / "test_matcher.py"
+_TESTS = Path(__file__).resolve().parents[1] / "tests" / "faq"
+DEFAULT_CASES = _TESTS / "test_matcher.py"
+HELDOUT_CASES = _TESTS / "heldout.toml"
+
+Case = tuple[str, str | None]
 
 
 @dataclass(frozen=True)
@@ -33,21 +48,35 @@ class Scores:
     correct: int
     on_topic: int
     mistakes: list[str]
+    off_topic: int = 0
+    off_topic_answered: int = 0
+    ties: int = 0
+
+    @property
+    def off_topic_rate(self) -> float:
+        """The share of questions without a topic that got an answer (0 when there are none)."""
+        return self.off_topic_answered / self.off_topic if self.off_topic else 0.0
 
 
-def evaluate(index: FaqIndex, cases: Sequence[tuple[str, str | None]]) -> Scores:
+def evaluate(index: FaqIndex, cases: Sequence[Case]) -> Scores:
     """Ask `index` every question of `cases` and score its answers against the expected ids."""
-    answered = correct = on_topic = 0
+    answered = correct = on_topic = off_topic_answered = ties = 0
     mistakes = []
     for question, expected in cases:
-        found = index.best(question)
-        got = found.topic.id if found else None
+        found = index.lookup(question)
+        got = found.answer.topic.id if found.answer else None
         on_topic += expected is not None
         answered += got is not None
+        ties += found.tied
+        if expected is None and got is not None:
+            off_topic_answered += 1
         if got is not None and got == expected:
             correct += 1
         elif got != expected:
-            mistakes.append(f"{question!r}: expected {expected}, got {got}")
+            shown = got or (
+                "tie: " + " or ".join(m.topic.id for m in found.candidates) if found.tied else None
+            )
+            mistakes.append(f"{question!r}: expected {expected}, got {shown}")
     return Scores(
         precision=correct / answered if answered else 1.0,
         recall=correct / on_topic if on_topic else 1.0,
@@ -55,40 +84,91 @@ def evaluate(index: FaqIndex, cases: Sequence[tuple[str, str | None]]) -> Scores
         correct=correct,
         on_topic=on_topic,
         mistakes=mistakes,
+        off_topic=len(cases) - on_topic,
+        off_topic_answered=off_topic_answered,
+        ties=ties,
     )
 
 
-def load_cases(path: Path) -> list[tuple[str, str | None]]:
+def load_cases(path: Path) -> list[Case]:
     """Return `QUESTION_CASES` from the Python file at `path` (the matcher's test module)."""
     spec = importlib.util.spec_from_file_location("_faq_question_cases", path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cases: list[tuple[str, str | None]] = module.QUESTION_CASES
+    cases: list[Case] = module.QUESTION_CASES
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print precision, recall, speed and the mistakes of the matcher on the question table."""
-    parser = argparse.ArgumentParser(prog="python -m faq.evaluate", description=__doc__)
-    parser.add_argument("--cases", type=Path, default=DEFAULT_CASES, help="file with QUESTION_CASES")
-    args = parser.parse_args(argv)
-    try:
-        cases = load_cases(args.cases)
-    except (OSError, ImportError, AttributeError) as error:
-        print(f"cannot read the question table from {args.cases}: {error}", file=sys.stderr)
-        return 2
-    index = FaqIndex(load_topics([bundled_topics_dir()]).topics.values())
+def load_heldout(path: Path = HELDOUT_CASES) -> list[Case]:
+    """Return the cases of a held-out TOML file: `off_topic = [...]` and `[on_topic]` lists.
+
+    Raises ValueError when the file is not shaped like that.
+    """
+    with path.open("rb") as file:
+        data = tomllib.load(file)
+    off_topic = data.get("off_topic", [])
+    on_topic = data.get("on_topic", {})
+    if not isinstance(off_topic, list) or not isinstance(on_topic, dict):
+        raise ValueError(f"{path}: needs an 'off_topic' list and an [on_topic] table")
+    cases: list[Case] = []
+    for topic_id, questions in on_topic.items():
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise ValueError(f"{path}: on_topic.{topic_id} must be a list of questions")
+        cases += [(question, topic_id) for question in questions]
+    if not all(isinstance(question, str) for question in off_topic):
+        raise ValueError(f"{path}: off_topic must be a list of questions")
+    cases += [(question, None) for question in off_topic]
+    return cases
+
+
+def report(name: str, index: FaqIndex, cases: Sequence[Case], *, show_mistakes: bool = True) -> list[str]:
+    """Score `cases` and return the report lines for them."""
     started = time.perf_counter()
     scores = evaluate(index, cases)
     per_query_ms = (time.perf_counter() - started) * 1000 / max(len(cases), 1)
-    print(f"questions: {len(cases)} ({scores.on_topic} on-topic, {len(cases) - scores.on_topic} off-topic)")
-    print(f"precision: {scores.precision:.3f} ({scores.correct}/{scores.answered} answers right)")
-    print(f"recall:    {scores.recall:.3f} ({scores.correct}/{scores.on_topic} on-topic answered)")
-    print(f"time:      {per_query_ms:.2f} ms per question")
-    for mistake in scores.mistakes:
-        print(f"  wrong: {mistake}")
+    lines = [
+        f"{name}: {len(cases)} questions ({scores.on_topic} on-topic, {scores.off_topic} off-topic)",
+        f"  recall:            {scores.recall:.3f} ({scores.correct}/{scores.on_topic} on-topic right)",
+        f"  precision:         {scores.precision:.3f} ({scores.correct}/{scores.answered} answers right)",
+        f"  off-topic answered: {scores.off_topic_rate:.3f} ({scores.off_topic_answered}/{scores.off_topic})",
+        f'  ties offered:      {scores.ties} ("did you mean" with two topics, not answers)',
+        f"  time:              {per_query_ms:.2f} ms per question",
+    ]
+    if show_mistakes:
+        lines += [f"    wrong: {mistake}" for mistake in scores.mistakes]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print recall, precision, off-topic answers, speed and mistakes on the question tables."""
+    parser = argparse.ArgumentParser(
+        prog="python -m faq.evaluate",
+        description="Score the FAQ matcher on the tuning table and the frozen held-out set.",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--cases", type=Path, help="only this Python file with QUESTION_CASES")
+    which.add_argument("--heldout", action="store_true", help="only the held-out set")
+    which.add_argument("--tuning", action="store_true", help="only the tuning table")
+    parser.add_argument("--quiet", action="store_true", help="leave out the list of wrong answers")
+    args = parser.parse_args(argv)
+    tables: list[tuple[str, Path, bool]] = []
+    if args.cases is not None:
+        tables.append((f"cases of {args.cases}", args.cases, False))
+    else:
+        if not args.heldout:
+            tables.append(("tuning table (tests/faq/test_matcher.py)", DEFAULT_CASES, False))
+        if not args.tuning:
+            tables.append(("held-out set (tests/faq/heldout.toml)", HELDOUT_CASES, True))
+    index = FaqIndex(load_topics([bundled_topics_dir()]).topics.values())
+    for name, path, heldout in tables:
+        try:
+            cases = load_heldout(path) if heldout else load_cases(path)
+        except (OSError, ImportError, AttributeError, ValueError, tomllib.TOMLDecodeError) as error:
+            print(f"cannot read the questions from {path}: {error}", file=sys.stderr)
+            return 2
+        print("\n".join(report(name, index, cases, show_mistakes=not args.quiet)))
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faq import BODY_LIMIT, TITLE_LIMIT, bundled_topics_dir, load_topics
+from faq import BODY_LIMIT, TITLE_LIMIT, bundled_topics_dir, load_topics, render_answer, render_embed
 from faq._topics import keyword_key
 
 # One topic per "##" question of the RWKV wiki's FAQ page (the source the answers were written
@@ -52,7 +52,7 @@ def test_bundled_files_load_without_problems() -> None:
 def test_front_matter_is_complete(path: Path) -> None:
     """Title and keywords are present, lowercase keywords, and no unknown keys."""
     meta = _front_matter(path)
-    assert set(meta) <= {"title", "keywords", "aliases", "links"}
+    assert set(meta) <= {"title", "keywords", "aliases", "links", "source"}
     title = meta["title"]
     assert isinstance(title, str) and title.strip()
     # Autocomplete choices in Discord hold 100 characters, less than an embed title's 256.
@@ -71,6 +71,29 @@ def test_links_are_web_urls(path: Path) -> None:
     for link in links:
         assert isinstance(link, dict) and link.get("title")
         assert str(link.get("url")).startswith(("https://", "http://"))
+
+
+@pytest.mark.parametrize("path", BUNDLED_FILES, ids=lambda path: path.stem)
+def test_every_topic_names_its_source_page(path: Path) -> None:
+    """Every bundled answer was written from the RWKV wiki's FAQ page and links to it."""
+    assert _front_matter(path).get("source") == {
+        "title": "RWKV wiki: Frequently Asked Questions",
+        "url": "https://wiki.rwkv.com/basic/FAQ.html",
+    }
+    topic = load_topics([bundled_topics_dir()]).topics[path.stem]
+    assert topic.page is not None
+    assert topic.page.url in render_answer(topic)
+    embed = render_embed(topic)
+    assert embed["url"] == topic.page.url
+    assert any(topic.page.url in field["value"] for field in embed["fields"])
+
+
+def test_architecture_answer_says_rwkv_is_an_rnn() -> None:
+    """The architecture topic answers its own example question: RWKV is a recurrent network."""
+    topic = load_topics([bundled_topics_dir()]).topics["architecture"]
+    assert "RNN" in topic.title
+    assert topic.body.startswith("Yes. RWKV is a recurrent neural network (RNN)")
+    assert "in parallel" in topic.body
 
 
 @pytest.mark.parametrize("path", BUNDLED_FILES, ids=lambda path: path.stem)

@@ -28,7 +28,7 @@ def test_json_found(capsys: pytest.CaptureFixture[str]) -> None:
     """--json prints one object with the topic, title, confidence and answer."""
     assert main(["--json", "wat", "data", "was", "it", "trained", "on"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert set(payload) == {"topic", "title", "confidence", "answer"}
+    assert set(payload) == {"topic", "title", "confidence", "answer", "tied", "suggestions"}
     assert payload["topic"] == "training-data"
     assert payload["title"] == "What data is RWKV trained on?"
     assert 0.5 < payload["confidence"] <= 1.0

@@ -218,23 +218,17 @@ QUESTION_CASES: list[tuple[str, str | None]] = [
 # honest. Their tests are strict xfails: one that starts passing must be moved out of this set.
 KNOWN_MISSES = frozenset(
     {
-        "rwkv 7 when",  # only a bare number and filler words
         "will it write nsfw stories",
-        "how many tokens can rwkv remember",
+        "how many tokens can rwkv remember",  # "tokens" is in two topics: suggestions, no answer
         "does performance degrade past the context length",
-        "where's the raccoon huggingface link",
-        "paper on rwkv internals",
         "why won't you give a simple number for the training budget",
-        "what's the release date of gta 6",  # "release date" is a keyword
-        "how much does a gpu cost",
-        "when is the next episode coming out",
-        "what is a transformer",
+        "when is the next episode coming out",  # shares "next" and "come out" with next-release
     }
 )
 
 # Levels reached on the table above (`python -m faq.evaluate`); they may only go up.
-MIN_PRECISION = 0.968
-MIN_RECALL = 0.946
+MIN_PRECISION = 0.992
+MIN_RECALL = 0.969
 
 _TABLE = [
     pytest.param(
