@@ -46,10 +46,11 @@ _BODY_WEIGHT = 0.3  # answer text and link titles
 _UNKNOWN_NUMBER_FACTOR = 0.3
 # Unknown words count this much less in a question that names RWKV or the bot.
 _DOMAIN_UNKNOWN_FACTOR = 0.5
-# Evidence an answer needs: the idf-weighted sum of the question's terms that the topic has as a
-# keyword, title or alias word. One keyword that at most three topics use, or one title word that
-# only this topic uses, is enough; a word shared by several topics is not.
-_MIN_EVIDENCE = 1.8
+# Evidence an answer needs: the sum of idf * weight over the question's terms that the topic has
+# as a keyword, title or alias word, as a share of the idf of a word only one topic uses. With the
+# ten bundled topics, one keyword that at most three topics use, or one title word that only this
+# topic uses, is enough; a word shared by several topics is not.
+_MIN_EVIDENCE = 0.6
 # Two topics whose confidences are this close are compared by their keyword evidence instead.
 _TIE_MARGIN = 0.03
 # Suggestions offered when nothing answers: at most this many, each at least this confident.
@@ -175,7 +176,7 @@ class FaqIndex:
         if len(leaders) > 1:
             return Lookup(None, tuple(scored.match for scored in leaders[:2]), tied=True)
         leader = leaders[0]
-        if leader.evidence < _MIN_EVIDENCE:
+        if leader.evidence < _MIN_EVIDENCE * self._unknown_idf:
             return Lookup(None, suggestions)
         # Without RWKV, a model or the bot named, only a keyword of the topic says what the
         # question is about: "how much does a gpu cost" shares words with the training cost
@@ -253,14 +254,15 @@ class FaqIndex:
         names_product = any(token in OTHER_PRODUCTS for token in tokens)
         unknown_factor = _DOMAIN_UNKNOWN_FACTOR if names_domain else 1.0
         for token in tokens:
-            term = canonical(token)
+            # Another product's name neither helps nor hurts a topic's score: whether the
+            # question is about that product is the product check's to decide (see `lookup`).
+            term = None if token in OTHER_PRODUCTS else canonical(token)
             if term is None:
                 continue
             quality = 1.0
             if term not in self._idf:
                 # A word the lexicon knows as something else ("windows") is no typo.
-                known_word = token in SYNONYMS or token in OTHER_PRODUCTS
-                fuzzy = None if known_word else self._fuzzy(token, term)
+                fuzzy = None if token in SYNONYMS else self._fuzzy(token, term)
                 if fuzzy is None:
                     has_digit = any(char.isdigit() for char in term)
                     factor = _UNKNOWN_NUMBER_FACTOR if has_digit else 1.0

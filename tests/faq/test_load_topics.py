@@ -164,3 +164,34 @@ def test_other_files_are_ignored(tmp_path: Path) -> None:
     """Only `*.md` files are topics."""
     _write(tmp_path, "notes.txt", "not a topic")
     assert load_topics([tmp_path]).problems == []
+
+
+def test_source_page_is_read(tmp_path: Path) -> None:
+    """`[source]` names the page the answer was written from."""
+    _write(
+        tmp_path,
+        "sourced.md",
+        '+++\ntitle = "S"\nkeywords = ["sourced"]\n[source]\ntitle = "Wiki"\nurl = "https://w.example/faq"\n+++\nB\n',
+    )
+    result = load_topics([tmp_path])
+    assert result.problems == []
+    page = result.topics["sourced"].page
+    assert page is not None and (page.title, page.url) == ("Wiki", "https://w.example/faq")
+
+
+def test_bad_source_is_reported(tmp_path: Path) -> None:
+    """A `source` that is not a {title, url} table with a web URL skips the file."""
+    plain = _write(
+        tmp_path, "plain.md", '+++\ntitle = "T"\nkeywords = ["x"]\nsource = "https://w.example"\n+++\nB\n'
+    )
+    ftp = _write(
+        tmp_path,
+        "ftp.md",
+        '+++\ntitle = "T"\nkeywords = ["y"]\n[source]\ntitle = "W"\nurl = "ftp://w"\n+++\nB\n',
+    )
+    result = load_topics([tmp_path])
+    assert result.topics == {}
+    assert result.problems == [
+        f"{ftp}:4: source url must start with http:// or https://: 'ftp://w'",
+        f"{plain}:4: 'source' must be a table with exactly 'title' and 'url'",
+    ]

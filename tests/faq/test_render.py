@@ -75,3 +75,19 @@ def test_faq_package_does_not_import_discord() -> None:
     for source in package.glob("*.py"):
         text = source.read_text(encoding="utf-8")
         assert "import discord" not in text and "from discord" not in text, source.name
+
+
+def test_source_page_ends_the_answer_and_titles_the_embed() -> None:
+    """The source page is the last line of the text, the embed's title link and a field of its own."""
+    page = Link("Wiki FAQ", "https://w.example/faq")
+    extra = Link("Extra", "https://b.example/")
+    topic = Topic("t", "A title", ("k",), (), (extra,), "Body.", Path("t.md"), page)
+    text = render_answer(topic)
+    assert text.endswith("- [Extra](https://b.example/)\nSource: [Wiki FAQ](https://w.example/faq)")
+    embed = render_embed(topic)
+    assert embed["url"] == "https://w.example/faq"
+    assert embed["fields"][-1] == {
+        "name": "Source",
+        "value": "[Wiki FAQ](https://w.example/faq)",
+        "inline": False,
+    }
