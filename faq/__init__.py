@@ -6,13 +6,16 @@ Typical use::
     for problem in result.problems:
         log.warning("FAQ: %s", problem)
     index = FaqIndex(result.topics.values())
-    found = index.best("can I use it commercially?")
-    if found is not None:
-        embed = render_embed(found.topic)
+    found = index.lookup("can I use it commercially?")
+    if found.answer is not None:
+        embed = render_embed(found.answer.topic)
+    else:
+        reply = render_miss("can I use it commercially?", found)  # "did you mean" or suggestions
 """
 
-from faq._matcher import DEFAULT_THRESHOLD, FaqIndex, Match, is_question
+from faq._matcher import DEFAULT_THRESHOLD, FaqIndex, Lookup, Match, is_question
 from faq._render import EmbedData, EmbedField, render_answer, render_embed
+from faq._replies import render_miss, render_topic_list
 from faq._topics import (
     BODY_LIMIT,
     TITLE_LIMIT,
@@ -32,6 +35,7 @@ __all__ = [
     "FaqIndex",
     "Link",
     "LoadResult",
+    "Lookup",
     "Match",
     "Topic",
     "bundled_topics_dir",
@@ -39,4 +43,6 @@ __all__ = [
     "load_topics",
     "render_answer",
     "render_embed",
+    "render_miss",
+    "render_topic_list",
 ]

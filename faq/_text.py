@@ -41,6 +41,9 @@ _SIZE = re.compile(r"\d+[bm]")
 # ("+gen", "+++", "+"), which the FAQ has to recognise as such.
 _TOKEN = re.compile(r"(?<![a-z0-9+])\++[a-z]*|[a-z0-9]+")
 _APOSTROPHE_S = re.compile(r"'s\b")
+# A sampling setting given a value ("-top_p=0", "-temp=0.7") sets it for the message; it does not
+# ask about it ("-temp" alone, or "top_p", still do).
+_SETTING = re.compile(r"(?<![\w-])-[a-z_]+=\S*")
 
 
 def fold(text: str) -> str:
@@ -48,6 +51,7 @@ def fold(text: str) -> str:
     text = unicodedata.normalize("NFKD", text)
     text = "".join(char for char in text if not unicodedata.combining(char)).casefold()
     text = text.replace("\u2019", "'")
+    text = _SETTING.sub(" ", text)
     text = _APOSTROPHE_S.sub("", text).replace("'", "").replace("_", " ")
     for pattern, replacement in _PHRASES:
         text = pattern.sub(replacement, text)

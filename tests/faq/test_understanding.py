@@ -37,6 +37,14 @@ def test_chat_filler_is_no_term(filler: str) -> None:
     assert filler in STOPWORDS or canonical(filler) is None
 
 
+def test_a_setting_with_a_value_is_no_question(index: FaqIndex) -> None:
+    """ "-top_p=0 how are you today?" sets top_p for a chat message; it does not ask about it."""
+    assert terms("-top_p=0 -temp=0.7 how are you today?") == []
+    assert index.lookup("-top_p=0 how are you today?").answer is None
+    assert _answer(index, "-temp") == "chat-commands"
+    assert _answer(index, "what does top_p do") == "chat-commands"
+
+
 def test_filler_does_not_pull_a_match_under_the_threshold(index: FaqIndex) -> None:
     """Wrapping a question in chat filler leaves its confidence as it was."""
     plain = index.match("is the model censored")[0]
