@@ -158,7 +158,11 @@ class FaqIndex:
         return [scored.match for scored in self._score(self._analyse(query))[: max(limit, 0)]]
 
     def lookup(self, query: str) -> Lookup:
-        """Return the answer to `query`, or the two tied topics, or the closest topics."""
+        """Return the answer to `query`, or the two tied topics, or the closest topics.
+
+        The best score must reach the threshold; of the topics within the tie margin below it, the
+        one with the most keyword evidence answers (its own score may lie inside that margin).
+        """
         analysed = self._analyse(query)
         ranked = self._score(analysed)
         suggestions = tuple(
@@ -173,17 +177,16 @@ class FaqIndex:
         ]
         strongest = max(scored.keyword_evidence for scored in close)
         leaders = [scored for scored in close if scored.keyword_evidence >= strongest - 1e-9]
-        if len(leaders) > 1:
-            return Lookup(None, tuple(scored.match for scored in leaders[:2]), tied=True)
-        leader = leaders[0]
-        if leader.evidence < _MIN_EVIDENCE * self._unknown_idf:
+        if max(scored.evidence for scored in leaders) < _MIN_EVIDENCE * self._unknown_idf:
             return Lookup(None, suggestions)
         # Without RWKV, a model or the bot named, only a keyword of the topic says what the
         # question is about: "how much does a gpu cost" shares words with the training cost
         # topic, but none of its keywords.
-        if not analysed.names_domain and leader.keyword_evidence == 0.0:
+        if not analysed.names_domain and strongest == 0.0:
             return Lookup(None, suggestions)
-        return Lookup(leader.match)
+        if len(leaders) > 1:
+            return Lookup(None, tuple(scored.match for scored in leaders[:2]), tied=True)
+        return Lookup(leaders[0].match)
 
     def best(self, query: str) -> Match | None:
         """Return the topic that answers `query` (see `lookup`), or None."""

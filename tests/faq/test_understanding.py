@@ -284,3 +284,17 @@ def test_an_answer_has_no_candidates(index: FaqIndex) -> None:
     found = index.lookup("what license is rwkv under")
     assert found.answer is not None and found.answer.topic.id == "license"
     assert found.candidates == () and not found.tied
+
+
+def test_a_tie_on_a_shared_title_word_is_only_a_suggestion() -> None:
+    """Two topics that tie on one word they share are suggested, not offered as "did you mean"."""
+    index = FaqIndex(
+        [
+            _topic("guide", "Disk guide", ("alpha",)),
+            _topic("setup", "Disk setup", ("beta",)),
+            _topic("other", "Something else", ("other",)),
+        ]
+    )
+    found = index.lookup("disk")
+    assert found.answer is None and not found.tied
+    assert {m.topic.id for m in found.candidates} == {"guide", "setup"}
