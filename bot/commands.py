@@ -18,7 +18,7 @@ from bot.streaming import NO_MENTIONS
 from chat.grammar import HELP_TEXT
 from chat.states import MB
 from chat.store import StoreError
-from faq import Topic, render_embed
+from faq import Topic, render_embed, render_miss, render_topic_list
 
 if TYPE_CHECKING:
     from bot.client import RwkvBot
@@ -243,11 +243,20 @@ def register_commands(bot: RwkvBot) -> None:
     @app_commands.describe(question="a topic, or your question in your own words")
     async def faq_ask(interaction: discord.Interaction, question: str) -> None:
         assert bot.faq is not None
-        found = bot.faq.best(question)
-        if found is None:
-            await interaction.response.send_message(f"No FAQ entry matches {question!r}.", ephemeral=True)
+        found = bot.faq.lookup(question)
+        if found.answer is None:  # the two tied topics, or the closest ones, to ask again with
+            text = render_miss(question, found)
+            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
             return
-        await interaction.response.send_message(embed=faq_embed(found.topic), allowed_mentions=NO_MENTIONS)
+        await interaction.response.send_message(
+            embed=faq_embed(found.answer.topic), allowed_mentions=NO_MENTIONS
+        )
+
+    @faq.command(name="list", description="List the RWKV FAQ topics")
+    async def faq_list(interaction: discord.Interaction) -> None:
+        assert bot.faq is not None
+        text = render_topic_list(bot.faq.topics)
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
     @faq_ask.autocomplete("question")
     async def faq_titles(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
