@@ -38,7 +38,7 @@ from engine.interface import (
     StopReason,
     TextDelta,
 )
-from engine.sampling import TEMPERATURE_RANGE, TOP_P_RANGE, SamplingParams
+from engine.sampling import SAMPLING_RANGES, SamplingParams
 from engine.state import Snapshot
 from engine.tokenizer import encode_prompt
 
@@ -52,10 +52,7 @@ _FREE_COMMANDS = {Command.GEN, Command.INSTRUCT, Command.QQ, Command.QA}
 _SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay")
 # Channel settings a moderator may change, with their allowed ranges.
 SETTING_RANGES: dict[str, tuple[float, float]] = {
-    "temperature": TEMPERATURE_RANGE,
-    "top_p": TOP_P_RANGE,
-    "presence_penalty": (0.0, 2.0),
-    "frequency_penalty": (0.0, 2.0),
+    name: SAMPLING_RANGES[name] for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 }
 THINKING_DISPLAYS = ("fold", "show", "hide")  # how a front end shows <think> sections
 _THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
@@ -339,7 +336,7 @@ class ChatService:
 
         Raises ValueError with a message for the user when a value is not allowed.
         """
-        current = await self.store.channel_settings(channel_id)
+        current = await self.channel_settings(channel_id)
         changes: list[str] = []
         for name, value in values.items():
             if value is None:
@@ -376,6 +373,39 @@ class ChatService:
             await self.store.set_channel_settings(channel_id, current)
         return changes
 
+    async def channel_settings(self, channel_id: str) -> dict[str, Any]:
+        """The channel's stored settings, each checked as :meth:`update_settings` would: a value
+        stored wrong (by hand, or by an older version) is logged and left out, so the default
+        applies and the channel keeps working."""
+        stored = await self.store.channel_settings(channel_id)
+        valid: dict[str, Any] = {}
+        for name, value in stored.items():
+            if self._setting_ok(name, value):
+                valid[name] = value
+            else:
+                log.warning(
+                    "channel %s: stored setting %s=%.40r is not valid: using the default",
+                    channel_id,
+                    name,
+                    value,
+                )
+        return valid
+
+    def _setting_ok(self, name: str, value: object) -> bool:
+        number = None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
+        if name in SAMPLING_RANGES:
+            low, high = SAMPLING_RANGES[name]
+            return number is not None and low <= number <= high
+        if name == "max_tokens":
+            return number is not None and number.is_integer() and 1 <= number <= self.config.chat_max_tokens
+        if name == "preset":
+            return isinstance(value, str) and value in self.presets
+        if name == "thinking":
+            return value in THINKING_DISPLAYS
+        if name == "faq_auto":
+            return isinstance(value, bool)
+        return False
+
     async def prepare(self) -> None:
         """Compute (or load) the default preset's initial snapshot before the first message."""
         await self._init_snapshot(self.presets[self.config.default_preset])
@@ -384,11 +414,11 @@ class ChatService:
 
     async def channel_preset(self, channel_id: str) -> Preset:
         """The preset a channel uses (its own setting, else the default)."""
-        settings = await self.store.channel_settings(channel_id)
+        settings = await self.channel_settings(channel_id)
         return self.presets.get(str(settings.get("preset")), self.presets[self.config.default_preset])
 
     async def _sampling(self, channel_id: str, preset: Preset, overrides: Overrides) -> SamplingParams:
-        settings = await self.store.channel_settings(channel_id)
+        settings = await self.channel_settings(channel_id)
         values: dict[str, Any] = {k: float(settings[k]) for k in _SAMPLING_FIELDS if k in settings}
         values.update(overrides.items())
         return replace(preset.sampling, **values)
@@ -475,7 +505,7 @@ class ChatService:
                 yield event
 
     async def _save_settings(self, channel_id: str, overrides: Overrides, notices: list[str]) -> Outcome:
-        settings = await self.store.channel_settings(channel_id)
+        settings = await self.channel_settings(channel_id)
         settings.update(overrides.items())
         await self.store.set_channel_settings(channel_id, settings)
         shown = ", ".join(f"{k} {v:g}" for k, v in overrides.items().items())
@@ -607,7 +637,7 @@ class ChatService:
         reply is the engine's read of the reply's tokens from the state before it, so that the
         stored token log rebuilds it exactly (see :mod:`chat.states`).
         """
-        settings = await self.store.channel_settings(channel_id)
+        settings = await self.channel_settings(channel_id)
         limit = self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens
         if "max_tokens" in settings:
             limit = min(limit, int(settings["max_tokens"]))

@@ -14,9 +14,12 @@ either wholly stored or not at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
+import inspect
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -25,20 +28,122 @@ from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import aiosqlite
 
+from chat.errors import StoreError
+from engine.checksums import checksum
 from engine.errors import StateMismatchError
-from engine.state import Snapshot, checksum
+
+if TYPE_CHECKING:
+    from engine.state import Snapshot
+
+__all__ = ["HEAD_NAMES", "NewRef", "NewState", "Store", "StoreError", "StoredState", "Turn"]
 
 log = logging.getLogger(__name__)
 HEAD_NAMES = ("chat", "chat_pre", "gen_0", "gen_1", "undo_chat", "undo_chat_pre")
 _MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 
 
-class StoreError(Exception):
-    """The database cannot be used (wrong file, newer schema, disk trouble)."""
+QUICK_CHECK_SECONDS = 10.0  # the start-up check of the file stops here on a very large database
+
+
+def _user() -> str:
+    """Who this process runs as, for messages about file permissions."""
+    uid = os.getuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def sqlite_error(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
+    """One clear line for an SQLite error: which trouble it is, and what to do about it.
+
+    A full disk or a read-only file is said to be just that: the data is intact, and the
+    advice never suggests deleting the database.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    detail = str(exc)
+    folder = path.parent if str(path.parent) else Path(".")
+    if primary == sqlite3.SQLITE_FULL or "disk is full" in detail:
+        return StoreError(
+            f"the disk holding the database {path} is full ({doing} failed): free some space there; "
+            "everything stored so far is intact, and the bot saves again once there is room",
+            "full",
+        )
+    if primary == sqlite3.SQLITE_READONLY or "readonly" in detail:
+        return StoreError(
+            f"the database {path} is read-only for {_user()} ({doing} failed): give that user write "
+            f"access to the file and its folder {folder} (for example `chown -R {os.getuid()} {folder}`); "
+            "the data in it is intact",
+            "read-only",
+        )
+    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            why = f"{_user()} may not write in its folder {folder}"
+            fix = f"give that user write access (for example `chown -R {os.getuid()} {folder}`)"
+        elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            why = f"{_user()} may not read and write it"
+            fix = f"give that user access (for example `chown {os.getuid()} {path}`)"
+        else:
+            why = detail
+            fix = "check that RWKV_DISCORD_DB names a file in a folder that exists and is writable"
+        return StoreError(f"cannot open the database {path}: {why}: {fix}", "cannot-open")
+    if primary == sqlite3.SQLITE_NOTADB:
+        return StoreError(
+            f"{path} is not a usable rwkv-discord database ({detail}): check that RWKV_DISCORD_DB "
+            "names the bot's database file; if it does, the file is damaged: restore your latest "
+            "backup (`rwkv-discord db backup` makes them)",
+            "damaged",
+        )
+    if primary == sqlite3.SQLITE_CORRUPT:
+        return StoreError(
+            f"the database {path} is damaged ({detail}; {doing} failed): stop the bot, keep the file, "
+            f"and restore your latest backup (`rwkv-discord db backup` makes them), or salvage what is "
+            f"readable with `sqlite3 {path} .recover | sqlite3 recovered.sqlite3` and point "
+            "RWKV_DISCORD_DB at the result",
+            "damaged",
+        )
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreError(
+            f"the database {path} is locked by another program ({doing} waited and gave up): is a "
+            "second bot or a `db vacuum` using it? Nothing was changed",
+            "locked",
+        )
+    if primary == sqlite3.SQLITE_IOERR:
+        return StoreError(
+            f"the disk holding the database {path} reported an error ({detail}; {doing} failed): "
+            "check the disk and the system log; nothing was changed",
+            "disk",
+        )
+    return StoreError(f"the database {path}: {doing} failed: {detail}")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _sqlite_errors(
+    method: Callable[_P, Awaitable[_R]],
+) -> Callable[_P, Awaitable[_R]]:
+    """Turn an SQLite error of a store method into a :class:`StoreError` that says what to do."""
+    doing = method.__name__.replace("_", " ")
+
+    @functools.wraps(method)
+    async def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            store = args[0]
+            assert isinstance(store, Store)
+            raise sqlite_error(exc, store.path, doing) from exc
+
+    return guarded
 
 
 @dataclass(frozen=True)
@@ -196,13 +301,27 @@ class Store:
         self._inflight: set[asyncio.Future[None]] = set()  # shielded writes still running
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        """Open (creating if needed) and migrate the database at ``path``."""
+    async def open(cls, path: Path, *, check: bool = True) -> Store:
+        """Open (creating if needed) and migrate the database at ``path``.
+
+        With ``check``, the file is checked first (SQLite's ``quick_check``, stopped after
+        :data:`QUICK_CHECK_SECONDS` on a very large file): a damaged database is refused with
+        one line that says how to restore it, before any message is answered from it.
+        """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise StoreError(
+                f"cannot create the database folder {path.parent}: {_user()} may not write in "
+                f"{_nearest_existing(path.parent)}: create it and give that user access, or pick another "
+                "RWKV_DISCORD_DB",
+                "cannot-open",
+            ) from exc
         except OSError as exc:
-            raise StoreError(f"cannot create the database folder {path.parent}: {exc}") from exc
-        await asyncio.to_thread(_migrate, path)
+            raise StoreError(
+                f"cannot create the database folder {path.parent}: {exc}", "cannot-open"
+            ) from exc
+        await asyncio.to_thread(_migrate, path, check)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
             await db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process kill loses nothing
@@ -212,17 +331,28 @@ class Store:
             # default) would double what a checkpoint writes. A purge zeroes what it deletes.
             await db.execute("PRAGMA secure_delete = FAST")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+            raise sqlite_error(exc, path, "opening it") from exc
         return cls(db, path)
 
     async def close(self) -> None:
-        """Let writes in flight finish, checkpoint the WAL into the main file, and close."""
+        """Let writes in flight finish, checkpoint the WAL into the main file, and close.
+
+        Never raises: at shutdown a full or read-only disk must not turn into a traceback. The
+        write-ahead log then stays beside the file, and SQLite applies it at the next open.
+        """
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=10)
         try:
-            await self.wal_checkpoint()
-        finally:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning(
+                "%s (the write-ahead log is kept and applied at the next start)",
+                sqlite_error(exc, self.path, "the last checkpoint at close"),
+            )
+        try:
             await self._db.close()
+        except sqlite3.Error as exc:
+            log.warning("%s", sqlite_error(exc, self.path, "closing it"))
 
     async def _write(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` in one write transaction, shielded from cancellation.
@@ -250,7 +380,7 @@ class Store:
         try:
             await asyncio.shield(future)
         except sqlite3.Error as exc:
-            raise StoreError(f"database write failed: {exc}") from exc
+            raise sqlite_error(exc, self.path, "saving") from exc
 
     async def wal_checkpoint(self) -> None:
         """Copy the write-ahead log into the database file and empty it."""
@@ -269,7 +399,7 @@ class Store:
     async def channel_settings(self, channel_id: str) -> dict[str, Any]:
         """The channel's own settings (empty for a new channel)."""
         row = await self._fetchone("SELECT settings FROM channels WHERE channel_id = ?", (channel_id,))
-        return dict(json.loads(row[0])) if row else {}
+        return _settings_object(row, f"channel {channel_id}")
 
     async def set_channel_settings(self, channel_id: str, settings: dict[str, Any]) -> None:
         """Replace the channel's own settings."""
@@ -620,18 +750,28 @@ class Store:
     async def enabled_channels(self, guild_id: str | None = None) -> set[str]:
         """Channels where moderators enabled the bot (of one server, when ``guild_id`` is given)."""
         async with self._db.execute(
-            "SELECT channel_id FROM enabled_channels WHERE ?1 IS NULL OR guild_id = ?1", (guild_id,)
+            "SELECT channel_id FROM enabled_channels WHERE enabled = 1 AND (?1 IS NULL OR guild_id = ?1)",
+            (guild_id,),
         ) as cursor:
             return {str(r[0]) for r in await cursor.fetchall()}
 
-    async def set_enabled(self, channel_id: str, guild_id: str, enabled: bool, by: str) -> None:
-        """Enable or disable the bot in a channel."""
+    async def disabled_threads(self) -> set[str]:
+        """Threads switched off on their own while their channel is enabled."""
+        async with self._db.execute("SELECT channel_id FROM enabled_channels WHERE enabled = 0") as cursor:
+            return {str(r[0]) for r in await cursor.fetchall()}
+
+    async def set_enabled(
+        self, channel_id: str, guild_id: str, enabled: bool, by: str, *, override: bool = False
+    ) -> None:
+        """Enable or disable the bot in a channel. ``override`` with ``enabled=False`` records a
+        thread switched off although its channel is on (without it, disabling forgets the row)."""
 
         async def work() -> None:
-            if enabled:
+            if enabled or override:
                 await self._db.execute(
-                    "INSERT OR REPLACE INTO enabled_channels VALUES (?, ?, ?, ?)",
-                    (channel_id, guild_id, by, time.time()),
+                    "INSERT OR REPLACE INTO enabled_channels "
+                    "(channel_id, guild_id, enabled_by, enabled_at, enabled) VALUES (?, ?, ?, ?, ?)",
+                    (channel_id, guild_id, by, time.time(), int(enabled)),
                 )
             else:
                 await self._db.execute("DELETE FROM enabled_channels WHERE channel_id = ?", (channel_id,))
@@ -641,7 +781,7 @@ class Store:
     async def guild_settings(self, guild_id: str) -> dict[str, Any]:
         """A server's own settings (empty when none were set)."""
         row = await self._fetchone("SELECT settings FROM guild_settings WHERE guild_id = ?", (guild_id,))
-        return dict(json.loads(row[0])) if row else {}
+        return _settings_object(row, f"server {guild_id}")
 
     async def forget_guild(self, guild_id: str) -> None:
         """Delete a server's own settings (its channels are purged one by one)."""
@@ -667,7 +807,7 @@ class Store:
         counts: dict[str, int] = {"schema_version": await self.schema_version()}
         queries = {
             "channels": "SELECT count(*) FROM channels",
-            "enabled_channels": "SELECT count(*) FROM enabled_channels",
+            "enabled_channels": "SELECT count(*) FROM enabled_channels WHERE enabled = 1",
             "states": "SELECT count(*) FROM states",
             "log_tokens": "SELECT coalesce(sum(length(tokens)), 0) / 4 FROM states",
             "checkpoints": "SELECT count(*) FROM checkpoints",
@@ -699,6 +839,27 @@ class Store:
         return [Turn(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
 
 
+def _settings_object(row: Any, whose: str) -> dict[str, Any]:
+    """Stored settings as a dict; settings that do not parse are logged and read as none (the
+    defaults), so that one damaged row never stops a channel. The next change rewrites them."""
+    if row is None:
+        return {}
+    try:
+        value = json.loads(row[0])
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        log.warning("the stored settings of %s do not parse (%.60r): using the defaults", whose, row[0])
+        return {}
+    return value
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def backup(source: Path, destination: Path) -> None:
     """Copy a live database with SQLite's online backup (consistent even while the bot writes).
 
@@ -720,7 +881,10 @@ def backup(source: Path, destination: Path) -> None:
         finally:
             src.close()
         partial.replace(destination)
-    except (OSError, sqlite3.Error) as exc:
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise sqlite_error(exc, source, f"the backup to {destination}") from exc
+    except OSError as exc:
         partial.unlink(missing_ok=True)
         raise StoreError(f"backup to {destination} failed: {exc}") from exc
 
@@ -739,7 +903,7 @@ def vacuum(path: Path) -> tuple[int, int]:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise StoreError(f"vacuum of {path} failed: {exc}") from exc
+        raise sqlite_error(exc, path, "vacuum") from exc
     return before, path.stat().st_size
 
 
@@ -776,8 +940,9 @@ def _enable_wal(conn: sqlite3.Connection, patience: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-def _migrate(path: Path) -> None:
-    """Apply the migrations the database lacks, each in one transaction (WAL mode on).
+def _migrate(path: Path, check: bool = True) -> None:
+    """Check the file (see :meth:`Store.open`), then apply the migrations it lacks, each in one
+    transaction (WAL mode on).
 
     The version is read again inside each transaction, so two processes opening a new database
     at once apply each migration once.
@@ -786,14 +951,17 @@ def _migrate(path: Path) -> None:
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open database {path}: {exc}") from exc
+        raise sqlite_error(exc, path, "opening it") from exc
     try:
         _enable_wal(conn)
+        if check:
+            _quick_check(conn, path)
         current = conn.execute("PRAGMA user_version").fetchone()[0]
         if current > len(available):
             raise StoreError(
                 f"database {path} has schema version {current}, newer than this program "
-                f"knows ({len(available)}): upgrade rwkv-discord or use another --db"
+                f"knows ({len(available)}): upgrade rwkv-discord or use another --db",
+                "schema",
             )
         for version, name, sql in available:
             conn.execute("BEGIN IMMEDIATE")
@@ -805,14 +973,74 @@ def _migrate(path: Path) -> None:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 conn.execute("ROLLBACK")
-                raise StoreError(f"migration {name} failed: {exc}") from exc
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path} is not a usable rwkv-discord database: {exc}") from exc
+                raise sqlite_error(exc, path, f"migration {name}") from exc
+    except sqlite3.Error as exc:
+        error = sqlite_error(exc, path, "opening it")
+        if error.problem == "other" and isinstance(exc, sqlite3.DatabaseError):
+            error = StoreError(f"{path} is not a usable rwkv-discord database: {exc}", "damaged")
+        raise error from exc
     finally:
         conn.close()
 
 
+def _quick_check(conn: sqlite3.Connection, path: Path, budget: float = QUICK_CHECK_SECONDS) -> None:
+    """SQLite's quick_check of every page, in linear time; on a file so large that it takes
+    longer than ``budget`` seconds, the rest is left unchecked (said in the log) rather than
+    holding up the start. Raises :class:`StoreError` ("damaged") on the first problem."""
+    deadline = time.monotonic() + budget
+    conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+    try:
+        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        log.warning(
+            "the start-up check of %s stopped after %.0f s (a large database); `rwkv-discord db check` "
+            "checks all of it",
+            path,
+            budget,
+        )
+        return
+    finally:
+        conn.set_progress_handler(None, 0)
+    problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+    if problems:
+        raise StoreError(
+            f"the database {path} is damaged ({problems[0]}): stop the bot, keep the file, and restore "
+            f"your latest backup (`rwkv-discord db backup` makes them), or salvage what is readable "
+            f"with `sqlite3 {path} .recover | sqlite3 recovered.sqlite3` and point RWKV_DISCORD_DB at "
+            "the result",
+            "damaged",
+        )
+
+
+def integrity_check(path: Path) -> list[str]:
+    """SQLite's full integrity check of a database (``db check``); empty when it is sound."""
+    if not path.exists():
+        raise StoreError(f"database not found: {path}", "cannot-open")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = conn.execute("PRAGMA integrity_check(20)").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        error = sqlite_error(exc, path, "the integrity check")
+        if error.problem == "damaged":  # so damaged that the check itself cannot read it
+            return [str(exc)]
+        raise error from exc
+    return [str(r[0]) for r in rows if str(r[0]) != "ok"]
+
+
 def _decode(data: bytes, digest: str, fingerprint: str) -> Snapshot:
+    from engine.state import Snapshot  # torch: only where a state is read
+
     if checksum(data) != digest:
         raise StateMismatchError("a stored state failed its checksum")
     return Snapshot.from_bytes(data, fingerprint)
+
+
+# Every public coroutine of the store answers an SQLite error with a StoreError saying what to do.
+for _name, _method in list(vars(Store).items()):
+    if not _name.startswith("_") and inspect.iscoroutinefunction(_method):
+        setattr(Store, _name, _sqlite_errors(_method))

@@ -6,7 +6,6 @@ It is serialised without pickle: a JSON header of dtypes and shapes, then the ra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -15,7 +14,10 @@ from typing import Any
 
 import torch
 
+from engine.checksums import checksum
 from engine.errors import StateMismatchError
+
+__all__ = ["Snapshot", "checksum", "move_snapshot"]
 
 _MAGIC = b"RWKVSNAP"
 _FORMAT = 1
@@ -93,11 +95,6 @@ class Snapshot:
                 f"stored state belongs to model {fingerprint}, not to the loaded {expect_fingerprint}"
             )
         return cls(tensors, logits, header["last_token"], fingerprint, dict(header["meta"]))
-
-
-def checksum(data: bytes) -> str:
-    """The checksum stored beside serialised snapshots."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def _raw(tensor: torch.Tensor) -> bytes:
