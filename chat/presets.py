@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.sampling import SamplingParams
+from chat.errors import PresetError
+from engine.sampling import SAMPLING_RANGES, SamplingParams
+
+__all__ = ["Preset", "PresetError", "default_preset_name", "load_presets", "parse_preset"]
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-class PresetError(ValueError):
-    """A preset file that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -52,41 +52,83 @@ def normalise_init_prompt(text: str) -> str:
     return "\n" + "\n".join(lines).strip() + "\n\n"
 
 
+_PRESET_KEYS = {"description", "user", "bot", "separator", "init_prompt", "thinking", "sampling"}
+
+
+def _text(name: str, data: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if value is None:
+        raise PresetError(f"preset {name!r} has no {key!r}")
+    if not isinstance(value, str):
+        raise PresetError(f"preset {name!r}: {key} must be text in quotes, not {value!r}")
+    return value
+
+
+def _sampling(name: str, raw: object) -> SamplingParams:
+    """The [sampling] table, each value a finite number inside the range a setting may take."""
+    if not isinstance(raw, dict):
+        raise PresetError(f"preset {name!r}: [sampling] must be a table")
+    unknown = sorted(set(raw) - set(SAMPLING_RANGES))
+    if unknown:
+        raise PresetError(
+            f"preset {name!r}: unknown [sampling] key {unknown[0]!r}; known: {', '.join(SAMPLING_RANGES)}"
+        )
+    values: dict[str, float] = {}
+    for key, value in raw.items():
+        low, high = SAMPLING_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise PresetError(f"preset {name!r}: [sampling] {key} must be a number, not {value!r}")
+        if not low <= value <= high:
+            raise PresetError(
+                f"preset {name!r}: [sampling] {key} must be between {low:g} and {high:g}, not {value:g}"
+            )
+        values[key] = float(value)
+    default = SamplingParams()
+    return SamplingParams(
+        temperature=values.get("temperature", default.temperature),
+        top_p=values.get("top_p", default.top_p),
+        presence_penalty=values.get("presence_penalty", default.presence_penalty),
+        frequency_penalty=values.get("frequency_penalty", default.frequency_penalty),
+        penalty_decay=values.get("penalty_decay", default.penalty_decay),
+    )
+
+
 def parse_preset(name: str, text: str) -> Preset:
-    """Build a preset from the text of a TOML file; raises :class:`PresetError`."""
+    """Build a preset from the text of a TOML file; raises :class:`PresetError`.
+
+    As strict as the settings: every value of its type (a boolean is ``true``/``false``, not a
+    string), numbers finite and inside the ranges a moderator may set, no unknown keys (a typo
+    would otherwise be ignored without a word).
+    """
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"preset {name!r} is not valid TOML: {exc}") from exc
-    try:
-        user, bot, prompt = str(data["user"]), str(data["bot"]), str(data["init_prompt"])
-    except KeyError as exc:
-        raise PresetError(f"preset {name!r} has no {exc.args[0]!r}") from exc
+    unknown = sorted(set(data) - _PRESET_KEYS)
+    if unknown:
+        raise PresetError(
+            f"preset {name!r}: unknown key {unknown[0]!r}; known: {', '.join(sorted(_PRESET_KEYS))}"
+        )
+    user, bot = _text(name, data, "user"), _text(name, data, "bot")
+    prompt = _text(name, data, "init_prompt")
+    separator = _text(name, data, "separator", ":")
+    description = _text(name, data, "description", name)
     if not user.strip() or not bot.strip() or "\n" in user + bot:
         raise PresetError(f"preset {name!r}: user and bot must be non-empty single-line names")
-    raw = data.get("sampling", {})
-    if not isinstance(raw, dict):
-        raise PresetError(f"preset {name!r}: [sampling] must be a table")
-    defaults = SamplingParams()
-    try:
-        sampling = SamplingParams(
-            temperature=float(raw.get("temperature", defaults.temperature)),
-            top_p=float(raw.get("top_p", defaults.top_p)),
-            presence_penalty=float(raw.get("presence_penalty", defaults.presence_penalty)),
-            frequency_penalty=float(raw.get("frequency_penalty", defaults.frequency_penalty)),
-            penalty_decay=float(raw.get("penalty_decay", defaults.penalty_decay)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise PresetError(f"preset {name!r}: [sampling] values must be numbers") from exc
+    if "\n" in separator or len(separator) > 8:
+        raise PresetError(f"preset {name!r}: separator must be a short single-line text such as ':'")
+    thinking = data.get("thinking", False)
+    if not isinstance(thinking, bool):
+        raise PresetError(f"preset {name!r}: thinking must be true or false (no quotes), not {thinking!r}")
     return Preset(
         name=name,
-        description=str(data.get("description", name)),
+        description=description,
         user=user,
         bot=bot,
-        separator=str(data.get("separator", ":")),
+        separator=separator,
         init_prompt=normalise_init_prompt(prompt),
-        sampling=sampling,
-        thinking=bool(data.get("thinking", False)),
+        sampling=_sampling(name, data.get("sampling", {})),
+        thinking=thinking,
     )
 
 

@@ -19,6 +19,15 @@ BANNED = -1e9  # the reference's "-999999999": a logit no token comes back from
 
 TEMPERATURE_RANGE = (0.2, 5.0)
 TOP_P_RANGE = (0.0, 1.0)
+PENALTY_RANGE = (0.0, 2.0)
+# What a preset, a channel setting or a message may set, inclusive (the decay must stay above 0).
+SAMPLING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": TEMPERATURE_RANGE,
+    "top_p": TOP_P_RANGE,
+    "presence_penalty": PENALTY_RANGE,
+    "frequency_penalty": PENALTY_RANGE,
+    "penalty_decay": (1e-6, 1.0),
+}
 CHAT_LEN_SHORT = 40  # newlines are discouraged before this many reply tokens
 CHAT_LEN_LONG = 150  # and pushed for after this many, so the reply ends
 
