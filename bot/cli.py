@@ -1,32 +1,52 @@
-"""The ``rwkv-discord`` command line."""
+"""The ``rwkv-discord`` command line.
+
+This module imports nothing heavy: ``--help``, ``health``, ``faq`` and ``db`` start in a fraction
+of a second, and a SIGTERM that arrives while torch or the model is still loading ends the
+process at once (as PID 1 in a container it would otherwise wait for Docker's SIGKILL).
+
+Exit codes: 0 done (also a stop by SIGTERM), 1 an unexpected failure, 2 a wrong command line,
+78 (EX_CONFIG) a setting, file or token that must be fixed before a restart can help, 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from types import FrameType
 
 from bot.settings import ConfigError, load_settings
-from chat.presets import PresetError
-from chat.store import StoreError
+from chat.errors import PresetError, StoreError
 from engine.errors import EngineError
-from engine.make_model import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape, write_random_model
+from engine.shapes import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape
 
 PROG = "rwkv-discord"
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: fix the configuration, a restart alone will not help
 # Subcommands with a parser of their own: name -> (module with main(argv), help line).
 PASSTHROUGH = {
     "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
     "bench": ("engine.bench", "measure the reference and the batched engine on one model (bench --help)"),
     "bench-states": ("chat.bench_states", "measure state storage: writes per turn, cold restore, scale"),
+    "fetch-model": (
+        "bot.fetch_model",
+        "list RWKV-7 models to download, or fetch one (fetch-model NAME)",
+    ),
 }
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+class UsageError(Exception):
+    """A wrong command-line value (exit 2, as argparse's own errors)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = db_sub.add_parser("stats", help="sizes and counts")
     stats.add_argument("--json", action="store_true", help="one JSON object")
     db_sub.add_parser("vacuum", help="give free pages back to the file system")
+    db_sub.add_parser("check", help="check every page of the database (exit 1 when damaged)")
     export = db_sub.add_parser("export", help="a channel's transcript as text, for moderators")
     export.add_argument("--channel", required=True, help="the channel (or thread) id, or 'console'")
     export.add_argument("--output", type=Path, help="write to this file instead of stdout")
@@ -130,13 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _make_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.make_model import write_random_model
+
     if args.path.suffix != ".pth":
-        raise ConfigError(f"the output file must end in .pth: {args.path}")
+        raise UsageError(f"the output file must end in .pth: {args.path}")
     shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers, args.embd, args.vocab)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
-        write_random_model(args.path, args.version, shape, seed=args.seed, dtype=_DTYPES[args.dtype])
+        write_random_model(args.path, args.version, shape, seed=args.seed, dtype=dtype)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.path}: {exc.strerror or exc}") from exc
     size_mb = args.path.stat().st_size / 1e6
     print(
         f"wrote {args.path}: RWKV-{args.version} L{shape.n_layer} D{shape.n_embd} "
@@ -162,7 +190,15 @@ def _chat(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with open_chat(settings) as service:
-            return await run_console(service, args.channel, args.jsonl)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            # SIGTERM (docker stop) cuts the reply being written, which is stored as far as it
+            # got, and ends the chat: exit 0 within Docker's 10 seconds.
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            try:
+                return await run_console(service, args.channel, args.jsonl, stop=stop)
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)
 
     return asyncio.run(main())
 
@@ -189,10 +225,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> int:
-    from chat.store import Store, backup, vacuum
+    from chat.store import Store, backup, integrity_check, vacuum
 
     settings = load_settings(db=args.db)
     path = settings.db
+    if args.db_command == "check":
+        problems = integrity_check(path)
+        if problems:
+            print(f"{path} is damaged:", *problems, sep="\n  ", file=sys.stderr)
+            return 1
+        print(f"{path}: no problems found")
+        return 0
     if args.db_command == "backup":
         backup(path, args.destination)
         print(f"backed up {path} to {args.destination} ({args.destination.stat().st_size / 1e6:.1f} MB)")
@@ -205,7 +248,8 @@ def _db(args: argparse.Namespace) -> int:
         raise ConfigError(f"RWKV_DISCORD_DB is wrong (no database at {path}): give the bot's database file")
 
     async def read() -> int:
-        store = await Store.open(path)
+        # No start-up check here: a damaged database can still be looked at and exported.
+        store = await Store.open(path, check=False)
         try:
             if args.db_command == "stats":
                 numbers = await store.stats()
@@ -244,7 +288,7 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from bot.runner import heartbeat_path
+    from bot.settings import heartbeat_path
 
     settings = load_settings(db=args.db)
     path = heartbeat_path(settings)
@@ -260,14 +304,41 @@ def _health(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for a usage or setting error)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in PASSTHROUGH:  # own parsers, so `faq --help`, `faq -- -temp` work
-        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-        return int(module.main(argv[1:]))
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _quick_exit_on_sigterm() -> Iterator[None]:
+    """Until a command installs its own handler: SIGTERM ends the process at once, exit 0.
+
+    Nothing is open yet while torch and the model load, so there is nothing to finish; the bot
+    and the terminal chat replace this with a handler that finishes cleanly.
+    """
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        os.write(2, f"{PROG}: stopped by {signal.Signals(signum).name} while starting\n".encode())
+        os._exit(0)
+
     try:
+        previous = signal.signal(signal.SIGTERM, leave)
+    except ValueError:  # not the main thread (tests): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see the module's docstring)."""
+    with _quick_exit_on_sigterm():
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        if argv[:1] and argv[0] in PASSTHROUGH:  # own parsers, so `faq --help`, `faq -- -temp` work
+            module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+            return int(module.main(argv[1:]))
+        args = build_parser().parse_args(argv)
         if args.command == "make-model":
             return _make_model(args)
         if args.command == "run":
@@ -277,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return _db(args)
         return _chat(args)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, EngineError, StoreError, PresetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.devices import parse_devices
+from engine.device_names import parse_devices
 
 ENV_PREFIX = "RWKV_DISCORD_"
 
@@ -153,11 +153,17 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()} is wrong ({reason}): {fix}") from None
 
 
+def heartbeat_path(settings: Settings) -> Path:
+    """The file a connected bot touches regularly (read by ``rwkv-discord health``)."""
+    return settings.db.with_name(settings.db.name + ".heartbeat")
+
+
 def require_model(settings: Settings) -> Path:
     """The model path, or a :class:`ConfigError` saying how to set it."""
     if settings.model is None:
         raise ConfigError(
-            f"{ENV_PREFIX}MODEL is not set: {FIXES['model']} (or pass --model; "
-            "`rwkv-discord make-model` writes a random one to try things out)"
+            f"{ENV_PREFIX}MODEL is not set: {FIXES['model']} (or pass --model); "
+            "`rwkv-discord fetch-model` lists the RWKV-7 models and downloads one "
+            "(`rwkv-discord make-model` writes a random one to try things out)"
         )
     return settings.model

@@ -356,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the three measurements and print them."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, path in (("--model", args.model), ("--scale-model", args.scale_model)):
+        if path is not None and not path.is_file():  # before minutes of measuring, not after
+            parser.error(f"{option}: no model file at {path}")
     shape = NAMED_SHAPES[args.size]
 
     async def run() -> dict[str, Any]:

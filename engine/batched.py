@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from engine.errors import EngineError, ModelFileError, StateMismatchError
 from engine.formats import ModelSpec, inspect_weights, load_weights
+from engine.gpu import no_gpu_reason
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def parse_strategy(strategy: str) -> tuple[torch.device, torch.dtype]:
     except RuntimeError as exc:
         raise EngineError(f"strategy {strategy!r}: {parts[0]!r} is not a device") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and none is visible")
+        raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and {no_gpu_reason()}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise EngineError(f"strategy {strategy!r}: there is no {device}, only {count} GPUs")

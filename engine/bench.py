@@ -37,11 +37,12 @@ from typing import Any
 import torch
 
 from engine.errors import EngineError
-from engine.formats import WORLD_VOCAB_SIZE, inspect_model
+from engine.formats import inspect_model
 from engine.generation import PENDING_LIMIT
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, TextDelta
 from engine.make_model import NAMED_SHAPES, ModelShape, write_random_model
 from engine.sampling import SamplingParams
+from engine.shapes import WORLD_VOCAB_SIZE
 from engine.state import Snapshot
 from engine.tokenizer import Tokenizer, world_tokenizer
 

@@ -8,6 +8,7 @@ RWKV-4 has ``att.time_first``; 5.x adds ``ln_x`` (5.1 a gate, 5.2 a per-head dec
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelFileError
-
-WORLD_VOCAB_SIZE = 65536
+from engine.shapes import WORLD_VOCAB_SIZE
 
 # Keys every block of each family must carry; a file without them is refused before the
 # reference implementation sees it (it would fail with a bare KeyError).
@@ -153,6 +153,16 @@ def detect_version(weights: Mapping[str, torch.Tensor]) -> float:
     return version
 
 
+def _user() -> str:
+    uid = os.getuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Open a ``.pth`` file memory-mapped, refusing anything that is not a tensor dict."""
     if not path.exists():
@@ -161,6 +171,11 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"model path is not a file: {path}")
     if path.suffix != ".pth":
         raise ModelFileError(f"model file must be a PyTorch .pth file (the name must end in .pth): {path}")
+    if not os.access(path, os.R_OK) or not os.access(path.parent, os.X_OK):
+        raise ModelFileError(
+            f"the model file {path} is not readable by {_user()}: give that user read access "
+            f"(for example `chmod a+r {path}`; in Docker, the container runs as uid {os.getuid()})"
+        )
     try:
         try:
             loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -169,6 +184,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                 raise
             # A file in PyTorch's older (pre-zip) format: valid, just not mappable.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as exc:
+        raise ModelFileError(f"the model file {path} is not readable by {_user()}: {exc.strerror}") from exc
     except Exception as exc:  # junk makes torch.load fail in many ways; all mean "unreadable"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelFileError(

@@ -7,33 +7,15 @@ checkpoints, so the real loading code reads them; only the values are random (se
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.formats import WORLD_VOCAB_SIZE
+from engine.shapes import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape
+
+__all__ = ["HEAD_SIZE", "NAMED_SHAPES", "SUPPORTED_VERSIONS", "ModelShape", "write_random_model"]
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The size of a model: layers, width and vocabulary."""
-
-    n_layer: int
-    n_embd: int
-    vocab_size: int = WORLD_VOCAB_SIZE
-
-
-# Real RWKV-7 "Goose" G1 sizes (head size 64), for benchmarks at true shape.
-NAMED_SHAPES: dict[str, ModelShape] = {
-    "0.1B": ModelShape(12, 768),
-    "0.4B": ModelShape(24, 1024),
-    "1.5B": ModelShape(24, 2048),
-    "2.9B": ModelShape(32, 2560),
-    "7.2B": ModelShape(32, 4096),
-}
-
-SUPPORTED_VERSIONS = (4, 5, 6, 7)
 HEAD_SIZE = 64
 
 

@@ -21,6 +21,7 @@ import torch
 
 from engine.errors import EngineError, ModelFileError
 from engine.formats import ModelSpec
+from engine.gpu import no_gpu_reason
 
 _import_lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
@@ -72,7 +73,7 @@ def validate_strategy(strategy: str, spec: ModelSpec) -> str:
         raise EngineError(f"strategy {strategy!r}: on the CPU use fp32 or bf16")
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and none is visible")
+            raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and {no_gpu_reason()}")
         if spec.family >= 7 and precision not in ("fp16", "bf16", "fp32"):
             raise EngineError(
                 f"strategy {strategy!r}: RWKV-7 in the rwkv package runs fp16, bf16 or fp32 only"

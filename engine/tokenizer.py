@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.errors import TokenizerError
-from engine.formats import WORLD_VOCAB_SIZE, ModelSpec
+from engine.formats import ModelSpec
+from engine.shapes import WORLD_VOCAB_SIZE
 
 END_OF_TEXT = 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
+from bot.cli import EXIT_CONFIG, main
 from bot.settings import ConfigError, load_settings
 from engine.formats import inspect_model
 
@@ -136,12 +136,13 @@ def test_kill_leaves_every_answered_turn(model_dir: Path, tmp_path: Path) -> Non
 def test_missing_model_setting_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without a model, start-up says which variable to set, in one line, exit 2."""
+    """Without a model, start-up says which variable to set and how to get a model, in one line,
+    exit 78 (a configuration error: restarting will not help)."""
     monkeypatch.delenv("RWKV_DISCORD_MODEL", raising=False)
     monkeypatch.chdir(Path(__file__).parent)  # no .env here
-    assert main(["chat"]) == 2
+    assert main(["chat"]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "RWKV_DISCORD_MODEL" in err
+    assert "\n" not in err and "RWKV_DISCORD_MODEL" in err and "fetch-model" in err
 
 
 @pytest.mark.parametrize(
@@ -166,10 +167,10 @@ def test_wrong_setting_names_the_variable(
 
 
 def test_broken_model_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A broken model file gives one error line and exit status 2, not a traceback."""
+    """A broken model file gives one error line and exit status 78, not a traceback."""
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"\x00" * 1000)
-    assert main(["chat", "--model", str(broken), "--db", str(tmp_path / "db.sqlite3")]) == 2
+    assert main(["chat", "--model", str(broken), "--db", str(tmp_path / "db.sqlite3")]) == EXIT_CONFIG
     err = capsys.readouterr().err.strip()
     assert err.startswith("rwkv-discord: error:") and "\n" not in err
 
@@ -225,7 +226,7 @@ def test_db_housekeeping_commands(
     assert main(["db", "--db", str(db), "vacuum"]) == 0
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     capsys.readouterr()
-    assert main(["db", "--db", str(tmp_path / "missing.sqlite3"), "stats"]) == 2
+    assert main(["db", "--db", str(tmp_path / "missing.sqlite3"), "stats"]) == EXIT_CONFIG
     assert "no database at" in capsys.readouterr().err
 
 
