@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from discord import app_commands
 from bot.app import build_service, load_faq
 from bot.settings import Settings
 from bot.splitting import split_message
-from bot.streaming import NO_MENTIONS, ReplyStream
+from bot.streaming import NO_MENTIONS, ChannelPacer, ReplyStream
 from chat.grammar import Command, Parsed, parse_message
 from chat.session import ChatService, Outcome
 from engine.interface import Engine, TextDelta
@@ -56,6 +56,7 @@ class RwkvBot(discord.Client):
         engine: Engine,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal too
@@ -63,9 +64,12 @@ class RwkvBot(discord.Client):
         self.settings = settings
         self.engine = engine
         self.clock = clock
+        self.sleep = sleep
         self.tree = app_commands.CommandTree(self)
         self.service: ChatService | None = None
         self.enabled: set[int] = set()
+        self.disabled: set[int] = set()  # threads switched off although their channel is on
+        self.pacers: dict[int, ChannelPacer] = {}  # per channel: Discord's pace of writes there
         self.pending: collections.Counter[str] = collections.Counter()  # accepted, not yet answered
         self.generations: dict[str, list[Generation]] = {}  # per conversation, running one first
         self.channel_locks: dict[str, asyncio.Lock] = {}
@@ -91,6 +95,7 @@ class RwkvBot(discord.Client):
         self.faq, _ = load_faq(self.settings)
         self.service = await build_service(self.settings, self.engine, self.faq)
         self.enabled = {int(c) for c in await self.service.store.enabled_channels()}
+        self.disabled = {int(c) for c in await self.service.store.disabled_threads()}
         self._housekeeping = asyncio.create_task(self._keep_house(), name="housekeeping")
         if self.settings.sync_commands:
             guild = discord.Object(self.settings.dev_guild) if self.settings.dev_guild else None
@@ -203,7 +208,9 @@ class RwkvBot(discord.Client):
         if message.guild is None:
             return str(channel.id) if self.settings.allow_dms else None
         parent = getattr(channel, "parent_id", None)
-        if channel.id in self.enabled or (parent is not None and parent in self.enabled):
+        if channel.id in self.enabled or (
+            parent is not None and parent in self.enabled and channel.id not in self.disabled
+        ):
             return str(channel.id)
         if self.settings.respond_to_mentions and self.user is not None and self.user in message.mentions:
             return str(channel.id)
@@ -304,27 +311,16 @@ class RwkvBot(discord.Client):
     async def _serve(
         self, message: discord.Message, key: str, text: str, generation: Generation, *, queued: bool
     ) -> None:
-        assert self.service is not None
-        parsed = parse_message(text)
-        if (
-            isinstance(parsed, Parsed)
-            and parsed.command is Command.RESET
-            and not await self._may_reset(message)
-        ):
-            await message.reply("Only moderators can reset the conversation here.", mention_author=False)
-            return
-        if (
-            isinstance(parsed, Parsed)
-            and parsed.command is Command.CHAT
-            and await self._faq_answer(message, key, text)
-        ):
-            return
-        if queued:
-            with contextlib.suppress(discord.HTTPException):
-                await message.add_reaction(QUEUED_EMOJI)
+        # The message takes its place in the channel's line before anything else is awaited
+        # (asyncio's lock serves its waiters in order), so messages sent together are answered
+        # and stored in the order they arrived; the checks below run when its turn comes.
         lock = self.channel_locks.setdefault(key, asyncio.Lock())
+        marked: asyncio.Task[None] | None = None
+        if queued:
+            marked = asyncio.ensure_future(self._mark_queued(message))
         async with lock:
-            if queued:
+            if marked is not None:
+                await marked
                 with contextlib.suppress(discord.HTTPException):
                     await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
             if self._closing or generation.cancel.is_set():
@@ -332,6 +328,20 @@ class RwkvBot(discord.Client):
                 await message.reply(
                     f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
                 )
+                return
+            parsed = parse_message(text)
+            if (
+                isinstance(parsed, Parsed)
+                and parsed.command is Command.RESET
+                and not await self._may_reset(message)
+            ):
+                await message.reply("Only moderators can reset the conversation here.", mention_author=False)
+                return
+            if (
+                isinstance(parsed, Parsed)
+                and parsed.command is Command.CHAT
+                and await self._faq_answer(message, key, text)
+            ):
                 return
             self.running[key] = generation
             try:
@@ -342,12 +352,16 @@ class RwkvBot(discord.Client):
         if not lock.locked() and not self.pending.get(key, 0) > 1:
             self.channel_locks.pop(key, None)
 
+    async def _mark_queued(self, message: discord.Message) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await message.add_reaction(QUEUED_EMOJI)
+
     async def _faq_answer(self, message: discord.Message, key: str, text: str) -> bool:
         """Answer a question from the FAQ before the model, where the channel asked for it."""
         assert self.service is not None
         if self.faq is None or not is_question(text):
             return False
-        if not (await self.service.store.channel_settings(key)).get("faq_auto", False):
+        if not (await self.service.channel_settings(key)).get("faq_auto", False):
             return False
         found = self.faq.best(text)
         if found is None or found.confidence < FAQ_AUTO_CONFIDENCE:
@@ -361,20 +375,20 @@ class RwkvBot(discord.Client):
         if message.guild is None or not isinstance(message.author, discord.Member):
             return True
         assert self.service is not None
-        policy = (await self.service.store.guild_settings(str(message.guild.id))).get(
-            "reset_policy", "everyone"
-        )
-        return policy == "everyone" or message.channel.permissions_for(message.author).manage_messages
+        policy = (await self.service.store.guild_settings(str(message.guild.id))).get("reset_policy")
+        # Anything but "moderators" (also a value stored wrong) leaves +reset to everyone.
+        return policy != "moderators" or message.channel.permissions_for(message.author).manage_messages
 
     async def _answer(self, message: discord.Message, key: str, text: str, generation: Generation) -> None:
         assert self.service is not None
-        settings = await self.service.store.channel_settings(key)
+        settings = await self.service.channel_settings(key)
         stream = ReplyStream(
             message,
             thinking=str(settings.get("thinking", "fold")),
             interval=self.settings.edit_interval,
             clock=self.clock,
             on_give_up=generation.cancel.set,
+            pacer=self.pacer(message.channel.id),
         )
         guild_id = str(message.guild.id) if message.guild else None
         parent = message.channel.parent_id if isinstance(message.channel, discord.Thread) else None
@@ -443,6 +457,18 @@ class RwkvBot(discord.Client):
                 await message.reply(piece, mention_author=False, allowed_mentions=NO_MENTIONS)
             else:
                 await message.channel.send(piece, allowed_mentions=NO_MENTIONS)
+
+    def pacer(self, channel_id: int) -> ChannelPacer:
+        """The pace of writes in a channel, shared by all its replies (idle ones are dropped)."""
+        pacer = self.pacers.get(channel_id)
+        if pacer is None:
+            now = self.clock()
+            if len(self.pacers) > 1000:
+                self.pacers = {c: p for c, p in self.pacers.items() if not p.idle(now)}
+            pacer = self.pacers[channel_id] = ChannelPacer(
+                self.settings.edit_interval, clock=self.clock, sleep=self.sleep
+            )
+        return pacer
 
     # ------------------------------------------------------------------ stopping
 
@@ -513,6 +539,6 @@ async def _stop_typing(typing: contextlib.AbstractAsyncContextManager[Any]) -> N
         await typing.__aexit__(None, None, None)
 
 
-def create_bot(settings: Settings, engine: Engine, **options: Callable[[], float]) -> RwkvBot:
+def create_bot(settings: Settings, engine: Engine, **options: Any) -> RwkvBot:
     """Build the bot without connecting (``await bot.start(token)`` connects)."""
     return RwkvBot(settings, engine, **options)

@@ -32,9 +32,23 @@ def _is_moderator(interaction: discord.Interaction) -> bool:
     return bool(interaction.permissions.manage_messages)
 
 
+def _is_server_manager(interaction: discord.Interaction) -> bool:
+    """Server-wide changes need Manage Server in the server itself (not a channel's overwrite)."""
+    if interaction.guild is None:
+        return True
+    member = interaction.user
+    return isinstance(member, discord.Member) and member.guild_permissions.manage_guild
+
+
 async def _refuse(interaction: discord.Interaction) -> None:
     await interaction.response.send_message(
         "Only moderators (Manage Messages) can do that here.", ephemeral=True
+    )
+
+
+async def _refuse_server_wide(interaction: discord.Interaction) -> None:
+    await interaction.response.send_message(
+        "Only members with Manage Server can change things for the whole server.", ephemeral=True
     )
 
 
@@ -157,7 +171,7 @@ def register_commands(bot: RwkvBot) -> None:
             "faq_auto": faq_auto,
         }
         if all(v is None for v in values.values()):
-            current = await bot.service.store.channel_settings(_key(interaction))
+            current = await bot.service.channel_settings(_key(interaction))
             shown = ", ".join(f"{k} {v}" for k, v in sorted(current.items())) or "the defaults"
             await interaction.response.send_message(f"This channel uses {shown}.", ephemeral=True)
             return
@@ -185,6 +199,9 @@ def register_commands(bot: RwkvBot) -> None:
     @moderators_only
     async def reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
         assert bot.service is not None
+        if scope == "server" and not _is_server_manager(interaction):
+            await _refuse_server_wide(interaction)
+            return
         await interaction.response.defer(ephemeral=True)
         keys = await _scope_keys(bot, interaction, scope)
         for key in keys:  # stop everything first, so no channel waits for another's reply
@@ -204,6 +221,9 @@ def register_commands(bot: RwkvBot) -> None:
     @moderators_only
     async def undo_reset(interaction: discord.Interaction, scope: Scope = "channel") -> None:
         assert bot.service is not None
+        if scope == "server" and not _is_server_manager(interaction):
+            await _refuse_server_wide(interaction)
+            return
         await interaction.response.defer(ephemeral=True)
         restored = 0
         for key in await _scope_keys(bot, interaction, scope):
@@ -221,13 +241,13 @@ def register_commands(bot: RwkvBot) -> None:
     async def disable(interaction: discord.Interaction) -> None:
         await _set_enabled(bot, interaction, False)
 
-    @group.command(name="server", description="Moderators: who may use +reset in this server")
+    @group.command(name="server", description="Server managers: who may use +reset in this server")
     @app_commands.guild_only()
     async def server(
         interaction: discord.Interaction, reset_policy: Literal["everyone", "moderators"]
     ) -> None:
-        if not _is_moderator(interaction) or interaction.guild_id is None:
-            await _refuse(interaction)
+        if interaction.guild_id is None or not _is_server_manager(interaction):
+            await _refuse_server_wide(interaction)
             return
         assert bot.service is not None
         await interaction.response.defer(ephemeral=True)
@@ -297,15 +317,26 @@ async def _set_enabled(bot: RwkvBot, interaction: discord.Interaction, enabled: 
         return
     assert bot.service is not None
     await interaction.response.defer(ephemeral=True)
-    if enabled:
-        await _record_thread(bot, interaction)
+    channel = interaction.channel
+    # A thread follows its channel unless switched off on its own: that is recorded, so that
+    # disabling a thread of an enabled channel really stops the bot there.
+    parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+    override = not enabled and parent is not None and parent in bot.enabled
+    await _record_thread(bot, interaction)
     await bot.service.store.set_enabled(
-        str(interaction.channel_id), str(interaction.guild_id), enabled, str(interaction.user.id)
+        str(interaction.channel_id),
+        str(interaction.guild_id),
+        enabled,
+        str(interaction.user.id),
+        override=override,
     )
     if enabled:
         bot.enabled.add(interaction.channel_id)
+        bot.disabled.discard(interaction.channel_id)
         text = "I'll answer every message in this channel (and its threads) now."
     else:
         bot.enabled.discard(interaction.channel_id)
+        if override:
+            bot.disabled.add(interaction.channel_id)
         text = "I won't answer here any more (except when mentioned, if the operator allows it)."
     await interaction.followup.send(text, ephemeral=True)

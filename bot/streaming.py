@@ -6,10 +6,12 @@ blocks kept whole); ``<think>`` sections are shown, folded into a spoiler, or hi
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import discord
 
@@ -41,6 +43,64 @@ def render_thinking(text: str, display: str) -> str:
     return _THINK_RE.sub(fold, text)
 
 
+CHANNEL_WRITES = 5  # Discord lets a channel take about 5 message sends and edits ...
+CHANNEL_WINDOW = 5.0  # ... in any 5 seconds
+
+
+class ChannelPacer:
+    """The pace of one channel's message writes, shared by every reply written there.
+
+    Writes (sends and edits) are at least ``interval`` apart and at most
+    :data:`CHANNEL_WRITES` in any :data:`CHANNEL_WINDOW` seconds, across replies, final edits
+    included: a streamed update that does not fit is skipped (a later one shows the text), a
+    final one waits for its turn.
+    """
+
+    def __init__(
+        self,
+        interval: float = 1.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+        self.writes: collections.deque[float] = collections.deque(maxlen=CHANNEL_WRITES)
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until the next write may go out (0: now)."""
+        if not self.writes:
+            return 0.0
+        waits = [self.writes[-1] + self.interval - now]
+        if len(self.writes) == CHANNEL_WRITES:
+            # strictly more than the window after the oldest of the last five
+            waits.append(self.writes[0] + CHANNEL_WINDOW + 1e-3 - now)
+        return max(0.0, *waits)
+
+    def try_take(self) -> bool:
+        """Take a write now if the pace allows it."""
+        now = self.clock()
+        if self.wait_time(now) > 0:
+            return False
+        self.writes.append(now)
+        return True
+
+    async def take(self) -> None:
+        """Wait until the pace allows a write, then take it."""
+        while True:
+            now = self.clock()
+            delay = self.wait_time(now)
+            if delay <= 0:
+                self.writes.append(now)
+                return
+            await self.sleep(delay)
+
+    def idle(self, now: float) -> bool:
+        """True when the channel has written nothing for a whole window (the pacer can go)."""
+        return not self.writes or now - self.writes[-1] > CHANNEL_WINDOW
+
+
 class ReplyStream:
     """The Discord messages of one streamed reply."""
 
@@ -53,8 +113,10 @@ class ReplyStream:
         clock: Callable[[], float] = time.monotonic,
         limit: int = DISCORD_LIMIT,
         on_give_up: Callable[[], None] | None = None,
+        pacer: ChannelPacer | None = None,
     ) -> None:
         self.reply_to = reply_to
+        self.pacer = pacer or ChannelPacer(interval, clock=clock)
         self.on_give_up = on_give_up  # called when Discord refuses the reply for good
         self.thinking = thinking
         self.interval = interval
@@ -67,17 +129,19 @@ class ReplyStream:
         self.failed = False  # Discord refused a send: stop trying, never retry in a loop
 
     async def push(self, delta: str) -> None:
-        """Add model text; the messages are updated when the interval has passed."""
+        """Add model text; the messages are updated when the channel's pace allows it."""
         self.text += delta
         if self.clock() - self.last_sync >= self.interval:
             await self.sync()
 
     async def finish(self, footer: str = "") -> None:
-        """Show the final text (and a footer line such as a notice), whatever the interval."""
-        await self.sync(footer)
+        """Show the final text (and a footer line such as a notice), waiting for the channel's
+        pace if need be."""
+        await self.sync(footer, final=True)
 
-    async def sync(self, footer: str = "") -> None:
-        """Bring the Discord messages in line with the text so far."""
+    async def sync(self, footer: str = "", *, final: bool = False) -> None:
+        """Bring the Discord messages in line with the text so far (a streamed update that the
+        channel's pace does not allow now is left for later; a final one waits)."""
         if self.failed:
             return
         shown = render_thinking(self.text, self.thinking).strip()
@@ -85,14 +149,19 @@ class ReplyStream:
             shown = f"{shown}\n\n{footer}" if shown else footer
         if not shown:
             return
-        self.last_sync = self.clock()
         pieces = split_message(shown, self.limit)
         try:
             for index, piece in enumerate(pieces):
+                if index < len(self.messages) and self.shown[index] == piece:
+                    continue
+                if final:
+                    await self.pacer.take()
+                elif not self.pacer.try_take():
+                    return
+                self.last_sync = self.clock()
                 if index < len(self.messages):
-                    if self.shown[index] != piece:
-                        await self.messages[index].edit(content=piece, allowed_mentions=NO_MENTIONS)
-                        self.shown[index] = piece
+                    await self.messages[index].edit(content=piece, allowed_mentions=NO_MENTIONS)
+                    self.shown[index] = piece
                     continue
                 if index == 0:
                     sent = await self.reply_to.reply(
