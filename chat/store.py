@@ -34,7 +34,7 @@ import aiosqlite
 
 from chat.errors import StoreError
 from engine.checksums import checksum
-from engine.errors import StateMismatchError
+from engine.errors import StateMismatchError, process_user
 
 if TYPE_CHECKING:
     from engine.state import Snapshot
@@ -47,17 +47,6 @@ _MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 
 
 QUICK_CHECK_SECONDS = 10.0  # the start-up check of the file stops here on a very large database
-
-
-def _user() -> str:
-    """Who this process runs as, for messages about file permissions."""
-    uid = os.getuid()
-    try:
-        import pwd
-
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
 
 
 def sqlite_error(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
@@ -78,17 +67,17 @@ def sqlite_error(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
         )
     if primary == sqlite3.SQLITE_READONLY or "readonly" in detail:
         return StoreError(
-            f"the database {path} is read-only for {_user()} ({doing} failed): give that user write "
+            f"the database {path} is read-only for {process_user()} ({doing} failed): give that user write "
             f"access to the file and its folder {folder} (for example `chown -R {os.getuid()} {folder}`); "
             "the data in it is intact",
             "read-only",
         )
     if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            why = f"{_user()} may not write in its folder {folder}"
+            why = f"{process_user()} may not write in its folder {folder}"
             fix = f"give that user write access (for example `chown -R {os.getuid()} {folder}`)"
         elif path.exists() and not os.access(path, os.R_OK | os.W_OK):
-            why = f"{_user()} may not read and write it"
+            why = f"{process_user()} may not read and write it"
             fix = f"give that user access (for example `chown {os.getuid()} {path}`)"
         else:
             why = detail
@@ -312,7 +301,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except PermissionError as exc:
             raise StoreError(
-                f"cannot create the database folder {path.parent}: {_user()} may not write in "
+                f"cannot create the database folder {path.parent}: {process_user()} may not write in "
                 f"{_nearest_existing(path.parent)}: create it and give that user access, or pick another "
                 "RWKV_DISCORD_DB",
                 "cannot-open",

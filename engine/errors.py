@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+
+def process_user() -> str:
+    """Who this process runs as (``user rwkv (uid 10001)``), for messages about file access."""
+    uid = os.getuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
 
 class EngineError(Exception):
     """Base class of every error the engine reports."""

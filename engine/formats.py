@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import ModelFileError
+from engine.errors import ModelFileError, process_user
 from engine.shapes import WORLD_VOCAB_SIZE
 
 # Keys every block of each family must carry; a file without them is refused before the
@@ -153,16 +153,6 @@ def detect_version(weights: Mapping[str, torch.Tensor]) -> float:
     return version
 
 
-def _user() -> str:
-    uid = os.getuid()
-    try:
-        import pwd
-
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Open a ``.pth`` file memory-mapped, refusing anything that is not a tensor dict."""
     if not path.exists():
@@ -173,7 +163,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"model file must be a PyTorch .pth file (the name must end in .pth): {path}")
     if not os.access(path, os.R_OK) or not os.access(path.parent, os.X_OK):
         raise ModelFileError(
-            f"the model file {path} is not readable by {_user()}: give that user read access "
+            f"the model file {path} is not readable by {process_user()}: give that user read access "
             f"(for example `chmod a+r {path}`; in Docker, the container runs as uid {os.getuid()})"
         )
     try:
@@ -185,7 +175,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             # A file in PyTorch's older (pre-zip) format: valid, just not mappable.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as exc:
-        raise ModelFileError(f"the model file {path} is not readable by {_user()}: {exc.strerror}") from exc
+        raise ModelFileError(
+            f"the model file {path} is not readable by {process_user()}: {exc.strerror}"
+        ) from exc
     except Exception as exc:  # junk makes torch.load fail in many ways; all mean "unreadable"
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelFileError(

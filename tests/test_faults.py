@@ -357,22 +357,36 @@ def test_light_commands_do_not_import_torch() -> None:
     assert result.stdout.strip().splitlines()[-1] == "False", result.stderr
 
 
+def start_chat(
+    model: Path, db: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The terminal chat in a process of its own, its pipes open."""
+    return subprocess.Popen(
+        [*CLI, "chat", "--model", str(model), "--db", str(db), *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env or cli_env(),
+    )
+
+
+def stop_by_sigterm(process: subprocess.Popen[bytes], within: float) -> tuple[bytes, bytes]:
+    """SIGTERM, as ``docker stop`` sends it; the process must exit 0 within ``within`` seconds."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err
+    assert time.monotonic() - started < within
+    assert b"Traceback" not in err
+    return out, err
+
+
 def test_sigterm_right_after_start_ends_the_process_at_once(model_dir: Path, tmp_path: Path) -> None:
     """A SIGTERM while torch and the model load (``docker stop`` just after start) ends the
     process at once with 0, not after Docker's 10 s and a SIGKILL."""
-    process = subprocess.Popen(
-        [*CLI, "chat", "--model", str(model_dir / "v7.pth"), "--db", str(tmp_path / "db.sqlite3")],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
-    )
+    process = start_chat(model_dir / "v7.pth", tmp_path / "db.sqlite3")
     time.sleep(0.3)
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=10)
-    assert process.returncode == 0, err
-    assert time.monotonic() - started < 3.0
-    assert b"Traceback" not in err
+    stop_by_sigterm(process, within=3.0)
 
 
 def test_sigterm_mid_reply_stores_the_cut_reply_and_exits_0(model_dir: Path, tmp_path: Path) -> None:
@@ -381,24 +395,14 @@ def test_sigterm_mid_reply_stores_the_cut_reply_and_exits_0(model_dir: Path, tmp
     env = cli_env()
     env["RWKV_DISCORD_CHAT_MAX_TOKENS"] = "4096"
     db = tmp_path / "db.sqlite3"
-    process = subprocess.Popen(
-        [*CLI, "chat", "--model", str(model_dir / "v7.pth"), "--db", str(db), "--jsonl", "--seed", "1"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    process = start_chat(model_dir / "v7.pth", db, "--jsonl", "--seed", "1", env=env)
     assert process.stdin is not None and process.stderr is not None
     process.stdin.write(b"-temp=3 -top_p=1 a very long story please\n")
     process.stdin.flush()  # and the input stays open: the chat would wait for more
     while b"ready:" not in process.stderr.readline():
         pass
     time.sleep(1.5)
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=10)
-    assert process.returncode == 0, err
-    assert time.monotonic() - started < 5.0
+    out, _ = stop_by_sigterm(process, within=5.0)
     reply = json.loads(out.decode().splitlines()[0])
     assert reply["stop_reason"] == "cancelled" and reply["tokens"]
     turns = sqlite3.connect(db).execute("SELECT reply_tokens FROM turns").fetchall()
