@@ -1,34 +1,76 @@
-# rwkv-discord on an NVIDIA GPU (the default), or on the CPU:
-#   docker build -t rwkv-discord .
-#   docker build -t rwkv-discord:cpu --build-arg TORCH_SPEC=torch==2.13.0 \
-#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg STRATEGY="cpu fp32" .
+# rwkv-discord images, in two variants (compose.yaml builds the CPU one, compose.gpu.yaml the GPU one):
+#   docker build -t rwkv-discord:cpu --build-arg VARIANT=cpu .    # CPU-only torch, about 1.2 GB
+#   docker build -t rwkv-discord:gpu --build-arg VARIANT=gpu .    # CUDA 12.8 torch, about 6 GB
+# The GPU image needs an NVIDIA driver 525.60.13 or newer (CUDA 12 minor-version compatibility;
+# 570 or newer for RTX 50xx/Blackwell cards) and the NVIDIA Container Toolkit on the host.
+#
+# BuildKit is required (the default builder since Docker 23). Everything below installs from the
+# public indexes. Where pip needs other settings (a mirror, a proxy's CA), give them as optional
+# build secrets; nothing ends up in the image:
+#   --secret id=pip_conf,src=/etc/pip.conf                  a pip.conf (index-url, find-links, ...)
+#   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt  the CA bundle pip should trust
+# and override the torch index with --build-arg TORCH_INDEX=URL (a mirror of it).
 # See compose.yaml for the volumes (database, read-only model) and the settings.
-FROM python:3.11-slim
+ARG BASE=python:3.11-slim
+ARG VARIANT=cpu
 
-ARG TORCH_SPEC="torch>=2.4"
-ARG TORCH_INDEX=""
-ARG STRATEGY="cuda fp16"
+FROM ${BASE} AS base
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RWKV_DISCORD_DB=/data/rwkv-discord.sqlite3 \
-    RWKV_DISCORD_STRATEGY=${STRATEGY}
-
+    RWKV_DISCORD_MODEL=/models/model.pth
+# tini is PID 1: it passes Docker's signals on and reaps zombies.
+RUN apt-get update && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 rwkv && mkdir /data /models && chown rwkv /data
+# pip with the optional build secrets (see the top of this file).
+RUN printf '%s\n' '#!/bin/sh' \
+        '[ -s /run/secrets/pip_conf ] && export PIP_CONFIG_FILE=/run/secrets/pip_conf' \
+        '[ -s /run/secrets/pip_ca ] && export PIP_CERT=/run/secrets/pip_ca' \
+        'exec pip "$@"' > /usr/local/bin/pip-build \
+    && chmod 755 /usr/local/bin/pip-build
 WORKDIR /app
-RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
-    else pip install "$TORCH_SPEC"; fi
-COPY pyproject.toml README.md ./
+
+# torch, the largest layer, first: it changes only when the pin does.
+FROM base AS torch-cpu
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV RWKV_DISCORD_STRATEGY="cpu fp32"
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
+    pip-build install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+
+# PyPI's Linux build of torch 2.9.1 is the CUDA 12.8 one (driver 525.60.13 or newer, see above).
+FROM base AS torch-gpu
+ARG TORCH_SPEC=torch==2.9.1
+ARG TORCH_INDEX=https://pypi.org/simple
+ENV RWKV_DISCORD_STRATEGY="cuda fp16"
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
+    pip-build install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
+
+FROM torch-${VARIANT} AS app
+# The other dependencies, from pyproject.toml alone: this layer is kept while only code changes.
+COPY pyproject.toml ./
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
+    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip-build install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY scripts/docker-entrypoint /usr/local/bin/docker-entrypoint
+COPY README.md ./
 COPY bot ./bot
 COPY chat ./chat
 COPY engine ./engine
 COPY faq ./faq
 COPY migrations ./migrations
-RUN pip install . && useradd --create-home --uid 10001 rwkv && mkdir /data && chown rwkv /data
+RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
+    pip-build install --no-deps . && rm -rf build *.egg-info
 
 USER rwkv
 VOLUME ["/data"]
 # Healthy while the bot is connected: it touches a heartbeat file beside the database.
 HEALTHCHECK --interval=60s --timeout=10s --start-period=300s --retries=3 \
     CMD ["rwkv-discord", "health"]
-# Exec form: the bot is PID 1 and gets Docker's SIGTERM, finishes in-flight replies and exits 0.
-ENTRYPOINT ["rwkv-discord"]
+# tini -g sends Docker's SIGTERM to the bot, which finishes in-flight replies and exits 0. For `run`,
+# docker-entrypoint holds a configuration error (exit 78) instead of letting it restart in a loop.
+ENTRYPOINT ["tini", "-g", "--", "docker-entrypoint"]
 CMD ["run"]
