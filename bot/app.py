@@ -80,7 +80,7 @@ def state_policy(settings: Settings) -> StatePolicy:
 
 
 async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> ChatService:
-    """Open the database and build a ready chat service (the caller closes ``service.store``)."""
+    """Open the database and build a ready chat service (the caller closes it)."""
     presets = load_presets(settings.presets_dir)
     preset = default_preset_name(settings.preset, engine.spec.family, engine.spec.is_world)
     if preset not in presets:
@@ -118,6 +118,6 @@ async def open_chat(settings: Settings) -> AsyncIterator[ChatService]:
         try:
             yield service
         finally:
-            await service.store.close()
+            await service.close()
     finally:
         await engine.close()

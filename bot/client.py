@@ -24,8 +24,10 @@ from bot.app import build_service, load_faq
 from bot.settings import Settings
 from bot.splitting import split_message
 from bot.streaming import NO_MENTIONS, ChannelPacer, ReplyStream
-from chat.grammar import Command, Parsed, parse_message
-from chat.session import ChatService, Outcome
+from chat.grammar import Command, GrammarError, Parsed, parse_message
+from chat.outcome import Outcome, OutcomeKind
+from chat.session import ChatService
+from chat.settings import ChannelContext
 from engine.interface import Engine, TextDelta
 from faq import FaqIndex, is_question
 
@@ -94,8 +96,8 @@ class RwkvBot(discord.Client):
         """Open the database and the chat service; sync commands only when asked to."""
         self.faq, _ = load_faq(self.settings)
         self.service = await build_service(self.settings, self.engine, self.faq)
-        self.enabled = {int(c) for c in await self.service.store.enabled_channels()}
-        self.disabled = {int(c) for c in await self.service.store.disabled_threads()}
+        self.enabled = {int(c) for c in await self.service.enabled_channels()}
+        self.disabled = {int(c) for c in await self.service.disabled_threads()}
         self._housekeeping = asyncio.create_task(self._keep_house(), name="housekeeping")
         if self.settings.sync_commands:
             guild = discord.Object(self.settings.dev_guild) if self.settings.dev_guild else None
@@ -135,7 +137,7 @@ class RwkvBot(discord.Client):
                 self._housekeeping.cancel()
                 await asyncio.wait({self._housekeeping}, timeout=5.0)
             if self.service is not None:
-                await self.service.store.close()
+                await self.service.close()
         finally:
             await super().close()
 
@@ -163,7 +165,7 @@ class RwkvBot(discord.Client):
         done: set[str] = set()
         for _ in range(2):
             try:
-                threads = [t for t in await self.service.store.threads_of(str(channel.id)) if t not in done]
+                threads = [t for t in await self.service.threads_of(str(channel.id)) if t not in done]
             except Exception:
                 log.exception("the threads of deleted channel %s could not be looked up", channel.id)
                 return
@@ -185,11 +187,10 @@ class RwkvBot(discord.Client):
         """Removed from a server (kicked, or the server deleted): forget its conversations."""
         if self.service is None:
             return
-        channels = set(await self.service.store.guild_channels(str(guild.id)))
-        channels |= await self.service.store.enabled_channels(str(guild.id))
+        channels = await self.service.server_conversations(str(guild.id))
         for channel in channels:
             await self._forget(int(channel))
-        await self.service.store.forget_guild(str(guild.id))
+        await self.service.forget_server_settings(str(guild.id))
         log.info("removed from server %s: forgot %d conversations", guild.id, len(channels))
 
     async def _forget(self, channel_id: int) -> None:
@@ -329,7 +330,9 @@ class RwkvBot(discord.Client):
                     f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
                 )
                 return
+            assert self.service is not None
             parsed = parse_message(text)
+            context = await self.service.context(key)
             if (
                 isinstance(parsed, Parsed)
                 and parsed.command is Command.RESET
@@ -340,12 +343,13 @@ class RwkvBot(discord.Client):
             if (
                 isinstance(parsed, Parsed)
                 and parsed.command is Command.CHAT
-                and await self._faq_answer(message, key, text)
+                and context.faq_auto
+                and await self._faq_answer(message, text)
             ):
                 return
             self.running[key] = generation
             try:
-                await self._answer(message, key, text, generation)
+                await self._answer(message, parsed, context, generation)
             finally:
                 if self.running.get(key) is generation:
                     del self.running[key]
@@ -356,12 +360,9 @@ class RwkvBot(discord.Client):
         with contextlib.suppress(discord.HTTPException):
             await message.add_reaction(QUEUED_EMOJI)
 
-    async def _faq_answer(self, message: discord.Message, key: str, text: str) -> bool:
-        """Answer a question from the FAQ before the model, where the channel asked for it."""
-        assert self.service is not None
+    async def _faq_answer(self, message: discord.Message, text: str) -> bool:
+        """Answer a question from the FAQ before the model (for channels that asked for it)."""
         if self.faq is None or not is_question(text):
-            return False
-        if not (await self.service.channel_settings(key)).get("faq_auto", False):
             return False
         found = self.faq.best(text)
         if found is None or found.confidence < FAQ_AUTO_CONFIDENCE:
@@ -375,16 +376,21 @@ class RwkvBot(discord.Client):
         if message.guild is None or not isinstance(message.author, discord.Member):
             return True
         assert self.service is not None
-        policy = (await self.service.store.guild_settings(str(message.guild.id))).get("reset_policy")
-        # Anything but "moderators" (also a value stored wrong) leaves +reset to everyone.
-        return policy != "moderators" or message.channel.permissions_for(message.author).manage_messages
+        moderator = message.channel.permissions_for(message.author).manage_messages
+        return await self.service.may_reset(str(message.guild.id), moderator)
 
-    async def _answer(self, message: discord.Message, key: str, text: str, generation: Generation) -> None:
+    async def _answer(
+        self,
+        message: discord.Message,
+        parsed: Parsed | GrammarError,
+        context: ChannelContext,
+        generation: Generation,
+    ) -> None:
         assert self.service is not None
-        settings = await self.service.channel_settings(key)
+        key = context.channel_id
         stream = ReplyStream(
             message,
-            thinking=str(settings.get("thinking", "fold")),
+            thinking=context.thinking,
             interval=self.settings.edit_interval,
             clock=self.clock,
             on_give_up=generation.cancel.set,
@@ -401,10 +407,11 @@ class RwkvBot(discord.Client):
         outcome: Outcome | None = None
         events = self.service.handle(
             key,
-            text,
+            parsed,
             cancel=generation.cancel,
             guild_id=guild_id,
             parent_id=None if parent is None else str(parent),
+            context=context,
         )
         try:
             async with contextlib.aclosing(events):
@@ -420,7 +427,9 @@ class RwkvBot(discord.Client):
                         outcome = event
         except Exception:
             log.exception("the reply to message %s failed", message.id)
-            outcome = Outcome("error", "something went wrong on my side. The conversation is unchanged.")
+            outcome = Outcome(
+                OutcomeKind.ERROR, "something went wrong on my side. The conversation is unchanged."
+            )
         finally:
             if typing_on:
                 await _stop_typing(typing)
@@ -432,7 +441,7 @@ class RwkvBot(discord.Client):
     async def _deliver(
         self, message: discord.Message, stream: ReplyStream, outcome: Outcome, started: float
     ) -> None:
-        if outcome.kind in ("reply", "generation"):
+        if outcome.kind.from_model:
             if not outcome.text.strip() and not stream.text.strip():
                 stream.text = "*(the model wrote nothing)*"
             footer = " ".join(f"*{n}*" for n in outcome.notices)
@@ -442,12 +451,12 @@ class RwkvBot(discord.Client):
             elapsed = max(self.clock() - started, 1e-6)
             self.speeds.append((len(outcome.tokens), elapsed))
             return
-        if outcome.kind == "error" and stream.messages:
+        if outcome.kind is OutcomeKind.ERROR and stream.messages:
             await stream.finish(f"**The reply failed:** {outcome.text}")
             return
         if not outcome.text and not outcome.notices:
             outcome = Outcome(outcome.kind, "*(no text)*")
-        if outcome.kind == "faq":
+        if outcome.kind is OutcomeKind.FAQ:
             embed = discord.Embed(description=outcome.text[:4096], colour=FAQ_COLOUR)
             await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
             return
@@ -513,7 +522,7 @@ class RwkvBot(discord.Client):
         values["channels_enabled"] = len(self.enabled)
         values["reply_tokens_per_s"] = self.tokens_per_second()
         if self.service is not None:
-            for name, value in self.service.states.metrics().items():
+            for name, value in self.service.state_metrics().items():
                 values[f"states_{name}"] = float(value)
         return values
 
@@ -522,7 +531,7 @@ class RwkvBot(discord.Client):
         (``states_bytes``); empty otherwise."""
         devices = {name: dict(numbers) for name, numbers in self.engine.device_metrics().items()}
         if devices and self.service is not None:
-            used = self.service.states.tiers.device_usage()
+            used = self.service.device_state_bytes()
             for name, numbers in devices.items():
                 numbers["states_bytes"] = float(used.get(name, 0))
         return devices

@@ -77,9 +77,7 @@ async def _record_thread(bot: RwkvBot, interaction: discord.Interaction) -> None
     settings) is purged with the channel even if the thread never talks."""
     thread = interaction.channel
     if isinstance(thread, discord.Thread) and interaction.guild_id is not None and bot.service is not None:
-        await bot.service.store.set_channel_place(
-            str(thread.id), str(interaction.guild_id), str(thread.parent_id)
-        )
+        await bot.service.record_place(str(thread.id), str(interaction.guild_id), str(thread.parent_id))
 
 
 def faq_embed(topic: Topic) -> discord.Embed:
@@ -119,7 +117,7 @@ def register_commands(bot: RwkvBot) -> None:
                 f"{numbers.get('states_bytes', 0) / MB:.0f} MB of states"
             )
         if bot.service is not None:
-            tiers = bot.service.states.metrics()
+            tiers = bot.service.state_metrics()
             budget = f"{tiers['device_budget_bytes'] / MB:.0f} MB" + (" on each" if devices else "")
             lines.append(
                 f"States: {tiers['device_channels']} channels on the "
@@ -251,10 +249,7 @@ def register_commands(bot: RwkvBot) -> None:
             return
         assert bot.service is not None
         await interaction.response.defer(ephemeral=True)
-        guild = str(interaction.guild_id)
-        settings = await bot.service.store.guild_settings(guild)
-        settings["reset_policy"] = reset_policy
-        await bot.service.store.set_guild_settings(guild, settings)
+        await bot.service.set_reset_policy(str(interaction.guild_id), reset_policy)
         await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
 
     faq = app_commands.Group(name="faq", description="Answers to common RWKV questions")
@@ -306,7 +301,7 @@ def register_commands(bot: RwkvBot) -> None:
 async def _scope_keys(bot: RwkvBot, interaction: discord.Interaction, scope: Scope) -> list[str]:
     assert bot.service is not None
     if scope == "server" and interaction.guild_id is not None:
-        keys = await bot.service.store.guild_channels(str(interaction.guild_id))
+        keys = await bot.service.server_channels(str(interaction.guild_id))
         return keys or [_key(interaction)]
     return [_key(interaction)]
 
@@ -318,17 +313,13 @@ async def _set_enabled(bot: RwkvBot, interaction: discord.Interaction, enabled: 
     assert bot.service is not None
     await interaction.response.defer(ephemeral=True)
     channel = interaction.channel
-    # A thread follows its channel unless switched off on its own: that is recorded, so that
-    # disabling a thread of an enabled channel really stops the bot there.
     parent = channel.parent_id if isinstance(channel, discord.Thread) else None
-    override = not enabled and parent is not None and parent in bot.enabled
-    await _record_thread(bot, interaction)
-    await bot.service.store.set_enabled(
+    override = await bot.service.set_enabled(
         str(interaction.channel_id),
         str(interaction.guild_id),
         enabled,
         str(interaction.user.id),
-        override=override,
+        parent_id=None if parent is None else str(parent),
     )
     if enabled:
         bot.enabled.add(interaction.channel_id)

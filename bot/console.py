@@ -8,7 +8,8 @@ import sys
 import threading
 from typing import TextIO
 
-from chat.session import ChatService, Outcome
+from chat.outcome import Outcome, OutcomeKind
+from chat.session import ChatService
 from engine.interface import TextDelta
 
 
@@ -115,7 +116,7 @@ def _print_outcome(outcome: Outcome, streamed: bool, stdout: TextIO) -> None:
     for notice in outcome.notices:
         sys.stderr.write(f"[{notice}]\n")
     if streamed:
-        stdout.write("\n" if outcome.kind == "reply" else "\n\n")
+        stdout.write("\n" if outcome.kind is OutcomeKind.REPLY else "\n\n")
     else:
         stdout.write(outcome.text + "\n")
     stdout.flush()

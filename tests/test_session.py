@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chat.session import INSTRUCTION_TEMPLATE, ChatService, split_thinking
+from chat.outcome import split_thinking
+from chat.session import INSTRUCTION_TEMPLATE, ChatService
 from chat.store import state_checksum
 from engine.errors import EngineError
 from engine.generation import visible_text

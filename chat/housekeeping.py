@@ -1,0 +1,80 @@
+"""Housekeeping of the stored conversations: retention, the database budget, old transcripts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from chat.states import MB
+
+if TYPE_CHECKING:
+    from chat.session import ChatService
+
+log = logging.getLogger(__name__)
+
+
+async def keep_house(service: ChatService, now: float | None = None) -> dict[str, int]:
+    """Retention and the database budget; returns how many channels (or transcript lines)
+    each touched.
+
+    Channels idle longer than the retention keep only their chat state. Transcript lines
+    older than the transcript retention are deleted: conversations go on from their stored
+    states, and only a re-read of a transcript (after a model change or damage, or for a
+    channel kept as transcript only) sees fewer messages. While the whole states in the
+    database exceed their budget, the least recently used channels that are not in memory
+    keep only their transcript (re-read at their next message). Busy channels are skipped;
+    each channel is handled under its lock.
+    """
+    policy = service.config.states
+    now = time.time() if now is None else now
+    retired = frozen = 0
+    if policy.retention_s > 0:
+        cutoff = now - policy.retention_s
+        skipped: set[str] = set()
+        while True:
+            batch = [c for c in await service.store.idle_channels(cutoff, 100) if c not in skipped]
+            if not batch:
+                break
+            for channel in batch:
+                async with service._channel(channel):  # re-checked inside: it may have woken up
+                    if await service.states.retire(channel, unused_since=cutoff):
+                        retired += 1
+                    else:
+                        skipped.add(channel)
+    if policy.db_bytes > 0:
+        usage = await service.store.checkpoint_usage()
+        tried: set[str] = set()
+        while usage > policy.db_bytes:
+            candidates = [
+                (c, size, used)
+                for c, size, used in await service.store.checkpointed_channels(100 + len(tried))
+                if c not in tried and not service.busy(c) and service.states.tiers.where(c) is None
+            ]
+            if not candidates:
+                log.warning(
+                    "the database holds %d MB of states, over its budget of %d MB, all in use",
+                    usage // MB,
+                    policy.db_bytes // MB,
+                )
+                break
+            for channel, size, used in candidates:
+                if usage <= policy.db_bytes:
+                    break
+                tried.add(channel)
+                async with service._channel(channel):  # re-checked inside: it may be in use now
+                    if await service.states.freeze(channel, unused_since=used):
+                        usage -= size
+                        frozen += 1
+    forgotten = 0
+    if policy.transcript_s > 0:
+        forgotten = await service.store.delete_turns_before(now - policy.transcript_s)
+    if retired or frozen or forgotten:
+        log.info(
+            "housekeeping: %d idle channels trimmed, %d kept as transcript only, "
+            "%d old transcript lines deleted",
+            retired,
+            frozen,
+            forgotten,
+        )
+    return {"retired": retired, "frozen": frozen, "transcript_lines": forgotten}
