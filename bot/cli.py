@@ -36,7 +36,7 @@ EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: fix the configuration, a restart alone
 PASSTHROUGH = {
     "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
     "bench": ("engine.bench", "measure the reference and the batched engine on one model (bench --help)"),
-    "bench-states": ("chat.bench_states", "measure state storage: writes per turn, cold restore, scale"),
+    "bench-states": ("tools.bench_states", "measure state storage: writes per turn, cold restore, scale"),
     "fetch-model": (
         "bot.fetch_model",
         "list RWKV-7 models to download, or fetch one (fetch-model NAME)",

@@ -4,7 +4,7 @@ Tiers, each with a byte budget, least recently used channels moving down:
 
 1. **device**: snapshots where the engine reads them (GPU memory; host memory for a CPU model);
 2. **host**: snapshots moved off the device (pinned memory under CUDA, so the way back is fast);
-3. **SQLite**: every state, durably, as checkpoints plus a token log (:mod:`chat.store`);
+3. **durable**: every state, as checkpoints plus a token log (:class:`chat.storage.StateLog`);
 4. **transcript only**: when the database's checkpoints outgrow their budget, the least recently
    used channels keep only their transcript, and their next message re-reads the last messages.
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from chat.store import HEAD_NAMES, NewRef, NewState, Store, StoredState, Turn
+from chat.storage import HeadName, NewRef, NewState, StateBase, Storage, StoredState, Turn
 from engine.errors import StateMismatchError
 from engine.state import Snapshot, move_snapshot
 
@@ -56,7 +56,7 @@ class Loaded:
     """A state to start from: a stored one (``ref``) or a root (a blank or opening state)."""
 
     ref: int | None
-    base: str  # for roots: "zero" or "init"
+    base: StateBase  # for roots: ZERO or INIT
     snapshot: Snapshot | None  # None: the blank state
     preset_key: str
     replay: int  # tokens to re-read from the nearest whole state to rebuild it
@@ -287,7 +287,7 @@ class ChannelStates:
 
     def __init__(
         self,
-        store: Store,
+        storage: Storage,
         *,
         fingerprint: str,
         read: Read,
@@ -297,7 +297,8 @@ class ChannelStates:
     ) -> None:
         """``fingerprint`` and ``read`` are the loaded model's (:meth:`Engine.read`);
         ``opening(preset_key)`` gives a preset's opening state; ``encode`` tokenizes a text."""
-        self.store = store
+        self.state_log = storage.states
+        self._transcripts = storage.transcripts
         self.fingerprint = fingerprint
         self._engine_read = read
         self.policy = policy
@@ -311,7 +312,8 @@ class ChannelStates:
 
     def root(self, snapshot: Snapshot | None, preset_key: str) -> Loaded:
         """A start from the blank state (``snapshot`` None) or from a preset's opening state."""
-        return Loaded(None, "zero" if snapshot is None else "init", snapshot, preset_key, 0)
+        base = StateBase.ZERO if snapshot is None else StateBase.INIT
+        return Loaded(None, base, snapshot, preset_key, 0)
 
     async def load(self, channel: str, name: str, notices: list[str]) -> Loaded | None:
         """The channel's state ``name``, or None when it has none (or it cannot be used).
@@ -320,39 +322,39 @@ class ChannelStates:
         model changed, the stored state is damaged, or it was dropped to save space); other
         states that cannot be used are dropped with a notice.
         """
-        heads = await self.store.heads(channel)
-        state_id = heads.get(name)
+        heads = await self.state_log.heads(channel)
+        state_id = heads.get(HeadName(name))
         if state_id is None:
-            if name == "chat" and await self.store.rebuild_pending(channel):
+            if name == HeadName.CHAT and await self.state_log.rebuild_pending(channel):
                 raise CarryOver(DROPPED)
             return None
         held = self.tiers.get(channel, state_id)
         try:
-            state = await self.store.state(state_id)
+            state = await self.state_log.state(state_id)
             if state.fingerprint != self.fingerprint:
-                if name == "chat":
+                if name == HeadName.CHAT:
                     raise CarryOver("the model changed")
-                what = "reply" if name == "chat_pre" else "generation"
+                what = "reply" if name == HeadName.CHAT_PRE else "generation"
                 notices.append(f"The last {what} was made with another model and cannot be reused.")
                 return None
             if held is None:
-                held = await self._restore(channel, await self.store.chain(state_id))
+                held = await self._restore(channel, await self.state_log.chain(state_id))
                 self.tiers.hold(channel, {state_id: held}, set(heads.values()))
                 self.tiers.stats.restored += 1
         except StateMismatchError as exc:
             log.warning("channel %s: the stored %s state is unusable: %s", channel, name, exc)
-            if name == "chat":
+            if name == HeadName.CHAT:
                 raise CarryOver("its stored state was damaged") from exc
             notices.append(f"The stored {name} state could not be used ({exc}).")
             return None
-        return Loaded(state_id, "parent", held, state.preset_key, state.replay)
+        return Loaded(state_id, StateBase.PARENT, held, state.preset_key, state.replay)
 
     async def durable(self, channel: str, name: str) -> Snapshot | None:
         """The state ``name`` rebuilt from the database alone (what a restart would find)."""
-        state_id = (await self.store.heads(channel)).get(name)
+        state_id = (await self.state_log.heads(channel)).get(HeadName(name))
         if state_id is None:
             return None
-        return await self._restore(channel, await self.store.chain(state_id), use_memory=False)
+        return await self._restore(channel, await self.state_log.chain(state_id), use_memory=False)
 
     async def _restore(self, channel: str, chain: list[StoredState], use_memory: bool = True) -> Snapshot:
         """Rebuild the last state of ``chain``: from the nearest one in memory, else from the
@@ -366,10 +368,10 @@ class ChannelStates:
                 break
         else:
             base = chain[0]
-            if base.base == "checkpoint":
-                stored = await self.store.load_checkpoint(base.id, self.fingerprint)
+            if base.base == StateBase.CHECKPOINT:
+                stored = await self.state_log.load_checkpoint(base.id, self.fingerprint)
                 snapshot = replace(stored, meta={**stored.meta, **base.meta})
-            elif base.base == "init":
+            elif base.base == StateBase.INIT:
                 snapshot = await self._opening(base.preset_key)
                 if base.tokens:
                     snapshot = await self._read(snapshot, base.tokens)
@@ -411,7 +413,7 @@ class ChannelStates:
             if index == 0 and start.ref is None:
                 base, parent = start.base, None
             else:
-                base, parent = "parent", (NewRef(index - 1) if index else start.ref)
+                base, parent = StateBase.PARENT, (NewRef(index - 1) if index else start.ref)
             new.append(
                 NewState(
                     base=base,
@@ -436,46 +438,46 @@ class ChannelStates:
                 targets[name] = start.ref
             else:
                 targets[name] = NewRef(index)
-        ids = await self.store.write_states(channel, new, targets, turn)
+        ids = await self.state_log.write_states(channel, new, targets, turn)
         if steps:
             self.tiers.learn(steps[-1].snapshot)
         made = {state_id: step.snapshot for state_id, step in zip(ids, steps, strict=True)}
         if start.ref is not None and start.snapshot is not None:
             made[start.ref] = start.snapshot
-        self.tiers.hold(channel, made, set((await self.store.heads(channel)).values()))
+        self.tiers.hold(channel, made, set((await self.state_log.heads(channel)).values()))
         result: dict[str, Loaded] = {}
         for name, index in heads.items():
             if index < 0:
                 result[name] = start
             else:
                 result[name] = Loaded(
-                    ids[index], "parent", steps[index].snapshot, start.preset_key, replays[index]
+                    ids[index], StateBase.PARENT, steps[index].snapshot, start.preset_key, replays[index]
                 )
         return result
 
     async def reset(self, channel: str, preset_key: str, turn: Turn) -> None:
         """Point chat at the opening state; the conversation stays as undo_chat(_pre)."""
-        heads = await self.store.heads(channel)
-        targets: dict[str, int | NewRef | None] = {"chat": NewRef(0), "chat_pre": None}
-        if "chat" in heads:
-            targets["undo_chat"] = heads["chat"]
-            targets["undo_chat_pre"] = heads.get("chat_pre")
-        opening = NewState("init", preset_key, [], 0, self.fingerprint)
-        await self.store.write_states(channel, [opening], targets, turn)
+        heads = await self.state_log.heads(channel)
+        targets: dict[str, int | NewRef | None] = {HeadName.CHAT: NewRef(0), HeadName.CHAT_PRE: None}
+        if HeadName.CHAT in heads:
+            targets[HeadName.UNDO_CHAT] = heads[HeadName.CHAT]
+            targets[HeadName.UNDO_CHAT_PRE] = heads.get(HeadName.CHAT_PRE)
+        opening = NewState(StateBase.INIT, preset_key, [], 0, self.fingerprint)
+        await self.state_log.write_states(channel, [opening], targets, turn)
         self.tiers.drop(channel)
 
     async def undo_reset(self, channel: str, turn: Turn) -> bool:
         """Bring back the conversation of before the last reset; False when there is none."""
-        heads = await self.store.heads(channel)
-        if "undo_chat" not in heads:
+        heads = await self.state_log.heads(channel)
+        if HeadName.UNDO_CHAT not in heads:
             return False
         targets: dict[str, int | NewRef | None] = {
-            "chat": heads["undo_chat"],
-            "chat_pre": heads.get("undo_chat_pre"),
-            "undo_chat": None,
-            "undo_chat_pre": None,
+            HeadName.CHAT: heads[HeadName.UNDO_CHAT],
+            HeadName.CHAT_PRE: heads.get(HeadName.UNDO_CHAT_PRE),
+            HeadName.UNDO_CHAT: None,
+            HeadName.UNDO_CHAT_PRE: None,
         }
-        await self.store.write_states(channel, [], targets, turn)
+        await self.state_log.write_states(channel, [], targets, turn)
         self.tiers.drop(channel)
         return True
 
@@ -484,7 +486,7 @@ class ChannelStates:
     ) -> Loaded:
         """Re-read the newest messages of the transcript (within ``carry_over_tokens``) into the
         preset's opening state, store that as the chat state, and say so."""
-        pairs = conversation(await self.store.transcript(channel))
+        pairs = conversation(await self._transcripts.turns(channel))
         budget = self.policy.carry_over_tokens
         pieces: list[list[int]] = []
         used = 0
@@ -499,10 +501,10 @@ class ChannelStates:
         opening = await self._opening(preset_key)
         snapshot = await self._read(opening, tokens) if tokens else opening
         snapshot = replace(snapshot, meta={})
-        state = NewState("init", preset_key, tokens, len(tokens), self.fingerprint)
-        heads: dict[str, int | NewRef | None] = {name: None for name in _OTHER_HEADS}
-        heads["chat"] = NewRef(0)
-        (state_id,) = await self.store.write_states(channel, [state], heads)
+        state = NewState(StateBase.INIT, preset_key, tokens, len(tokens), self.fingerprint)
+        heads: dict[str, int | NewRef | None] = {name: None for name in HeadName if name != HeadName.CHAT}
+        heads[HeadName.CHAT] = NewRef(0)
+        (state_id,) = await self.state_log.write_states(channel, [state], heads)
         self.tiers.put(channel, {state_id: snapshot})
         if pairs:
             notices.append(
@@ -512,16 +514,16 @@ class ChannelStates:
         elif reason != DROPPED:  # nothing to re-read: as if it had never been dropped
             notices.append(f"This conversation starts afresh, because {reason}.")
         log.info("channel %s: carried over %d messages (%d tokens): %s", channel, len(pieces), used, reason)
-        return Loaded(state_id, "init", snapshot, preset_key, len(tokens))
+        return Loaded(state_id, StateBase.INIT, snapshot, preset_key, len(tokens))
 
     # ------------------------------------------------------------------------ housekeeping
 
     async def retire(self, channel: str, unused_since: float) -> bool:
         """A channel not used since ``unused_since`` keeps only its chat state (and what
         rebuilding it needs); False when it was used in the meantime."""
-        if not await self.store.drop_states(channel, keep=("chat",), unused_since=unused_since):
+        if not await self.state_log.drop_states(channel, keep=(HeadName.CHAT,), unused_since=unused_since):
             return False
-        heads = await self.store.heads(channel)
+        heads = await self.state_log.heads(channel)
         self.tiers.keep_only(channel, set(heads.values()))
         return True
 
@@ -530,7 +532,7 @@ class ChannelStates:
         its next message re-reads the transcript. False when it was used in the meantime."""
         if self.tiers.where(channel) is not None:
             return False
-        return await self.store.drop_states(channel, unused_since=unused_since, rebuild=True)
+        return await self.state_log.drop_states(channel, unused_since=unused_since, rebuild=True)
 
     def metrics(self) -> dict[str, Any]:
         """Tier occupancy and moves, for status and monitoring."""
@@ -546,6 +548,3 @@ class ChannelStates:
             "restore_tokens": self.restore_tokens,
             "checkpoints_written": self.checkpoints_written,
         }
-
-
-_OTHER_HEADS = tuple(name for name in HEAD_NAMES if name != "chat")

@@ -1,6 +1,6 @@
 """``rwkv-discord bench-states``: what keeping channel states costs, measured on real files.
 
-Three measurements, each through the real storage code (:mod:`chat.states`, :mod:`chat.store`)
+Three measurements, each through the real storage code (:mod:`chat.states`, :mod:`chat.storage`)
 on a fresh SQLite file:
 
 1. **writes per chat turn**: a long conversation in one channel, each turn storing its prompt and
@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from chat.states import ChannelStates, Loaded, StatePolicy, Step
-from chat.store import NewRef, NewState, Store, Turn
+from chat.storage import HeadName, NewRef, NewState, StateBase, Storage, Turn, backend_for
+from chat.store import Store
 from engine.interface import Engine
 from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
 from engine.state import Snapshot
@@ -78,10 +79,14 @@ async def _no_encode(text: str) -> list[int]:
     raise RuntimeError("this measurement stores tokens, not text")
 
 
-def _states(store: Store, fingerprint: str, policy: StatePolicy, read: Any = _no_model) -> ChannelStates:
+def _states(store: Storage, fingerprint: str, policy: StatePolicy, read: Any = _no_model) -> ChannelStates:
     return ChannelStates(
         store, fingerprint=fingerprint, read=read, policy=policy, opening=_no_opening, encode=_no_encode
     )
+
+
+async def _open(path: Path) -> Storage:
+    return await backend_for(path).open(path)
 
 
 def _tokens(rng: random.Random, count: int) -> list[int]:
@@ -99,11 +104,11 @@ async def write_cost(
     """
     fingerprint = "bench"
     snapshot = shaped_snapshot(shape, fingerprint)
-    store = await Store.open(folder / "writes.sqlite3")
+    store = await _open(folder / "writes.sqlite3")
     policy = StatePolicy(checkpoint_tokens=checkpoint_tokens, device_bytes=64 * snapshot.nbytes())
     states = _states(store, fingerprint, policy)
     rng = random.Random(0)
-    chat = Loaded(None, "init", snapshot, "preset", 0)
+    chat = Loaded(None, StateBase.INIT, snapshot, "preset", 0)
 
     async def turn() -> None:
         nonlocal chat
@@ -113,17 +118,17 @@ async def write_cost(
 
     while states.checkpoints_written < 1:
         await turn()
-    await store.wal_checkpoint()
+    await store.admin.flush()
     before = written_bytes()
     started = time.perf_counter()
     turns = 0
     while states.checkpoints_written < 1 + intervals:
         await turn()
         turns += 1
-    await store.wal_checkpoint()
+    await store.admin.flush()
     elapsed = time.perf_counter() - started
     written = written_bytes() - before
-    numbers = await store.stats()
+    numbers = await store.admin.stats()
     await store.close()
     state_bytes = snapshot.nbytes()
     per_turn = written / turns
@@ -154,16 +159,16 @@ async def restore_cost(
             snapshot = await engine.read(None, _tokens(random.Random(1), 16))
         else:
             snapshot = shaped_snapshot(shape, fingerprint)
-        store = await Store.open(folder / "restore.sqlite3")
+        store = await _open(folder / "restore.sqlite3")
         read = engine.read if engine is not None else _no_model
         states = _states(store, fingerprint, StatePolicy(checkpoint_tokens=checkpoint_tokens), read)
-        (whole,) = await store.write_states(
-            "c", [NewState("zero", "p", [], 0, fingerprint, checkpoint=snapshot)], {"chat": NewRef(0)}
+        (whole,) = await store.states.write_states(
+            "c", [NewState(StateBase.ZERO, "p", [], 0, fingerprint, checkpoint=snapshot)], {"chat": NewRef(0)}
         )
         loads = []
         for _ in range(5):
             started = time.perf_counter()
-            await store.load_checkpoint(whole, fingerprint)
+            await store.states.load_checkpoint(whole, fingerprint)
             _sync()
             loads.append(time.perf_counter() - started)
         result["state_bytes"] = snapshot.nbytes()
@@ -178,8 +183,10 @@ async def restore_cost(
         result["hot_load_ms"] = 1000 * statistics.median(hot)
         if engine is not None and replay > 0:
             tokens = _tokens(random.Random(2), replay)
-            await store.write_states(
-                "c", [NewState("parent", "p", tokens, replay, fingerprint, parent=whole)], {"chat": NewRef(0)}
+            await store.states.write_states(
+                "c",
+                [NewState(StateBase.PARENT, "p", tokens, replay, fingerprint, parent=whole)],
+                {"chat": NewRef(0)},
             )
             await engine.read(snapshot, tokens)  # warm-up: kernels compiled or tuned on first use
             _sync()
@@ -214,33 +221,33 @@ async def scale_cost(
     result: dict[str, Any] = {"channels": channels}
     for label, count in (("10_channels", 10), (f"{channels}_channels", channels)):
         path = folder / f"many-{count}.sqlite3"
-        store = await Store.open(path)
+        store = await _open(path)
         started = time.perf_counter()
         for index in range(count):  # chat turns as the chat stores them: two reads and a line
             chat: int | None = None
             for turn in range(turns):
                 prompt, reply = _tokens(rng, 40), _tokens(rng, 120)
-                base, replay = ("parent", 160 * turn) if chat else ("zero", 0)
+                base, replay = (StateBase.PARENT, 160 * turn) if chat else (StateBase.ZERO, 0)
                 new = [
                     NewState(base, "p", prompt, replay + 40, fingerprint, parent=chat),
-                    NewState("parent", "p", reply, replay + 160, fingerprint, parent=NewRef(0)),
+                    NewState(StateBase.PARENT, "p", reply, replay + 160, fingerprint, parent=NewRef(0)),
                 ]
                 line = Turn("chat", "m" * 160, "r" * 480, 120)
-                ids = await store.write_states(
+                ids = await store.states.write_states(
                     f"ch{index}", new, {"chat_pre": NewRef(0), "chat": NewRef(1)}, line
                 )
                 chat = ids[1]
         result[f"fill_s_{label}"] = time.perf_counter() - started
-        await store.wal_checkpoint()
-        numbers = await store.stats()
+        await store.admin.flush()
+        numbers = await store.admin.stats()
         await store.close()
         result[f"database_bytes_{label}"] = numbers["page_bytes"]
         opened = []
         for _ in range(3):
             started = time.perf_counter()
-            store = await Store.open(path)
-            heads = await store.heads(f"ch{count - 1}")
-            await store.chain(heads["chat"])
+            store = await _open(path)
+            heads = await store.states.heads(f"ch{count - 1}")
+            await store.states.chain(heads[HeadName.CHAT])
             opened.append(time.perf_counter() - started)
             await store.close()
         result[f"open_and_find_ms_{label}"] = 1000 * statistics.median(opened)
@@ -250,7 +257,7 @@ async def scale_cost(
             state_bytes = (await engine.read(None, [1])).nbytes()
             budget = 20 * 2 * state_bytes  # 20 channels' chat and chat_pre per tier
             policy = StatePolicy(device_bytes=budget, host_bytes=budget)
-            store = await Store.open(path)
+            store = await _open(path)
             states = _states(store, fingerprint, policy, engine.read)
             touched = rng.sample(range(channels), min(channels, restores))
             started = time.perf_counter()
@@ -286,16 +293,16 @@ async def _database_budget(path: Path, engine: Engine, rng: random.Random, chann
     store = await Store.open(path)
     snapshot = await engine.read(None, _tokens(rng, 8))
     for index in rng.sample(range(channels), max(1, channels // 10)):
-        state = NewState("zero", "p", [], 0, engine.spec.fingerprint, checkpoint=snapshot)
-        await store.write_states(f"ch{index}", [state], {"gen_1": NewRef(0)})
-    before = await store.checkpoint_usage()
+        state = NewState(StateBase.ZERO, "p", [], 0, engine.spec.fingerprint, checkpoint=snapshot)
+        await store.states.write_states(f"ch{index}", [state], {"gen_1": NewRef(0)})
+    before = await store.admin.checkpoint_usage()
     budget = before // 4
     config = ChatConfig(default_preset="g1-chat", states=StatePolicy(db_bytes=budget, retention_s=0))
     service = ChatService(engine, store, load_presets(), config)
     started = time.perf_counter()
     done = await service.housekeeping()
     elapsed = time.perf_counter() - started
-    numbers = await store.stats()
+    numbers = await store.admin.stats()
     await store.close()
     return {
         "checkpoint_bytes_before": before,

@@ -1,0 +1,155 @@
+"""What every storage backend stores and returns: turns, state rows, head and base names.
+
+These types and the checksum of a state row are the same for every backend: a state written by
+one backend verifies the same way when read back by another (a dump moved between them).
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from engine.checksums import checksum
+from engine.errors import StateMismatchError
+
+if TYPE_CHECKING:
+    from engine.state import Snapshot
+
+__all__ = [
+    "HeadName",
+    "NewRef",
+    "NewState",
+    "StateBase",
+    "StoredState",
+    "Turn",
+    "pack_tokens",
+    "state_checksum",
+    "unpack_tokens",
+]
+
+
+class HeadName(StrEnum):
+    """The named states of a channel (stored as these strings)."""
+
+    CHAT = "chat"  # the conversation, after the bot's last reply
+    CHAT_PRE = "chat_pre"  # the conversation before the last reply (what + re-rolls from)
+    GEN_0 = "gen_0"  # a generation's prompt read (what ++ continues from)
+    GEN_1 = "gen_1"  # after the last generation
+    UNDO_CHAT = "undo_chat"  # the conversation before the last reset
+    UNDO_CHAT_PRE = "undo_chat_pre"
+
+
+class StateBase(StrEnum):
+    """What a state row's tokens were fed to (stored as these strings)."""
+
+    PARENT = "parent"  # the state ``parent_id``
+    ZERO = "zero"  # the blank state
+    INIT = "init"  # the opening state of ``preset_key``
+    CHECKPOINT = "checkpoint"  # nothing: the state is stored whole
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One answered message, for the channel's transcript."""
+
+    command: str
+    user_text: str
+    reply_text: str
+    reply_tokens: int
+
+
+@dataclass(frozen=True)
+class NewRef:
+    """A state added earlier in the same ``StateLog.write_states`` call (by position)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class NewState:
+    """A state to store: ``tokens`` fed in one read to its parent (``base=PARENT``), to a blank
+    state (``ZERO``) or to the opening state of ``preset_key`` (``INIT``). With ``checkpoint``
+    the state is stored whole as well, and nothing before it is needed any more."""
+
+    base: StateBase
+    preset_key: str
+    tokens: list[int]
+    replay: int  # tokens to feed from the nearest whole state (or blank/opening state) to rebuild it
+    fingerprint: str
+    parent: int | NewRef | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Snapshot | None = None
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """One row of the state log."""
+
+    id: int
+    channel_id: str
+    parent_id: int | None
+    base: StateBase
+    preset_key: str
+    tokens: list[int]
+    replay: int
+    meta: dict[str, Any]
+    fingerprint: str
+    checksum: str | None
+    raw_tokens: bytes = b""
+    raw_meta: str = "{}"
+
+    def verify(self) -> None:
+        """Raise :class:`StateMismatchError` when the row does not match its checksum."""
+        if self.checksum is None and self.base == StateBase.CHECKPOINT and not self.tokens:
+            return  # carried over from a version that stored whole snapshots; the data has its own
+        expected = state_checksum(
+            channel_id=self.channel_id,
+            parent_id=self.parent_id,
+            base=self.base,
+            preset_key=self.preset_key,
+            tokens=self.raw_tokens,
+            replay=self.replay,
+            meta=self.raw_meta,
+            fingerprint=self.fingerprint,
+        )
+        if self.checksum != expected:
+            raise StateMismatchError(f"stored state {self.id} failed its checksum")
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """Token ids as uint32 little-endian bytes."""
+    packed = array("I", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_tokens(data: bytes) -> list[int]:
+    """The inverse of :func:`pack_tokens`."""
+    if len(data) % 4:
+        raise StateMismatchError("a stored token log has a torn entry")
+    packed = array("I")
+    packed.frombytes(data)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tolist()
+
+
+def state_checksum(
+    *,
+    channel_id: str,
+    parent_id: int | None,
+    base: str,
+    preset_key: str,
+    tokens: bytes,
+    replay: int,
+    meta: str,
+    fingerprint: str,
+) -> str:
+    """The checksum of a state row's content."""
+    head = "\x1f".join([channel_id, str(parent_id), base, preset_key, str(replay), meta, fingerprint])
+    return checksum(head.encode() + b"\x1e" + tokens)
