@@ -157,6 +157,8 @@ def _make_model(args: argparse.Namespace) -> int:
 
     if args.path.suffix != ".pth":
         raise UsageError(f"the output file must end in .pth: {args.path}")
+    if not args.path.parent.is_dir() or not os.access(args.path.parent, os.W_OK):
+        raise UsageError(f"cannot write {args.path}: its folder does not exist or is not writable")
     shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers, args.embd, args.vocab)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
@@ -165,6 +167,8 @@ def _make_model(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
         raise UsageError(f"cannot write {args.path}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:  # torch's file writer reports the file system's refusal so
+        raise UsageError(f"cannot write {args.path}: the file system refused it") from exc
     size_mb = args.path.stat().st_size / 1e6
     print(
         f"wrote {args.path}: RWKV-{args.version} L{shape.n_layer} D{shape.n_embd} "
@@ -225,23 +229,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> int:
-    from chat.store import Store, backup, integrity_check, vacuum
+    from chat.storage import backend_for
 
     settings = load_settings(db=args.db)
     path = settings.db
+    backend = backend_for(path)
     if args.db_command == "check":
-        problems = integrity_check(path)
+        problems = backend.integrity_check(path)
         if problems:
             print(f"{path} is damaged:", *problems, sep="\n  ", file=sys.stderr)
             return 1
         print(f"{path}: no problems found")
         return 0
     if args.db_command == "backup":
-        backup(path, args.destination)
+        if args.destination.is_dir():
+            raise UsageError(f"give the backup a file name, not a folder: {args.destination}/backup.sqlite3")
+        backend.backup(path, args.destination)
         print(f"backed up {path} to {args.destination} ({args.destination.stat().st_size / 1e6:.1f} MB)")
         return 0
     if args.db_command == "vacuum":
-        before, after = vacuum(path)
+        before, after = backend.vacuum(path)
         print(f"vacuumed {path}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         return 0
     if not path.exists():
@@ -249,10 +256,10 @@ def _db(args: argparse.Namespace) -> int:
 
     async def read() -> int:
         # No start-up check here: a damaged database can still be looked at and exported.
-        store = await Store.open(path, check=False)
+        store = await backend.open(path, check=False)
         try:
             if args.db_command == "stats":
-                numbers = await store.stats()
+                numbers = await store.admin.stats()
                 if args.json:
                     print(json.dumps(numbers))
                 else:
@@ -260,12 +267,12 @@ def _db(args: argparse.Namespace) -> int:
                         print(f"{name:24} {value}")
                 return 0
             if args.db_command == "purge":
-                if not await store.purge_channel(args.channel):
+                if not await store.admin.purge_channel(args.channel):
                     print(f"nothing stored for channel {args.channel}", file=sys.stderr)
                     return 1
                 print(f"purged channel {args.channel}")
                 return 0
-            turns = await store.transcript(args.channel)
+            turns = await store.transcripts.turns(args.channel)
             if not turns:
                 print(f"no transcript for channel {args.channel}", file=sys.stderr)
                 return 1
@@ -356,6 +363,20 @@ def _main(argv: list[str]) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file the command was asked to read or write
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        # Never a bare traceback for an owner; the whole story with RWKV_DISCORD_LOG_LEVEL=DEBUG.
+        if os.environ.get("RWKV_DISCORD_LOG_LEVEL", "").upper() == "DEBUG":
+            raise
+        print(
+            f"{PROG}: unexpected error ({type(exc).__name__}: {exc}); run again with "
+            "RWKV_DISCORD_LOG_LEVEL=DEBUG to see where, and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

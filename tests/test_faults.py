@@ -407,3 +407,32 @@ def test_sigterm_mid_reply_stores_the_cut_reply_and_exits_0(model_dir: Path, tmp
     assert reply["stop_reason"] == "cancelled" and reply["tokens"]
     turns = sqlite3.connect(db).execute("SELECT reply_tokens FROM turns").fetchall()
     assert turns == [(len(reply["tokens"]),)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["db", "export", "--channel", "console", "--output", "/nonexistent/folder/out.txt"], "No such file"),
+        (["db", "backup", "{tmp}"], "not a folder"),
+        (["make-model", "/proc/new.pth"], "cannot write"),
+    ],
+)
+def test_file_trouble_on_the_command_line_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    """A path the command cannot write is one line, never a traceback."""
+    db = tmp_path / "bot.sqlite3"
+    asyncio.run(filled_store(db, channels=1))
+    conn = sqlite3.connect(db)  # a transcript line to export
+    conn.execute(
+        "INSERT INTO turns (channel_id, command, user_text, reply_text, reply_tokens, model_fingerprint,"
+        " created_at) VALUES ('console', 'chat', 'hi', 'hello', 1, 'x', 0)"
+    )
+    conn.commit()
+    conn.close()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "db":
+        argv = ["db", "--db", str(db), *argv[1:]]
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
