@@ -13,7 +13,7 @@ from bot.settings import ENV_PREFIX, ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
 from chat.session import ChatConfig, ChatService
 from chat.states import MB, StatePolicy
-from chat.store import Store
+from chat.storage import backend_for
 from engine.devices import DeviceEngines
 from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
@@ -88,7 +88,7 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
             f"RWKV_DISCORD_PRESET is wrong (no preset {preset!r}): use 'auto' or one of "
             f"{', '.join(sorted(presets))}"
         )
-    store = await Store.open(settings.db)
+    store = await backend_for(settings.db).open(settings.db)
     try:
         config = ChatConfig(
             default_preset=preset,

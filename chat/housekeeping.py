@@ -33,7 +33,7 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
         cutoff = now - policy.retention_s
         skipped: set[str] = set()
         while True:
-            batch = [c for c in await service.store.idle_channels(cutoff, 100) if c not in skipped]
+            batch = [c for c in await service.store.admin.idle_channels(cutoff, 100) if c not in skipped]
             if not batch:
                 break
             for channel in batch:
@@ -43,12 +43,12 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
                     else:
                         skipped.add(channel)
     if policy.db_bytes > 0:
-        usage = await service.store.checkpoint_usage()
+        usage = await service.store.admin.checkpoint_usage()
         tried: set[str] = set()
         while usage > policy.db_bytes:
             candidates = [
                 (c, size, used)
-                for c, size, used in await service.store.checkpointed_channels(100 + len(tried))
+                for c, size, used in await service.store.admin.checkpointed_channels(100 + len(tried))
                 if c not in tried and not service.busy(c) and service.states.tiers.where(c) is None
             ]
             if not candidates:
@@ -68,7 +68,7 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
                         frozen += 1
     forgotten = 0
     if policy.transcript_s > 0:
-        forgotten = await service.store.delete_turns_before(now - policy.transcript_s)
+        forgotten = await service.store.transcripts.delete_before(now - policy.transcript_s)
     if retired or frozen or forgotten:
         log.info(
             "housekeeping: %d idle channels trimmed, %d kept as transcript only, "

@@ -35,7 +35,7 @@ from chat.settings import (
     checked_settings,
 )
 from chat.states import ChannelStates
-from chat.store import Store, StoreError, Turn
+from chat.storage import Storage, StoreError, Turn
 from chat.turns import INSTRUCTION_TEMPLATE, FaqLookup, TurnCommands
 from engine.errors import EngineError
 from engine.interface import Engine
@@ -62,7 +62,7 @@ class ChatService(TurnCommands):
     def __init__(
         self,
         engine: Engine,
-        store: Store,
+        store: Storage,
         presets: dict[str, Preset],
         config: ChatConfig,
         faq: FaqLookup | None = None,
@@ -104,7 +104,7 @@ class ChatService(TurnCommands):
     async def context(self, channel_id: str) -> ChannelContext:
         """What a message of this channel works with, read once: its checked settings (a value
         stored wrong is logged and the default used) and its preset."""
-        stored = await self.store.channel_settings(channel_id)
+        stored = await self.store.channels.settings(channel_id)
         settings = checked_settings(stored, self.limits, self.presets, channel_id)
         preset = self.presets.get(str(settings.get("preset")), self.presets[self.config.default_preset])
         return ChannelContext(channel_id, settings, preset)
@@ -192,7 +192,7 @@ class ChatService(TurnCommands):
         async with self._channel(channel_id):
             self.states.tiers.drop(channel_id)
             self._known_places.pop(channel_id, None)
-            return await self.store.purge_channel(channel_id)
+            return await self.store.admin.purge_channel(channel_id)
 
     async def housekeeping(self, now: float | None = None) -> dict[str, int]:
         """Retention and the database budget (see :func:`chat.housekeeping.keep_house`)."""
@@ -243,22 +243,22 @@ class ChatService(TurnCommands):
             else:
                 raise ValueError(f"unknown setting {name!r}")
         if changes:
-            await self.store.set_channel_settings(channel_id, current)
+            await self.store.channels.set_settings(channel_id, current)
         return changes
 
     async def reset_policy(self, guild_id: str) -> str:
         """Who may use ``+reset`` in text in a server: ``everyone`` (the default) or
         ``moderators`` (a value stored wrong reads as the default)."""
-        policy = (await self.store.guild_settings(guild_id)).get("reset_policy")
+        policy = (await self.store.channels.guild_settings(guild_id)).get("reset_policy")
         return policy if policy in RESET_POLICIES else RESET_POLICIES[0]
 
     async def set_reset_policy(self, guild_id: str, policy: str) -> None:
         """Set who may use ``+reset`` in a server; ValueError for an unknown policy."""
         if policy not in RESET_POLICIES:
             raise ValueError(f"reset_policy must be one of {', '.join(RESET_POLICIES)}")
-        settings = await self.store.guild_settings(guild_id)
+        settings = await self.store.channels.guild_settings(guild_id)
         settings["reset_policy"] = policy
-        await self.store.set_guild_settings(guild_id, settings)
+        await self.store.channels.set_guild_settings(guild_id, settings)
 
     async def may_reset(self, guild_id: str | None, moderator: bool) -> bool:
         """Whether a member may reset a conversation with ``+reset`` in text."""
@@ -272,18 +272,18 @@ class ChatService(TurnCommands):
         place = (guild_id, parent_id)
         if self._known_places.get(channel_id) == place:
             return
-        await self.store.set_channel_place(channel_id, guild_id, parent_id)
+        await self.store.channels.set_place(channel_id, guild_id, parent_id)
         self._known_places[channel_id] = place
         while len(self._known_places) > _KNOWN_PLACES:
             self._known_places.popitem(last=False)
 
     async def enabled_channels(self, guild_id: str | None = None) -> set[str]:
         """Channels where moderators enabled the bot (of one server, when given)."""
-        return await self.store.enabled_channels(guild_id)
+        return await self.store.channels.enabled(guild_id)
 
     async def disabled_threads(self) -> set[str]:
         """Threads switched off on their own while their channel is enabled."""
-        return await self.store.disabled_threads()
+        return await self.store.channels.disabled_threads()
 
     async def set_enabled(
         self, channel_id: str, guild_id: str, enabled: bool, by: str, *, parent_id: str | None = None
@@ -296,24 +296,24 @@ class ChatService(TurnCommands):
         override = (
             not enabled and parent_id is not None and parent_id in await self.enabled_channels(guild_id)
         )
-        await self.store.set_enabled(channel_id, guild_id, enabled, by, override=override)
+        await self.store.channels.set_enabled(channel_id, guild_id, enabled, by, override=override)
         return override
 
     async def server_channels(self, guild_id: str) -> list[str]:
         """The conversations of a server (for a server-wide reset)."""
-        return await self.store.guild_channels(guild_id)
+        return await self.store.channels.guild_channels(guild_id)
 
     async def server_conversations(self, guild_id: str) -> set[str]:
         """Everything kept for a server: its conversations and its enabled channels."""
-        return set(await self.store.guild_channels(guild_id)) | await self.enabled_channels(guild_id)
+        return set(await self.store.channels.guild_channels(guild_id)) | await self.enabled_channels(guild_id)
 
     async def threads_of(self, channel_id: str) -> list[str]:
         """The threads recorded under a channel (archived ones included)."""
-        return await self.store.threads_of(channel_id)
+        return await self.store.channels.threads_of(channel_id)
 
     async def forget_server_settings(self, guild_id: str) -> None:
         """Delete a server's own settings (its conversations are purged one by one)."""
-        await self.store.forget_guild(guild_id)
+        await self.store.channels.forget_guild(guild_id)
 
     # ----------------------------------------------------------------- numbers
 

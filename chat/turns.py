@@ -20,7 +20,7 @@ from chat.outcome import ChatEvent, Outcome, OutcomeKind, split_thinking
 from chat.presets import Preset
 from chat.settings import ChannelContext, ChatConfig
 from chat.states import CarryOver, ChannelStates, Loaded, Step
-from chat.store import Store, Turn
+from chat.storage import Storage, Turn
 from engine.errors import EngineError, StateMismatchError
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, StopReason, TextDelta
 from engine.state import Snapshot
@@ -46,7 +46,7 @@ class TurnCommands:
     """The grammar's commands, on the service's engine, states and store."""
 
     engine: Engine
-    store: Store
+    store: Storage
     states: ChannelStates
     presets: dict[str, Preset]
     config: ChatConfig
@@ -64,11 +64,11 @@ class TurnCommands:
         if cached is not None:
             return cached
         fingerprint = self.engine.spec.fingerprint
-        snapshot = await self.store.load_init(preset.key, fingerprint)
+        snapshot = await self.store.states.load_opening(preset.key, fingerprint)
         if snapshot is None:
             tokens = await self._encode(preset.init_prompt)
             snapshot = await self.engine.read(None, tokens)
-            await self.store.save_init(preset.key, snapshot)
+            await self.store.states.save_opening(preset.key, snapshot)
         snapshot = await self.engine.shared(snapshot)  # every new channel starts from it
         self._init_cache[preset.key] = snapshot
         return snapshot
@@ -79,7 +79,7 @@ class TurnCommands:
         for preset in self.presets.values():
             if preset.key == preset_key:
                 return await self._init_snapshot(preset)
-        snapshot = await self.store.load_init(preset_key, self.engine.spec.fingerprint)
+        snapshot = await self.store.states.load_opening(preset_key, self.engine.spec.fingerprint)
         if snapshot is None:
             raise StateMismatchError(f"the opening state of preset {preset_key} is no longer stored")
         return snapshot
@@ -141,7 +141,7 @@ class TurnCommands:
 
     async def _save_settings(self, ctx: ChannelContext, overrides: Overrides, notices: list[str]) -> Outcome:
         settings = {**ctx.settings, **overrides.items()}
-        await self.store.set_channel_settings(ctx.channel_id, settings)
+        await self.store.channels.set_settings(ctx.channel_id, settings)
         shown = ", ".join(f"{k} {v:g}" for k, v in overrides.items().items())
         return Outcome(OutcomeKind.NOTICE, f"Saved as this channel's defaults: {shown}.", tuple(notices))
 

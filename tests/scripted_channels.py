@@ -51,7 +51,7 @@ async def run(model: Path, db: Path, channels: int, rounds: int) -> None:
         for index in range(rounds):
             for channel in range(channels):
                 name = str(channel)
-                if len(await service.store.transcript(name)) > index:
+                if len(await service.store.transcripts.turns(name)) > index:
                     continue  # answered before the last kill
                 outcome = await service.respond(name, message(channel, index))
                 line = {"channel": name, "round": index, "kind": outcome.kind, "text": outcome.text}
