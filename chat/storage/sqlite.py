@@ -21,7 +21,14 @@ from typing import Any
 from chat.storage import Backend
 from chat.storage._sqlite_db import Database
 from chat.storage._sqlite_errors import guard_sqlite_errors, sqlite_error
-from chat.storage._sqlite_files import QUICK_CHECK_SECONDS, backup, integrity_check, migrations, vacuum
+from chat.storage._sqlite_files import (
+    QUICK_CHECK_SECONDS,
+    backup,
+    integrity_check,
+    migrate,
+    migrations,
+    vacuum,
+)
 from chat.storage._sqlite_states import SqliteStateLog
 from chat.storage.records import Turn
 
@@ -37,6 +44,7 @@ __all__ = [
     "SqliteTranscripts",
     "backup",
     "integrity_check",
+    "migrate",
     "migrations",
     "sqlite_error",
     "vacuum",
