@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the batched engine (engine/batched.py, engine/pool.py), in under five minutes on
+# GPU check of the batched engine (engine/models/rwkv7.py, engine/runner.py, engine/kernels.py), in under five minutes on
 # one CUDA GPU (H100/H200 class): the script, set-up included, keeps to a 295-second budget; each
 # step has a cap and leaves a reserve for the steps after it (each step prints its numbers as it
 # goes, so a step cut short still shows what it measured).
@@ -39,7 +39,8 @@ echo "== 0/3 fla-core's fused kernel: compile, autotune and self-check (cached f
 timeout "$(limit 80 150)" "$PY" - <<'PYEOF' || echo "!! the fused-kernel check did not finish; the steps below say which path they use"
 import logging, time, torch
 logging.basicConfig(level=logging.WARNING)
-from engine.batched import _load_fla
+from engine.kernels import load_fla
+from engine.models.rwkv7 import DECAY_SCALE, recurrent_plain
 started = time.perf_counter()
 try:
     import fla
@@ -47,7 +48,7 @@ try:
 except Exception as exc:
     print("fla-core not importable, the plain PyTorch recurrence serves:", exc)
 else:
-    loaded = _load_fla(torch.device("cuda"), 32, 64)  # the 1.5B shape's heads
+    loaded = load_fla(torch.device("cuda"), 32, 64, plain=recurrent_plain, log_decay_scale=DECAY_SCALE)  # 1.5B heads
     if loaded is None:
         verdict = "NOT in use (see the warning above)"
     else:
@@ -61,7 +62,7 @@ step() {  # run every step even when one fails, so one run on a lent GPU shows e
 }
 
 echo "== 1/3 parity in fp32 (small model), CUDA graphs against eager =="
-step timeout "$(limit 50 120)" "$PY" -m engine.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
+step timeout "$(limit 50 120)" "$PY" -m tools.bench --layers 4 --embd 512 --strategy "cuda fp32" --concurrency 1,4 \
     --tokens 8 --prompt-tokens 16 --parity --graph-parity --json "$OUT/parity-cuda-fp32.json"
 
 echo "== 2/3 bench, 1.5B shape, fp16 =="
@@ -71,11 +72,11 @@ if wait "$MODEL_PID" && [ -s "$MODEL_DIR/1.5B.pth" ]; then
 else
     echo "!! the 1.5B model could not be written ahead: $(tail -1 "$MODEL_DIR/log")"
 fi
-step timeout "$(limit 130 40)" "$PY" -m engine.bench "${MODEL[@]}" --strategy "cuda fp16" --concurrency 1,8,32,128 \
+step timeout "$(limit 130 40)" "$PY" -m tools.bench "${MODEL[@]}" --strategy "cuda fp16" --concurrency 1,8,32,128 \
     --tokens 64 --prompt-tokens 64 --reference-max 8 --parity --json "$OUT/bench-1.5B-cuda-fp16.json"
 
 echo "== 3/3 host work per token: a 1-layer model with a 1,024-token head, so the GPU idles =="
-step timeout "$(limit 40 0)" "$PY" -m engine.bench --layers 1 --embd 64 --vocab 1024 --strategy "cuda fp16" \
+step timeout "$(limit 40 0)" "$PY" -m tools.bench --layers 1 --embd 64 --vocab 1024 --strategy "cuda fp16" \
     --concurrency 1,32,128 --tokens 64 --prompt-tokens 16 --reference-max 1 --json "$OUT/host-cuda.json"
 
 echo "took $SECONDS s; results: $OUT/parity-cuda-fp32.json $OUT/bench-1.5B-cuda-fp16.json $OUT/host-cuda.json"

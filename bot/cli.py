@@ -35,7 +35,7 @@ EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: fix the configuration, a restart alone
 # Subcommands with a parser of their own: name -> (module with main(argv), help line).
 PASSTHROUGH = {
     "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
-    "bench": ("engine.bench", "measure the reference and the batched engine on one model (bench --help)"),
+    "bench": ("tools.bench", "measure the reference and the batched engine on one model (bench --help)"),
     "bench-states": ("tools.bench_states", "measure state storage: writes per turn, cold restore, scale"),
     "fetch-model": (
         "bot.fetch_model",
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_model(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.make_model import write_random_model
+    from tools.make_model import write_random_model
 
     if args.path.suffix != ".pth":
         raise UsageError(f"the output file must end in .pth: {args.path}")

@@ -1,7 +1,7 @@
 """One batched engine per device, behind one :class:`Engine`: the worker pool of a multi-GPU box.
 
 Each device gets its own copy of the model, its own resident states and its own scheduler
-thread (:class:`engine.pool.BatchedEngine`). A request goes to the device that holds its start
+thread (:class:`engine.batched_engine.BatchedEngine`). A request goes to the device that holds its start
 state, so a channel sticks to one GPU while its state is there (a state in host memory or the
 database has no home: the request goes to the least busy device, and stays there from then on,
 since the states it produces live on that device). Shared states (a preset's opening, which
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from engine.batched import parse_strategy
+from engine.batched_engine import BatchedEngine
 from engine.device_names import parse_devices
 from engine.errors import EngineError
 from engine.interface import Engine, GenerationEvent, GenerationRequest
-from engine.pool import BatchedEngine
 from engine.state import Snapshot, move_snapshot
+from engine.strategy import on_device, parse_strategy, precision_of
 from engine.tokenizer import Tokenizer
 
 __all__ = ["DeviceEngines", "parse_devices"]
@@ -41,29 +41,23 @@ class DeviceEngines(Engine):
         self.engines = list(engines)
         self.spec = engines[0].spec
         self.tokenizer: Tokenizer = engines[0].tokenizer
-        self.devices = [_canonical(e.model.device) for e in self.engines]
+        self.devices = [_canonical(e.runner.device) for e in self.engines]
 
     @classmethod
     def load(
         cls, path: Path, strategy: str, devices: Sequence[str], tokenizer: str = "auto", **options: Any
     ) -> DeviceEngines:
         """Load the model once per device, with the precision of ``strategy`` (slow: use a thread)."""
-        words = strategy.split()
-        if len(words) != 2:
-            raise EngineError(
-                f"with several devices the strategy gives only the precision, as in 'cuda fp16', "
-                f"and {strategy!r} is more than that"
-            )
-        precision = words[1]
-        for device in devices:  # refuse a device that is not there, before loading anything
+        strategies = [on_device(strategy, device) for device in devices]
+        for device, each in zip(devices, strategies, strict=True):  # refuse a missing device first
             try:
-                parse_strategy(f"{device} {precision}")
+                parse_strategy(each)
             except EngineError as exc:
                 raise EngineError(f"device {device} of the devices setting: {exc}") from None
         loaded: list[BatchedEngine] = []
         try:
-            for device in devices:
-                loaded.append(BatchedEngine.load(path, f"{device} {precision}", tokenizer, **options))
+            for each in strategies:
+                loaded.append(BatchedEngine.load(path, each, tokenizer, **options))
         except BaseException:
             for engine in loaded:  # no event loop needed: this runs in a loading thread
                 engine.shutdown()
@@ -99,9 +93,9 @@ class DeviceEngines(Engine):
         first = self.engines[0]
         where = ", ".join(str(d) for d in self.devices)
         return (
-            f"{self.spec.describe()} ({first.strategy.split()[-1]}, batched engine on {len(self.engines)} "
+            f"{self.spec.describe()} ({precision_of(first.strategy)}, batched engine on {len(self.engines)} "
             f"devices: {where}; per device max batch {first.max_batch}, {first.max_resident} resident, "
-            f"{first.model.describe_kernels()})"
+            f"{first.runner.describe_kernels()})"
         )
 
     def metrics(self) -> dict[str, float]:

@@ -1,7 +1,9 @@
-"""The per-sequence generation loop: the reference chat's rules for one sequence.
+"""The per-sequence generation loop of the reference engine: one sequence at a time.
 
-It is written against two callables (``forward`` feeds tokens and returns logits) so that it is
-independent of where the model runs.
+It is written against a callable (``forward`` feeds tokens and returns logits) so that it is
+independent of where the model runs. The shaping (:mod:`engine.logits`), the sampler
+(:mod:`engine.sampling`) and the stop and streaming rules (:mod:`engine.output`) are the ones the
+batched engine uses too.
 """
 
 from __future__ import annotations
@@ -13,52 +15,17 @@ from typing import Any
 import torch
 
 from engine.errors import StateMismatchError
-from engine.interface import (
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    PromptRead,
-    ReplyMode,
-    StopReason,
-    TextDelta,
-)
-from engine.sampling import BANNED, PenaltyTracker, chat_newline_bias, sample_token
+from engine.interface import GenerationEvent, GenerationRequest, PromptRead
+from engine.logits import Shaper, avoid_repeat_ids, shape_one
+from engine.output import PENDING_LIMIT, OutputProcessor, visible_text
+from engine.sampling import sample_token
 from engine.state import Snapshot
 from engine.tokenizer import Tokenizer
 
-# After one of these Chinese punctuation tokens, the same token is banned for the next step.
-AVOID_REPEAT = "，：？！"
-PENDING_LIMIT = 16  # emit text anyway once this many tokens failed to form whole characters
+__all__ = ["PENDING_LIMIT", "Forward", "SequenceRunner", "avoid_repeat_ids", "visible_text"]
 
 # Feeds tokens to a state (None: a zero state) and returns (logits after the last, new state).
 Forward = Callable[[list[int], list[torch.Tensor] | None], tuple[torch.Tensor, list[torch.Tensor]]]
-
-
-def avoid_repeat_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """Token ids of the punctuation that must not repeat (only where it is one token)."""
-    ids = set()
-    for char in AVOID_REPEAT:
-        encoded = tokenizer.encode(char)
-        if len(encoded) == 1:
-            ids.add(encoded[0])
-    return frozenset(ids)
-
-
-def visible_text(text: str) -> str:
-    """The reply text outside ``<think>...</think>`` sections (an open one hides the rest)."""
-    out = []
-    rest = text
-    while True:
-        start = rest.find("<think>")
-        if start < 0:
-            out.append(rest)
-            break
-        out.append(rest[:start])
-        end = rest.find("</think>", start)
-        if end < 0:
-            break
-        rest = rest[end + len("</think>") :]
-    return "".join(out)
 
 
 class SequenceRunner:
@@ -128,62 +95,23 @@ class SequenceRunner:
         else:
             generator.seed()
         sampling = request.sampling
-        penalties = PenaltyTracker(
-            sampling.presence_penalty, sampling.frequency_penalty, sampling.penalty_decay
-        )
         tok = self.tokenizer
+        shaper = Shaper(request, self.avoid_ids, snapshot.last_token)
+        output = OutputProcessor(request, tok)
         state = self.adopt(snapshot.tensors)
         logits = snapshot.logits
-        last = snapshot.last_token
-        tokens: list[int] = []
-        emitted = 0  # tokens already turned into streamed text
-        text = ""
-        chat = request.mode is ReplyMode.CHAT
-        limit = request.max_tokens if chat else request.max_tokens + request.extra_tokens
-        reason = StopReason.LENGTH
-
-        for index in range(limit):
-            if request.cancel.is_set():
-                reason = StopReason.CANCELLED
-                break
-            shaped = logits.clone().float()
-            if last is not None and last in self.avoid_ids:
-                shaped[last] = BANNED
-            if chat:
-                shaped[tok.newline_id] += chat_newline_bias(index)
-                shaped[tok.eos_id] = BANNED
-            elif request.newline_bias:
-                shaped[tok.newline_id] += request.newline_bias
-            penalties.apply(shaped)
+        while (reason := output.stop_before_sampling()) is None:
+            shaped = shape_one(logits, shaper, output.index, tok.newline_id, tok.eos_id)
             token = sample_token(shaped, sampling.temperature, sampling.top_p, sampling.top_k, generator)
-            if not chat and token == tok.eos_id:
-                reason = StopReason.END_OF_TEXT
+            reason = output.stop_at(token)
+            if reason is not None:
                 break
-            penalties.add(token)
+            shaper.add(token)
             out, state = self.forward([token], state)
             logits = out.detach().float().reshape(-1)
-            last = token
-            tokens.append(token)
-
-            piece = tok.decode(tokens[emitted:])
-            clean = "\ufffd" not in piece
-            if clean or len(tokens) - emitted >= PENDING_LIMIT:
-                text += piece
-                emitted = len(tokens)
-                if piece:
-                    yield TextDelta(piece)
-            if chat:
-                if "\n\n" in (visible_text(text) if request.thinking else text):
-                    reason = StopReason.END_OF_TURN
-                    break
-            elif clean and index + 1 >= request.max_tokens:
-                reason = StopReason.LENGTH
+            events, reason = output.accept(token)
+            yield from events
+            if reason is not None:
                 break
-
-        if emitted < len(tokens):
-            piece = tok.decode(tokens[emitted:])
-            text += piece
-            if piece:
-                yield TextDelta(piece)
-        final = Snapshot(list(state), logits, last, self.fingerprint, dict(meta))
-        yield Finished(final, tokens, text, reason, len(request.prompt))
+        final = Snapshot(list(state), logits, shaper.last, self.fingerprint, dict(meta))
+        yield from output.finish(reason, final, len(request.prompt))

@@ -1,4 +1,5 @@
-"""Why no GPU is visible, in words an owner can act on (driver too old, container without GPU)."""
+"""GPU facts: why no GPU is visible, in words an owner can act on (driver too old, container
+without GPU), and copies of small host tensors to a device that do not wait for it."""
 
 from __future__ import annotations
 
@@ -66,3 +67,11 @@ def no_gpu_reason(
         f"{'' if found is None else f'{found[0]}.{found[1]} '}is loaded: check `nvidia-smi` on this "
         "machine (in Docker: the container needs GPU access, `--gpus all`)"
     )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the device: from pinned memory,
+    asynchronously (a plain copy from pageable memory synchronises the stream first)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

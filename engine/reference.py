@@ -21,14 +21,10 @@ import torch
 
 from engine.errors import EngineError, ModelFileError
 from engine.formats import ModelSpec
-from engine.gpu import no_gpu_reason
+from engine.strategy import check_reference_strategy
 
 _import_lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
-
-# The reference's strategy strings that this project accepts (device and precision).
-CPU_PRECISIONS = ("fp32", "bf16")
-CUDA_PRECISIONS = ("fp16", "bf16", "fp32", "fp16i8", "bf16i8")
 
 
 def _reference_module(v7: bool) -> ModuleType:
@@ -59,33 +55,9 @@ def _reference_module(v7: bool) -> ModuleType:
         return module
 
 
-def validate_strategy(strategy: str, spec: ModelSpec) -> str:
-    """Check a strategy string against what the reference supports for this model version."""
-    parts = strategy.split()
-    if len(parts) != 2 and spec.family >= 7:
-        raise EngineError(
-            f"strategy {strategy!r} is not supported for RWKV-7: use 'cpu fp32', 'cpu bf16', "
-            "'cuda fp16', 'cuda bf16' or 'cuda fp32'"
-        )
-    device = parts[0].split(":")[0] if parts else ""
-    precision = parts[1] if len(parts) > 1 else ""
-    if device == "cpu" and precision not in CPU_PRECISIONS and "->" not in strategy:
-        raise EngineError(f"strategy {strategy!r}: on the CPU use fp32 or bf16")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and {no_gpu_reason()}")
-        if spec.family >= 7 and precision not in ("fp16", "bf16", "fp32"):
-            raise EngineError(
-                f"strategy {strategy!r}: RWKV-7 in the rwkv package runs fp16, bf16 or fp32 only"
-            )
-    elif device not in ("cpu",):
-        raise EngineError(f"strategy {strategy!r}: the device must be 'cpu' or 'cuda'")
-    return strategy
-
-
 def load_reference_model(spec: ModelSpec, strategy: str) -> Any:
     """Load ``spec.path`` with the reference implementation under ``strategy``."""
-    validate_strategy(strategy, spec)
+    check_reference_strategy(strategy, spec.family)
     module = _reference_module(v7=spec.family >= 7)
     try:
         with contextlib.redirect_stdout(sys.stderr):

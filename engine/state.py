@@ -16,16 +16,13 @@ import torch
 
 from engine.checksums import checksum
 from engine.errors import StateMismatchError
+from engine.strategy import DTYPE_NAMES, dtype
 
 __all__ = ["Snapshot", "checksum", "move_snapshot"]
 
 _MAGIC = b"RWKVSNAP"
 _FORMAT = 1
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+_DTYPES = {name: dtype(name) for name in DTYPE_NAMES.values()}  # by the names a snapshot stores
 
 
 @dataclass

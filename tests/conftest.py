@@ -12,7 +12,7 @@ from chat.presets import load_presets
 from chat.session import ChatConfig, ChatService
 from chat.store import Store
 from engine.inprocess import ReferenceEngine
-from engine.make_model import ModelShape, write_random_model
+from tools.make_model import ModelShape, write_random_model
 
 TINY = ModelShape(n_layer=2, n_embd=64)  # World vocabulary
 

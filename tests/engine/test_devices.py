@@ -12,12 +12,12 @@ import torch
 
 from bot.app import load_engine
 from bot.settings import ConfigError, load_settings
-from engine.batched import BatchedRWKV7
+from engine.batched_engine import BatchedEngine
 from engine.devices import DeviceEngines, parse_devices
 from engine.errors import EngineError
 from engine.formats import inspect_model
 from engine.interface import Finished, GenerationRequest, ReplyMode
-from engine.pool import BatchedEngine
+from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
 from engine.tokenizer import world_tokenizer
@@ -127,7 +127,7 @@ async def test_a_dead_worker_gets_no_new_channels(model_dir: Path, monkeypatch: 
     monkeypatch.setattr(BatchedEngine, "_bind", first_fails)
     model_path = model_dir / "v7.pth"
     spec = inspect_model(model_path)
-    dead = BatchedEngine(BatchedRWKV7.load(model_path), spec, world_tokenizer(), "cpu fp32")
+    dead = BatchedEngine(ModelRunner.load(model_path), spec, world_tokenizer(), "cpu fp32")
     await asyncio.wait_for(asyncio.to_thread(dead._ready.wait), 10)  # the first start: it fails
     healthy = BatchedEngine.load(model_path, max_batch=2)
     engines = DeviceEngines([dead, healthy])

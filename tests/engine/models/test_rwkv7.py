@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from engine.batched import BatchedRWKV7, parse_strategy
 from engine.errors import EngineError, StateMismatchError
 from engine.formats import inspect_model
-from engine.make_model import ModelShape, write_random_model
 from engine.reference import load_reference_model
+from engine.runner import ModelRunner
+from engine.strategy import parse_strategy
+from tools.make_model import ModelShape, write_random_model
 
 LIMIT = 1e-5  # largest |difference| over the largest |value|, float32 on the CPU
 
@@ -20,11 +21,11 @@ LIMIT = 1e-5  # largest |difference| over the largest |value|, float32 on the CP
 @pytest.fixture(scope="module", params=[ModelShape(3, 128, 1000), ModelShape(2, 64, 500)], ids=["H2", "H1"])
 def models(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Any, BatchedRWKV7]:
+) -> tuple[Any, ModelRunner]:
     """The rwkv package's model and ours on one random RWKV-7 file (two heads, or one)."""
     path = write_random_model(tmp_path_factory.mktemp("batched") / "m.pth", 7, request.param, seed=5)
     reference = load_reference_model(inspect_model(path), "cpu fp32")
-    return reference, BatchedRWKV7.load(path, "cpu fp32", max_slots=6)
+    return reference, ModelRunner.load(path, "cpu fp32", max_slots=6)
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -42,7 +43,7 @@ def reference_state(reference: Any, prompt: list[int]) -> tuple[torch.Tensor, li
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [40, 50], [9], [300, 301, 302, 303, 304]]
 
 
-def test_decode_matches_the_package_for_a_mixed_batch(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_decode_matches_the_package_for_a_mixed_batch(models: tuple[Any, ModelRunner]) -> None:
     """Sequences with different histories in scattered slots decode together, as each alone."""
     reference, model = models
     states = [reference_state(reference, p)[1] for p in PROMPTS]
@@ -62,7 +63,7 @@ def test_decode_matches_the_package_for_a_mixed_batch(models: tuple[Any, Batched
             assert rel(ours, theirs) < LIMIT
 
 
-def test_decode_in_place_on_consecutive_slots(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_decode_in_place_on_consecutive_slots(models: tuple[Any, ModelRunner]) -> None:
     """A batch of consecutive slots (the in-place path) matches too, and leaves other slots alone."""
     reference, model = models
     states = [reference_state(reference, p)[1] for p in PROMPTS[:3]]
@@ -78,7 +79,7 @@ def test_decode_in_place_on_consecutive_slots(models: tuple[Any, BatchedRWKV7]) 
     assert all(float(t.abs().max()) == 0.0 for t in model.export_slot(3))
 
 
-def test_graph_plan_pads_in_place_onto_free_slots_only(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_graph_plan_pads_in_place_onto_free_slots_only(models: tuple[Any, ModelRunner]) -> None:
     """A CUDA graph's step works in place only on the slots 0..n-1 with free slots up to its bucket."""
     _, model = models
     for slot in range(model.max_slots):
@@ -97,7 +98,7 @@ def test_graph_plan_pads_in_place_onto_free_slots_only(models: tuple[Any, Batche
 
 
 def test_the_in_place_graph_step_matches_and_touches_only_free_padding(
-    models: tuple[Any, BatchedRWKV7],
+    models: tuple[Any, ModelRunner],
 ) -> None:
     """The step an in-place CUDA graph captures (``_decode_run``), run eagerly with a padding row:
     the batch's rows are the package's, the free padding slot is the only other slot written."""
@@ -127,7 +128,7 @@ def test_the_in_place_graph_step_matches_and_touches_only_free_padding(
     assert any(float(t.abs().max()) > 0 for t in model.export_slot(3))  # the padding row ran there
 
 
-def test_prefill_matches_the_package_in_chunks_and_batches(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_prefill_matches_the_package_in_chunks_and_batches(models: tuple[Any, ModelRunner]) -> None:
     """Prompts read in chunks, several sequences at once, end in the package's logits and state."""
     reference, model = models
     long_prompt = [(7 * i) % 400 + 1 for i in range(23)]
@@ -148,7 +149,7 @@ def test_prefill_matches_the_package_in_chunks_and_batches(models: tuple[Any, Ba
         assert rel(got[row], reference_state(reference, prompt)[0]) < LIMIT
 
 
-def test_snapshot_tensors_round_trip_exactly(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_snapshot_tensors_round_trip_exactly(models: tuple[Any, ModelRunner]) -> None:
     """A slot exported and loaded back is bit-identical, in the package's layout and dtypes."""
     reference, model = models
     _, state = reference_state(reference, PROMPTS[0])
@@ -160,7 +161,7 @@ def test_snapshot_tensors_round_trip_exactly(models: tuple[Any, BatchedRWKV7]) -
     assert all(torch.equal(a, b) for a, b in zip(model.export_slot(5), state, strict=True))
 
 
-def test_a_state_of_another_shape_is_refused(models: tuple[Any, BatchedRWKV7]) -> None:
+def test_a_state_of_another_shape_is_refused(models: tuple[Any, ModelRunner]) -> None:
     """Loading a state of the wrong length or shape raises StateMismatchError."""
     _, model = models
     state = model.export_slot(0)
@@ -173,7 +174,7 @@ def test_a_state_of_another_shape_is_refused(models: tuple[Any, BatchedRWKV7]) -
 def test_only_rwkv7_and_known_strategies_load(model_dir: Path) -> None:
     """An RWKV-6 file and an unknown strategy are refused with a clear EngineError."""
     with pytest.raises(EngineError, match="RWKV-7 models only"):
-        BatchedRWKV7.load(model_dir / "v6.pth")
+        ModelRunner.load(model_dir / "v6.pth")
     with pytest.raises(EngineError, match="not supported"):
         parse_strategy("cpu fp16i8")
     with pytest.raises(EngineError):

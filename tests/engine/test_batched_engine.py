@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.batched import BatchedRWKV7
+from engine.batched_engine import BatchedEngine
 from engine.errors import EngineDiedError, EngineError
 from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
@@ -25,7 +25,7 @@ from engine.interface import (
     StopReason,
     TextDelta,
 )
-from engine.pool import BatchedEngine
+from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.state import Snapshot
 from engine.tokenizer import world_tokenizer
@@ -95,13 +95,13 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
 def spy_decode(engine: BatchedEngine, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Record the slots of every decode step of the engine's model."""
     calls: list[list[int]] = []
-    original = engine.model.decode
+    original = engine.runner.decode
 
     def decode(slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         calls.append(list(slots))
         return original(slots, tokens)
 
-    monkeypatch.setattr(engine.model, "decode", decode)
+    monkeypatch.setattr(engine.runner, "decode", decode)
     return calls
 
 
@@ -215,13 +215,13 @@ async def test_admission_limit_queues_the_excess_in_order(
     try:
         tok = engine.tokenizer
         seen: list[dict[str, float]] = []
-        original = engine.model.decode
+        original = engine.runner.decode
 
         def decode(slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
             seen.append(engine.metrics())
             return original(slots, tokens)
 
-        monkeypatch.setattr(engine.model, "decode", decode)
+        monkeypatch.setattr(engine.runner, "decode", decode)
         prompt_read: list[int] = []
 
         async def run(i: int) -> Finished:
@@ -266,30 +266,30 @@ async def test_closing_the_iterator_frees_the_slot(batched: BatchedEngine) -> No
     await stream.aclose()  # type: ignore[attr-defined]
     assert req.cancel.is_set()
     await wait_for(lambda: batched.metrics()["resident"] == 0)
-    assert batched.model.live_slots == []  # free for the padding rows of an in-place step
+    assert batched.runner.live_slots == []  # free for the padding rows of an in-place step
     assert len(finished(await collect(batched, request([1, 2, 3], 5))).tokens) == 5
-    assert batched.model.live_slots == []
+    assert batched.runner.live_slots == []
 
 
 async def test_a_failed_step_fails_only_its_requests(
     batched: BatchedEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A forward pass that raises fails the requests in it with EngineError; others go on."""
-    original_prefill = batched.model.prefill
+    original_prefill = batched.runner.prefill
 
     def prefill(slots: Sequence[int], tokens: Sequence[Sequence[int]], logits: bool) -> torch.Tensor | None:
         if any(run[0] == 666 for run in tokens):
             raise RuntimeError("boom in prefill")
         return original_prefill(slots, tokens, logits)
 
-    monkeypatch.setattr(batched.model, "prefill", prefill)
+    monkeypatch.setattr(batched.runner, "prefill", prefill)
     bad, good = request([666, 1, 2], 5), request([5, 6, 7, 8, 9], 5)
     outcome = await asyncio.gather(collect(batched, bad), collect(batched, good), return_exceptions=True)
     assert isinstance(outcome[0], EngineError) and "boom in prefill" in str(outcome[0])
     assert not isinstance(outcome[1], BaseException) and len(finished(outcome[1]).tokens) == 5
 
     calls = {"n": 0}
-    original_decode = batched.model.decode
+    original_decode = batched.runner.decode
 
     def decode(slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         calls["n"] += 1
@@ -297,10 +297,10 @@ async def test_a_failed_step_fails_only_its_requests(
             raise RuntimeError("boom in decode")
         return original_decode(slots, tokens)
 
-    monkeypatch.setattr(batched.model, "decode", decode)
+    monkeypatch.setattr(batched.runner, "decode", decode)
     with pytest.raises(EngineError, match="boom in decode"):
         await collect(batched, request([3, 4], 5))
-    monkeypatch.setattr(batched.model, "decode", original_decode)
+    monkeypatch.setattr(batched.runner, "decode", original_decode)
     assert len(finished(await collect(batched, request([3, 4], 5))).tokens) == 5
     with pytest.raises(EngineError, match="needs a prompt"):
         await collect(batched, request([], 5))
@@ -420,7 +420,7 @@ async def test_a_worker_that_cannot_start_fails_requests_at_once(
     with pytest.raises(EngineError, match="could not start on cpu: CUDA error: no kernel image"):
         make_engine(model_dir)
     path = model_dir / "v7.pth"
-    engine = BatchedEngine(BatchedRWKV7.load(path), inspect_model(path), world_tokenizer(), "cpu fp32")
+    engine = BatchedEngine(ModelRunner.load(path), inspect_model(path), world_tokenizer(), "cpu fp32")
     try:
         with pytest.raises(EngineDiedError, match="no kernel image"):
             await asyncio.wait_for(engine.read(None, [1, 2, 3]), 10)

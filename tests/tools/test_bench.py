@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import _token_gaps, main
 from engine.tokenizer import world_tokenizer
+from tools.bench import _token_gaps, main
 
 
 def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The batched sampler applies SequenceRunner's shaping and sample_token's rule, row by row."""
+"""The batched sampler applies sample_token's rule, row by row, with counter-based random numbers."""
 
 from __future__ import annotations
 
@@ -8,66 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from engine.interface import GenerationRequest, ReplyMode
-from engine.pool import TOPK_STAGES, _exponentials, _Reply, _row_key, nucleus, sample_batch, shape_batch
-from engine.sampling import BANNED, PenaltyTracker, SamplingParams, chat_newline_bias, sample_token
+from engine.batch_sampler import TOPK_STAGES, _exponentials, _row_key, nucleus, sample_batch
+from engine.sampling import SamplingParams, sample_token
 
 VOCAB = 5000
-NEWLINE, EOS = 11, 0
-
-
-class _Tok:
-    """Just what the shaping reads of a tokenizer."""
-
-    eos_id = EOS
-    newline_id = NEWLINE
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(65 + i % 26) for i in ids)
-
-
-def reply(mode: ReplyMode, index: int, last: int | None, history: list[int], **extra: Any) -> _Reply:
-    """A reply in the middle of its generation."""
-    req = GenerationRequest(None, [1], SamplingParams(), mode, 100, **extra)
-    r = _Reply(req, _Tok(), frozenset({77, 78}))  # type: ignore[arg-type]
-    r.index, r.last = index, last
-    for token in history:
-        r.penalties.add(token)
-    return r
-
-
-def reference_shaping(logits: torch.Tensor, r: _Reply) -> torch.Tensor:
-    """SequenceRunner.run's shaping of one row, as written there."""
-    shaped = logits.clone().float()
-    if r.last is not None and r.last in r.avoid_ids:
-        shaped[r.last] = BANNED
-    if r.chat:
-        shaped[NEWLINE] += chat_newline_bias(r.index)
-        shaped[EOS] = BANNED
-    elif r.request.newline_bias:
-        shaped[NEWLINE] += r.request.newline_bias
-    r.penalties.apply(shaped)
-    return shaped
-
-
-def test_batched_shaping_is_bit_identical_to_the_reference() -> None:
-    """Bans, newline biases and penalties of a mixed batch equal the per-row reference exactly."""
-    gen = torch.Generator().manual_seed(3)
-    replies = [
-        reply(ReplyMode.CHAT, 0, 77, []),
-        reply(ReplyMode.CHAT, 12, 5, [5, 6, 5, 11, 0]),
-        reply(ReplyMode.CHAT, 190, 78, [78, 78, 3]),
-        reply(ReplyMode.FREE, 4, None, [9, 9, 9, 11]),
-        reply(ReplyMode.FREE, 7, 77, [1, 2, 3], newline_bias=-2.0),
-    ]
-    replies[3].penalties = PenaltyTracker(0.3, 0.7, 0.95)
-    for token in (9, 4, 9, 11):
-        replies[3].penalties.add(token)
-    logits = [torch.randn(VOCAB, generator=gen) * 4 for _ in replies]
-    got = shape_batch(logits, replies, NEWLINE, EOS)
-    for row, (raw, r) in enumerate(zip(logits, replies, strict=True)):
-        assert torch.equal(got[row], reference_shaping(raw, r))
-        assert not torch.equal(got[row], raw)
 
 
 CASES = [

@@ -36,15 +36,19 @@ from typing import Any
 
 import torch
 
+from engine.batched_engine import BatchedEngine
 from engine.errors import EngineError
 from engine.formats import inspect_model
-from engine.generation import PENDING_LIMIT
+from engine.inprocess import ReferenceEngine
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, TextDelta
-from engine.make_model import NAMED_SHAPES, ModelShape, write_random_model
+from engine.output import OutputProcessor
+from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.shapes import WORLD_VOCAB_SIZE
 from engine.state import Snapshot
+from engine.strategy import device_of, dtype, precision_of
 from engine.tokenizer import Tokenizer, world_tokenizer
+from tools.make_model import NAMED_SHAPES, ModelShape, write_random_model
 
 PROG = "rwkv-discord bench"
 
@@ -148,24 +152,23 @@ def main(argv: list[str] | None = None) -> int:
 def _random_model(folder: Path, args: argparse.Namespace) -> Path:
     shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers or 4, args.embd)
     shape = ModelShape(shape.n_layer, shape.n_embd, args.vocab)
-    dtype = torch.float16 if args.strategy.split()[-1] == "fp16" else torch.float32
+    # fp16 runs store the model in fp16; others in fp32 (a bf16 run converts on loading)
+    stored = dtype("fp16" if precision_of(args.strategy) == "fp16" else "fp32")
     print(
         f"writing a random RWKV-7 L{shape.n_layer} D{shape.n_embd} vocab {shape.vocab_size} model ...",
         file=sys.stderr,
     )
-    return write_random_model(folder / "bench.pth", 7, shape, seed=0, dtype=dtype)
+    return write_random_model(folder / "bench.pth", 7, shape, seed=0, dtype=stored)
 
 
 async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    from engine.inprocess import ReferenceEngine
-    from engine.pool import BatchedEngine
 
     spec = await asyncio.to_thread(inspect_model, path)
     sampling = SamplingParams(top_p=0.0) if args.greedy else SamplingParams()
     rng = random.Random(1234)
     top = max(levels)
     prompts = [[rng.randrange(1, spec.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(top)]
-    device = args.strategy.split()[0]
+    device = device_of(args.strategy)
     report: dict[str, Any] = {
         "model": {"path": str(path), "description": spec.describe()},
         "strategy": args.strategy,
@@ -306,18 +309,7 @@ def _token_gaps(
     caller that falls behind gets the waiting text as one piece. The engines' emission rule is
     replayed to learn which tokens each piece holds, and the gap is shared among them.
     """
-    emitted_pieces: list[tuple[int, str]] = []  # (tokens, text) of each emission, in order
-    emitted = 0
-    for end in range(1, len(tokens) + 1):
-        piece = tokenizer.decode(tokens[emitted:end])
-        if "\ufffd" not in piece or end - emitted >= PENDING_LIMIT:
-            if piece:
-                emitted_pieces.append((end - emitted, piece))
-            emitted = end
-    if emitted < len(tokens):
-        rest = tokenizer.decode(tokens[emitted:])
-        if rest:
-            emitted_pieces.append((len(tokens) - emitted, rest))
+    emitted_pieces = _emissions(tokens, tokenizer)  # (tokens, text) of each emission, in order
     counts: list[int] = []
     queue = iter(emitted_pieces)
     for piece in pieces:  # each piece received is one or more emissions joined
@@ -334,6 +326,22 @@ def _token_gaps(
     for (before, after), count in zip(itertools.pairwise(times), counts[1:], strict=True):
         gaps.extend([(after - before) / count] * count)
     return gaps
+
+
+def _emissions(tokens: list[int], tokenizer: Tokenizer) -> list[tuple[int, str]]:
+    """The pieces of text the engines stream for ``tokens``, with how many tokens each holds."""
+    request = GenerationRequest(None, [], SamplingParams(), ReplyMode.FREE, max_tokens=len(tokens) + 1)
+    output = OutputProcessor(request, tokenizer)
+    pieces: list[tuple[int, str]] = []
+    before = 0
+    for token in tokens:
+        events, _ = output.accept(token)  # a free generation's stop rules do not change the pieces
+        pieces += [(output.emitted - before, e.text) for e in events if isinstance(e, TextDelta)]
+        before = output.emitted
+    rest = output.rest()
+    if rest is not None:
+        pieces.append((len(tokens) - before, rest.text))
+    return pieces
 
 
 def _union(intervals: Sequence[tuple[float, float]]) -> float:
@@ -361,15 +369,13 @@ def _parity(reference: Any, path: Path, strategy: str, *, graphs: bool = False) 
     that are both right drift apart over several steps on random weights); prefill from a blank
     state (in 16 bits, over two tokens only).
     """
-    from engine.batched import BatchedRWKV7
-
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if strategy.startswith("cuda"):  # the package turns TF32 on at import; compare real fp32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     try:
         report = _compare(
-            reference, BatchedRWKV7.load(path, strategy, max_slots=4, cuda_graphs=False), strategy
+            reference, ModelRunner.load(path, strategy, max_slots=4, cuda_graphs=False), strategy
         )
         if graphs and strategy.startswith("cuda"):
             report["graphs_limit"] = 1e-5 if strategy.endswith("fp32") else 1e-2
@@ -424,10 +430,8 @@ def _graph_parity(path: Path, strategy: str) -> float:
     """Largest relative error of the CUDA-graph decode step against the same model run eagerly,
     over batches that use each kind of graph: in place with a padding row on a free slot, in
     place without padding, and gathered by index (padding on the scratch slot). States too."""
-    from engine.batched import BatchedRWKV7
-
-    eager = BatchedRWKV7.load(path, strategy, max_slots=6, cuda_graphs=False)
-    graphed = BatchedRWKV7.load(path, strategy, max_slots=6, cuda_graphs=True)
+    eager = ModelRunner.load(path, strategy, max_slots=6, cuda_graphs=False)
+    graphed = ModelRunner.load(path, strategy, max_slots=6, cuda_graphs=True)
     graphed.capture_graphs(4)
     if not graphed.cuda_graphs:
         raise RuntimeError("the CUDA graphs could not be captured (see the warning above)")

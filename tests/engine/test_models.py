@@ -11,9 +11,9 @@ from chat.session import ChatService
 from engine.errors import ModelFileError, TokenizerError
 from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
-from engine.make_model import NAMED_SHAPES, ModelShape, random_weights, rwkv7_lora_dims, write_random_model
 from engine.tokenizer import JsonTokenizer
 from tests.conftest import open_service
+from tools.make_model import NAMED_SHAPES, ModelShape, random_weights, rwkv7_lora_dims, write_random_model
 
 
 @pytest.mark.parametrize(("version", "expected"), [(4, 4.0), (5, 5.2), (6, 6.0), (7, 7.0)])

@@ -1,4 +1,4 @@
-"""The batched model's limits: what it refuses to load, and why."""
+"""The model runner's limits: what it refuses to load, and why; the CUDA-graph buckets."""
 
 from __future__ import annotations
 
@@ -6,20 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from engine.batched import BatchedRWKV7, graph_buckets
+from engine.cuda_graphs import graph_buckets
 from engine.errors import EngineError
+from engine.runner import ModelRunner
 
 
 def test_too_many_resident_states_for_the_memory_is_refused_plainly(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Slots that would not fit in free memory give one line naming the settings, and how many fit."""
-    model = BatchedRWKV7.load(model_dir / "v7.pth", max_slots=1)
-    per_slot = model.att_x[:, 0].nbytes + model.att_kv[:, 0].nbytes + model.ffn_x[:, 0].nbytes
-    monkeypatch.setattr("engine.batched._free_memory", lambda device: 100 * per_slot)
+    model = ModelRunner.load(model_dir / "v7.pth", max_slots=1)
+    per_slot = sum(states[:, 0].nbytes for states in model.states)
+    monkeypatch.setattr("engine.runner._free_memory", lambda device: 100 * per_slot)
     with pytest.raises(EngineError, match=r"lower max_resident \(or max_batch\) to at most 89"):
-        BatchedRWKV7.load(model_dir / "v7.pth", max_slots=100)
-    assert BatchedRWKV7.load(model_dir / "v7.pth", max_slots=89).max_slots == 89
+        ModelRunner.load(model_dir / "v7.pth", max_slots=100)
+    assert ModelRunner.load(model_dir / "v7.pth", max_slots=89).max_slots == 89
 
 
 def test_graph_buckets_cover_every_batch_size() -> None:

@@ -1,0 +1,242 @@
+"""RWKV-7 ("Goose") for a batch of sequences: the math alone, in plain PyTorch.
+
+The math is the ``rwkv`` package's ``RWKV_x070`` (same ``.pth`` keys, same folding of ``ln0`` into
+the embedding, same transposes), written for batches: a decode step is a batch of one token per
+sequence, a prompt chunk a batch of equally long runs. The state update
+``S*w + (S @ -kk) outer (kk*a) + v outer k`` is computed as what it is, a decay and a rank-two
+update, not as a matrix product with a rank-one matrix. Where the states live (slots on the
+device, in place or gathered) is the runner's business: :meth:`RWKV7.forward` reads and writes
+them through :class:`engine.models.base.LayerStates`.
+
+State of one sequence, per layer (the snapshot layout, which is the package's):
+    0 att_x_prev [C]        model dtype  time-mix token shift: the last input of the layer
+    1 att_kv     [H, N, N]  float32      wkv state S; the package keeps it [value, key], the
+                                         slots keep it [key, value] (fla-core's layout)
+    2 ffn_x_prev [C]        model dtype  channel-mix token shift
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import EngineError
+from engine.kernels import Linear, Recurrence, load_fla
+from engine.models.base import BatchedModel, LayerStates, StateTensor
+
+DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is DECAY_SCALE * sigmoid(w0 + lora(x))
+
+
+class _Layer:
+    """The weights of one block, in the shapes the step uses."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor], lin: Callable[[str], Linear], i: int) -> None:
+        att, ffn, blk = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
+        self.ln1_w, self.ln1_b = get(blk + "ln1.weight"), get(blk + "ln1.bias")
+        self.ln2_w, self.ln2_b = get(blk + "ln2.weight"), get(blk + "ln2.bias")
+        # the six token-shift mixes x_r, x_w, x_k, x_v, x_a, x_g as one [6, 1, C] tensor
+        self.mix = torch.stack([get(att + f"x_{n}") for n in "rwkvag"]).unsqueeze(1)
+        self.w0, self.w1, self.w2 = get(att + "w0"), get(att + "w1"), get(att + "w2")
+        self.a0, self.a1, self.a2 = get(att + "a0"), get(att + "a1"), get(att + "a2")
+        self.g1, self.g2 = get(att + "g1"), get(att + "g2")
+        # The first layer's value is the "v_first" that later layers mix in; it has no v0/v1/v2.
+        self.has_v_mix = i > 0
+        if self.has_v_mix:
+            self.v0, self.v1, self.v2 = get(att + "v0"), get(att + "v1"), get(att + "v2")
+        self.k_k, self.k_a, self.r_k = get(att + "k_k"), get(att + "k_a"), get(att + "r_k").flatten()
+        self.ln_x_w, self.ln_x_b = get(att + "ln_x.weight"), get(att + "ln_x.bias")
+        self.receptance, self.key = lin(att + "receptance.weight"), lin(att + "key.weight")
+        self.value, self.output = lin(att + "value.weight"), lin(att + "output.weight")
+        self.ffn_x_k = get(ffn + "x_k")
+        self.ffn_key, self.ffn_value = lin(ffn + "key.weight"), lin(ffn + "value.weight")
+
+
+class RWKV7(BatchedModel):
+    """An RWKV-7 model's weights on one device, and its forward pass over a batch."""
+
+    family = 7
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_hint: int,
+        use_fla: bool | None,
+    ) -> None:
+        if any(".s_emb" in k or ".s1" in k for k in weights):
+            raise EngineError("DeepEmbed RWKV-7 checkpoints are not supported by the batched engine")
+        self.device, self.dtype = device, dtype
+        r_k = weights["blocks.0.att.r_k"]
+        self.n_head, self.head_size = int(r_k.shape[0]), int(r_k.shape[1])
+        self.vocab_size, self.n_embd = (int(d) for d in weights["emb.weight"].shape)
+        self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+
+        def get(key: str) -> torch.Tensor:
+            return weights[key].squeeze().to(device=device, dtype=dtype).contiguous()
+
+        def lin(key: str) -> Linear:
+            return Linear(weights[key], device, dtype, batch_hint)
+
+        with torch.no_grad():
+            emb = weights["emb.weight"].to(device=device, dtype=dtype)
+            self.emb = F.layer_norm(
+                emb, (self.n_embd,), weight=get("blocks.0.ln0.weight"), bias=get("blocks.0.ln0.bias")
+            ).contiguous()
+            self.layers = [_Layer(get, lin, i) for i in range(self.n_layer)]
+            self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
+            self.head = lin("head.weight")
+
+        self._fla: Recurrence | None = None
+        self._fla_in_place = False  # whether fla-core's kernel updates the slots in place
+        if device.type == "cuda" and use_fla is not False:
+            loaded = load_fla(
+                device, self.n_head, self.head_size, plain=recurrent_plain, log_decay_scale=DECAY_SCALE
+            )
+            if loaded is not None:
+                self._fla, self._fla_in_place = loaded
+
+    def state_layout(self) -> list[StateTensor]:
+        """att_x_prev, att_kv, ffn_x_prev (see the module's docstring)."""
+        C, H, N = self.n_embd, self.n_head, self.head_size
+        return [
+            StateTensor("att_x_prev", (C,), self.dtype),
+            StateTensor("att_kv", (H, N, N), torch.float32, transposed=True),
+            StateTensor("ffn_x_prev", (C,), self.dtype),
+        ]
+
+    @property
+    def fused_recurrence(self) -> bool:
+        """Whether fla-core's kernel runs the recurrence."""
+        return self._fla is not None
+
+    def kernels(self) -> list[str]:
+        """oneDNN prepacking (CPU) and fla-core's kernel (CUDA), where in use."""
+        parts = []
+        if self.head.packed is not None:
+            parts.append("oneDNN prepacked")
+        if self._fla is not None:
+            parts.append("fla fused recurrent" + (" in place" if self._fla_in_place else ""))
+        return parts
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The (ln0-normalised) embedding of token ids."""
+        return F.embedding(tokens, self.emb)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """ln_out, then the head, in float32."""
+        h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
+        return self.head(h).float()
+
+    def forward(self, x: torch.Tensor, states: LayerStates, *, prompt: bool = False) -> torch.Tensor:
+        """All layers on ``x`` [B, T, C]; returns the last position [B, C]. ``prompt``: a prompt
+        chunk (the fused kernel packs those, whatever their length)."""
+        C = x.shape[-1]
+        v_first: torch.Tensor | None = None
+        for i, p in enumerate(self.layers):
+            shift, kv, ffn_shift = states.read(i)
+            h = F.layer_norm(x, (C,), weight=p.ln1_w, bias=p.ln1_b)
+            out, v_first = self._time_mix(i, p, h, shift=shift, kv=kv, v_first=v_first, prompt=prompt)
+            new_shift = h[:, -1]
+            x = x + out
+            h = F.layer_norm(x, (C,), weight=p.ln2_w, bias=p.ln2_b)
+            x = x + self._channel_mix(p, h, ffn_shift)
+            states.write(i, [new_shift, kv, h[:, -1]])
+        return x[:, -1]
+
+    def _time_mix(
+        self,
+        layer: int,
+        p: _Layer,
+        x: torch.Tensor,
+        *,
+        shift: torch.Tensor,
+        kv: torch.Tensor,
+        v_first: torch.Tensor | None,
+        prompt: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        H, N, M = self.n_head, self.head_size, B * T
+        x = x.reshape(1, M, C)
+        xx = _shifted(shift, x.view(B, T, C)).reshape(1, M, C) - x
+        # x + xx * x_r, ... : [6, M, C] (not addcmul: its fused multiply-add rounds differently)
+        xr, xw, xk, xv, xa, xg = x + xx * p.mix
+
+        r = p.receptance(xr)
+        w = torch.tanh(xw @ p.w1) @ p.w2
+        k = p.key(xk)
+        v = p.value(xv)
+        a = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)
+        g = torch.sigmoid(xg @ p.g1) @ p.g2
+
+        kk = F.normalize((k * p.k_k).view(M, H, N), dim=-1, p=2.0).view(M, C)
+        k = k * (1 + (a - 1) * p.k_a)
+        if layer == 0 or v_first is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+        log_w = DECAY_SCALE * torch.sigmoid((p.w0 + w).float())
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.float().reshape(B, T, H, N)
+
+        inputs = {"r": r, "log_w": log_w, "k": k, "v": v, "kk": kk, "a": a}
+        inputs = {name: heads(t) for name, t in inputs.items()}
+        if self._fla is not None:
+            y, kv_new = self._fla(kv, packed=prompt, **inputs)
+        else:
+            y, kv_new = recurrent_plain(kv, **inputs)
+        if kv_new is not kv:
+            kv.copy_(kv_new)
+        y = y.reshape(M, C).to(self.dtype)
+
+        y = F.group_norm(y, num_groups=H, weight=p.ln_x_w, bias=p.ln_x_b, eps=64e-5)
+        y = y + ((r * k * p.r_k).view(M, H, N).sum(dim=-1, keepdim=True) * v.view(M, H, N)).view(M, C)
+        return p.output(y * g).view(B, T, C), v_first
+
+    def _channel_mix(self, p: _Layer, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        k = x + (_shifted(shift, x) - x) * p.ffn_x_k
+        k = torch.relu(p.ffn_key(k.reshape(B * T, C))) ** 2
+        return p.ffn_value(k).view(B, T, C)
+
+
+def _shifted(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The previous token's input at every position: the state first, then ``x`` moved by one."""
+    if x.shape[1] == 1:
+        return shift.unsqueeze(1)
+    return torch.cat((shift.unsqueeze(1), x[:, :-1]), dim=1)
+
+
+def recurrent_plain(
+    state: torch.Tensor,
+    *,
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: torch.Tensor,
+    a: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RWKV-7 recurrence over T, in place on ``state`` [B, H, K, V] float32; inputs [B, T, H, N].
+
+    Per token, with S in the [key, value] layout (S[k, v]):
+        S = diag(w) S + (kk*a) outer (-kk^T S) + k outer v,    y = r^T S
+    which is the package's ``S*w + S @ ((-kk) outer (kk*a)) + v outer k`` in [value, key].
+    """
+    B, T, H, N = r.shape
+    S = state.view(B * H, N, N)
+    w = torch.exp(log_w)
+    b = kk * a
+    out = torch.empty(B, T, H, N, dtype=r.dtype, device=r.device)
+    for t in range(T):
+        sa = torch.bmm((-kk[:, t]).reshape(B * H, 1, N), S)  # [BH, 1, V], from the state before decay
+        S.mul_(w[:, t].reshape(B * H, N, 1))
+        left = torch.stack((b[:, t], k[:, t]), dim=-1).reshape(B * H, N, 2)
+        right = torch.cat((sa, v[:, t].reshape(B * H, 1, N)), dim=1)  # [BH, 2, V]
+        S.baddbmm_(left, right)
+        out[:, t] = torch.bmm(r[:, t].reshape(B * H, 1, N), S).view(B, H, N)
+    return out, state
