@@ -17,8 +17,10 @@ import torch
 
 from chat.presets import load_presets
 from chat.session import ChatConfig, ChatService
-from chat.states import MB, StatePolicy, StateTiers, _Entry, conversation
-from chat.store import Store, Turn
+from chat.states import MB, StatePolicy, conversation
+from chat.storage import Turn
+from chat.store import Store
+from chat.tiers import StateTiers, _Entry
 from engine.inprocess import ReferenceEngine
 from engine.make_model import write_random_model
 from engine.state import Snapshot
@@ -238,7 +240,7 @@ def test_tiers_keep_each_gpu_s_states_on_that_gpu(monkeypatch: pytest.MonkeyPatc
     def on(device: torch.device) -> Snapshot:
         return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
 
-    monkeypatch.setattr("chat.states.move_snapshot", move)
+    monkeypatch.setattr("chat.tiers.move_snapshot", move)
     tiers = StateTiers(device_bytes=MB, host_bytes=4 * MB)
     tiers.learn(on(host))  # the engine's latest snapshot was made elsewhere
     tiers.put("b", {1: on(gpu)})
@@ -268,7 +270,7 @@ def test_the_device_budget_is_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     def move(snapshot: Snapshot, devices: list[torch.device]) -> Snapshot:  # copies nothing
         return on(devices[0])
 
-    monkeypatch.setattr("chat.states.move_snapshot", move)
+    monkeypatch.setattr("chat.tiers.move_snapshot", move)
     tiers = StateTiers(device_bytes=2 * MB, host_bytes=8 * MB)
     tiers.put("x0", {1: on(gpu1)})  # the least recently used of all, on the GPU with room
     for name in ("a0", "a1"):
@@ -315,7 +317,7 @@ def test_a_channel_s_states_join_the_one_already_on_a_gpu(monkeypatch: pytest.Mo
     def on(device: torch.device) -> Snapshot:
         return Snapshot([torch.empty(MB // 4 - 4, device=device)], torch.empty(4, device=device), None, "fp")
 
-    monkeypatch.setattr("chat.states.move_snapshot", move)
+    monkeypatch.setattr("chat.tiers.move_snapshot", move)
     tiers = StateTiers(device_bytes=MB, host_bytes=8 * MB)
     tiers.put("b", {1: on(gpu)})
     tiers.put("a", {1: on(gpu)})  # b goes to host memory
