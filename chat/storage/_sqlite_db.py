@@ -18,7 +18,7 @@ from chat.storage._sqlite_errors import sqlite_error
 from chat.storage._sqlite_files import migrate, nearest_existing
 from engine.errors import process_user
 
-__all__ = ["Database"]
+__all__ = ["Database", "Repository"]
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +155,11 @@ class Database:
             "INSERT OR IGNORE INTO channels (channel_id, created_at, updated_at) VALUES (?, ?, ?)",
             (channel_id, now, now),
         )
+
+
+class Repository:
+    """What each SQLite repository shares: the open database (``path`` names it in errors)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.path: Path = db.path

@@ -6,11 +6,10 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chat.errors import StoreError
-from chat.storage._sqlite_db import Database
+from chat.storage._sqlite_db import Database, Repository
 from chat.storage._sqlite_errors import guard_sqlite_errors
 from chat.storage.records import (
     HeadName,
@@ -83,13 +82,9 @@ async def add_turn(db: Database, channel_id: str, turn: Turn, fingerprint: str, 
 
 
 @guard_sqlite_errors
-class SqliteStateLog:
+class SqliteStateLog(Repository):
     """:class:`chat.storage.StateLog` in the ``states``, ``checkpoints``, ``heads`` and
     ``init_snapshots`` tables."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.path: Path = db.path
 
     async def heads(self, channel_id: str) -> dict[HeadName, int]:
         """The channel's named states and their ids."""

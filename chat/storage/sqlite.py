@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chat.storage import Backend
-from chat.storage._sqlite_db import Database
+from chat.storage._sqlite_db import Database, Repository
 from chat.storage._sqlite_errors import guard_sqlite_errors, sqlite_error
 from chat.storage._sqlite_files import (
     QUICK_CHECK_SECONDS,
@@ -69,13 +69,9 @@ def _settings_object(row: Any, whose: str) -> dict[str, Any]:
 
 
 @guard_sqlite_errors
-class SqliteChannels:
+class SqliteChannels(Repository):
     """:class:`chat.storage.ChannelConfig` in the ``channels``, ``enabled_channels`` and
     ``guild_settings`` tables."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.path: Path = db.path
 
     async def settings(self, channel_id: str) -> dict[str, Any]:
         """The channel's own settings (empty for a new channel)."""
@@ -179,12 +175,8 @@ class SqliteChannels:
 
 
 @guard_sqlite_errors
-class SqliteTranscripts:
+class SqliteTranscripts(Repository):
     """:class:`chat.storage.Transcripts` in the ``turns`` table."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.path: Path = db.path
 
     async def turns(self, channel_id: str) -> list[Turn]:
         """Every stored turn of a channel, oldest first."""
@@ -238,12 +230,8 @@ _COUNTS = {
 
 
 @guard_sqlite_errors
-class SqliteAdmin:
+class SqliteAdmin(Repository):
     """:class:`chat.storage.Administration` over the whole file."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.path: Path = db.path
 
     async def stats(self) -> dict[str, int]:
         """Sizes and counts: file bytes, channels, snapshots and their bytes, turns, schema."""
@@ -318,36 +306,16 @@ class SqliteStorage:
     def __init__(self, db: Database) -> None:
         self.database = db
         self.path = db.path
-        self._channels = SqliteChannels(db)
-        self._states = SqliteStateLog(db)
-        self._transcripts = SqliteTranscripts(db)
-        self._admin = SqliteAdmin(db)
+        self.channels = SqliteChannels(db)
+        self.states = SqliteStateLog(db)
+        self.transcripts = SqliteTranscripts(db)
+        self.admin = SqliteAdmin(db)
 
     @classmethod
     async def open(cls, path: Path, *, check: bool = True) -> SqliteStorage:
         """Open (creating if needed) and migrate the database at ``path``; with ``check``, a
         damaged file is refused first (see :meth:`Database.open`)."""
         return cls(await Database.open(path, check=check))
-
-    @property
-    def channels(self) -> SqliteChannels:
-        """Settings, places and enabling of channels and servers."""
-        return self._channels
-
-    @property
-    def states(self) -> SqliteStateLog:
-        """The state log and the opening states."""
-        return self._states
-
-    @property
-    def transcripts(self) -> SqliteTranscripts:
-        """The answered messages."""
-        return self._transcripts
-
-    @property
-    def admin(self) -> SqliteAdmin:
-        """Counts, purging and housekeeping queries."""
-        return self._admin
 
     async def close(self) -> None:
         """Let writes in flight finish, empty the WAL into the file, and close; never raises."""
@@ -361,17 +329,9 @@ class SqliteBackend:
         """Open (creating and migrating if needed) the database file at ``location``."""
         return await SqliteStorage.open(location, check=check)
 
-    def integrity_check(self, location: Path) -> list[str]:
-        """SQLite's full integrity check of the file; empty when it is sound."""
-        return integrity_check(location)
-
-    def backup(self, location: Path, destination: Path) -> None:
-        """SQLite's online backup, renamed into place when whole."""
-        backup(location, destination)
-
-    def vacuum(self, location: Path) -> tuple[int, int]:
-        """Rewrite the file without free pages; returns (bytes before, bytes after)."""
-        return vacuum(location)
+    integrity_check = staticmethod(integrity_check)
+    backup = staticmethod(backup)
+    vacuum = staticmethod(vacuum)
 
 
 BACKEND: Backend = SqliteBackend()
