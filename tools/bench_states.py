@@ -38,7 +38,6 @@ import torch
 
 from chat.states import ChannelStates, Loaded, StatePolicy, Step
 from chat.storage import HeadName, NewRef, NewState, StateBase, Storage, Turn, backend_for
-from chat.store import Store
 from engine.interface import Engine
 from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
 from engine.state import Snapshot
@@ -290,7 +289,7 @@ async def _database_budget(path: Path, engine: Engine, rng: random.Random, chann
     from chat.presets import load_presets
     from chat.session import ChatConfig, ChatService
 
-    store = await Store.open(path)
+    store = await _open(path)
     snapshot = await engine.read(None, _tokens(rng, 8))
     for index in rng.sample(range(channels), max(1, channels // 10)):
         state = NewState(StateBase.ZERO, "p", [], 0, engine.spec.fingerprint, checkpoint=snapshot)
