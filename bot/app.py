@@ -108,16 +108,24 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
 
 
 @asynccontextmanager
+async def open_service(settings: Settings, engine: Engine, faq: FaqIndex) -> AsyncIterator[ChatService]:
+    """A ready chat service on the loaded engine; its database is closed after (the engine is
+    the caller's)."""
+    service = await build_service(settings, engine, faq)
+    try:
+        yield service
+    finally:
+        await service.close()
+
+
+@asynccontextmanager
 async def open_chat(settings: Settings) -> AsyncIterator[ChatService]:
     """Load the model, open the database and yield a ready chat service; close both after."""
     require_model(settings)
     faq, _ = load_faq(settings)
     engine = await load_engine(settings)
     try:
-        service = await build_service(settings, engine, faq)
-        try:
+        async with open_service(settings, engine, faq) as service:
             yield service
-        finally:
-            await service.close()
     finally:
         await engine.close()

@@ -13,20 +13,35 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import discord
 
-from bot.app import load_engine
-from bot.client import RwkvBot, create_bot
+from bot.app import load_engine, load_faq, open_service
+from bot.client import RwkvBot
+from bot.cogs import add_cogs
 from bot.metrics import serve_metrics
 from bot.settings import ConfigError, Settings, heartbeat_path
+from chat.session import ChatService
+from engine.interface import Engine
+from faq import FaqIndex
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 30.0
 LOGIN_RETRY_FIRST = 5.0  # seconds before the second login attempt; doubled up to the most below
 LOGIN_RETRY_MOST = 300.0
 PORTAL = "https://discord.com/developers/applications"
+
+
+async def create_bot(
+    settings: Settings, engine: Engine, service: ChatService, faq: FaqIndex, **options: Any
+) -> RwkvBot:
+    """Build the bot on a ready chat service, with its slash commands, without connecting
+    (``await bot.start(token)`` connects). ``options``: ``clock`` and ``sleep``, for tests."""
+    bot = RwkvBot(settings, engine, service, faq, **options)
+    await add_cogs(bot)
+    return bot
 
 
 async def _heartbeat(bot: RwkvBot, path: Path) -> None:
@@ -71,16 +86,16 @@ async def _log_in(bot: RwkvBot, token: str, stopping: asyncio.Event) -> bool:
 
 
 async def run_bot(settings: Settings) -> int:
-    """Load the model, connect, serve until SIGTERM or Ctrl-C, then close cleanly. Returns 0."""
+    """Load the model, open the chat service, connect, serve until SIGTERM or Ctrl-C, then close
+    cleanly (the bot, then the service, then the engine). Returns 0."""
     assert settings.token is not None
     loop = asyncio.get_running_loop()
-    holder: dict[str, RwkvBot] = {}
+    holder: dict[str, Any] = {}
     stopping = asyncio.Event()
     closing: set[asyncio.Future[None]] = set()
 
     def shut_down(name: str) -> None:
-        bot = holder.get("bot")
-        if bot is None:
+        if "engine" not in holder:
             # Still loading the model: nothing is open or stored yet, so leave at once (as PID 1
             # in a container, ignoring the signal would mean being killed 10 s later).
             log.info("%s received while loading the model: exiting", name)
@@ -89,18 +104,37 @@ async def run_bot(settings: Settings) -> int:
             return
         log.info("%s received: finishing in-flight replies and closing", name)
         stopping.set()
-        closing.add(asyncio.ensure_future(bot.close()))
+        bot = holder.get("bot")
+        if bot is not None:
+            closing.add(asyncio.ensure_future(bot.close()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shut_down, sig.name)
     try:
-        engine = await load_engine(settings)
+        holder["engine"] = engine = await load_engine(settings)
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         raise
-    bot = create_bot(settings, engine)
-    holder["bot"] = bot
+    try:
+        faq, _ = load_faq(settings)
+        async with open_service(settings, engine, faq) as service:
+            if not stopping.is_set():  # a SIGTERM while the database opened: nothing to serve
+                bot = holder["bot"] = await create_bot(settings, engine, service, faq)
+                await _serve(bot, settings, stopping)
+            if closing:
+                await asyncio.wait(closing, timeout=10)
+    finally:
+        await engine.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+async def _serve(bot: RwkvBot, settings: Settings, stopping: asyncio.Event) -> None:
+    """Log in and stay connected until the bot is closed."""
+    assert settings.token is not None
     if settings.metrics_port is not None:
         serve_metrics(settings.metrics_port, bot.metrics, by_device=bot.device_metrics)
     beat = asyncio.ensure_future(_heartbeat(bot, heartbeat_path(settings)))
@@ -121,10 +155,3 @@ async def run_bot(settings: Settings) -> int:
         log.debug("the connection ended while stopping", exc_info=True)
     finally:
         beat.cancel()
-        if closing:
-            await asyncio.wait(closing, timeout=10)
-        await engine.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
-    return 0

@@ -1,7 +1,6 @@
-"""/faq through real discord.py Interaction objects: the answer with its source page, the list of
-topics, suggestions when nothing answers, and "did you mean" when two topics tie.
-
-Uses the offline harness of test_discord_bot.py (recorded HTTP and webhook layers)."""
+"""/faq ask, list and reload (bot/cogs/faq.py) through real discord.py Interaction objects: the
+answer with its source page, the list of topics, suggestions when nothing answers, "did you mean"
+when two topics tie, and a reload that names broken files."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from faq import FaqIndex, Topic, bundled_topics_dir, load_topics
-from tests.test_discord_bot import Harness, harness  # noqa: F401 (harness is a fixture)
+from tests.bot.harness import ALICE, MOD, Harness
 
 EPHEMERAL = 1 << 6
 FAQ_PAGE = "https://wiki.rwkv.com/basic/FAQ.html"
@@ -24,7 +23,7 @@ def _responses(h: Harness) -> list[dict[str, Any]]:
     ]
 
 
-async def test_answer_is_a_public_embed_linking_its_source(harness: Harness) -> None:  # noqa: F811
+async def test_answer_is_a_public_embed_linking_its_source(harness: Harness) -> None:
     """An answer is an embed whose title links to the wiki FAQ page, with a Source field."""
     await harness.slash("faq", "ask", question="is rwkv an rnn or a transformer?")
     data = _responses(harness)[-1]
@@ -38,7 +37,7 @@ async def test_answer_is_a_public_embed_linking_its_source(harness: Harness) -> 
     assert "https://wiki.rwkv.com/advance/architecture.html" in fields["Links"]
 
 
-async def test_list_shows_every_topic(harness: Harness) -> None:  # noqa: F811
+async def test_list_shows_every_topic(harness: Harness) -> None:
     """/faq list names every topic, to the asker only."""
     await harness.slash("faq", "list")
     data = _responses(harness)[-1]
@@ -49,7 +48,7 @@ async def test_list_shows_every_topic(harness: Harness) -> None:  # noqa: F811
     assert lines[1:] == [f"- {topic.title}" for topic in harness.bot.faq.topics]
 
 
-async def test_no_answer_suggests_the_closest_topics(harness: Harness) -> None:  # noqa: F811
+async def test_no_answer_suggests_the_closest_topics(harness: Harness) -> None:
     """A question that no topic answers well gets the closest topics, to the asker only."""
     await harness.slash("faq", "ask", question="how many tokens can rwkv remember")
     data = _responses(harness)[-1]
@@ -60,14 +59,14 @@ async def test_no_answer_suggests_the_closest_topics(harness: Harness) -> None: 
     assert "- Why do model names include a context length like 4k or 8k?" in lines
 
 
-async def test_a_suggested_title_answers(harness: Harness) -> None:  # noqa: F811
+async def test_a_suggested_title_answers(harness: Harness) -> None:
     """Asking again with a suggested title (what autocomplete fills in) gives that answer."""
     await harness.slash("faq", "ask", question="Why do model names include a context length like 4k or 8k?")
     (embed,) = _responses(harness)[-1]["embeds"]
     assert embed["title"] == "Why do model names include a context length like 4k or 8k?"
 
 
-async def test_off_topic_gets_a_pointer_to_the_list(harness: Harness) -> None:  # noqa: F811
+async def test_off_topic_gets_a_pointer_to_the_list(harness: Harness) -> None:
     """Chat far from every topic gets no answer and no suggestions, only a pointer to /faq list."""
     await harness.slash("faq", "ask", question="how do I bake bread <@1>")
     data = _responses(harness)[-1]
@@ -77,7 +76,7 @@ async def test_off_topic_gets_a_pointer_to_the_list(harness: Harness) -> None:  
     assert not data.get("embeds")
 
 
-async def test_tie_asks_did_you_mean(harness: Harness) -> None:  # noqa: F811
+async def test_tie_asks_did_you_mean(harness: Harness) -> None:
     """Two topics that fit a question equally well are both offered instead of one picked."""
     bundled = load_topics([bundled_topics_dir()]).topics.values()
     harness.bot.faq = FaqIndex(
@@ -91,3 +90,31 @@ async def test_tie_asks_did_you_mean(harness: Harness) -> None:  # noqa: F811
     lines = _responses(harness)[-1]["content"].splitlines()
     assert lines[1] == "Did you mean one of these?"
     assert set(lines[2:4]) == {"- Cats and dogs", "- Dogs and cats"}
+
+
+async def test_faq_slash_command(harness: Harness) -> None:
+    """/faq answers with an embed; an off-topic question gets a polite miss."""
+    await harness.slash("faq", "ask", question="is it censored")
+    responses = [b for _, _, b in harness.adapter.calls if isinstance(b.get("data"), dict)]
+    assert any(r["data"].get("embeds") for r in responses)
+    await harness.slash("faq", "ask", question="best pizza in town")
+    assert any("No FAQ entry matches" in t for t in harness.adapter.texts())
+
+
+async def test_faq_reload_reports_broken_files_and_is_for_moderators(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """/faq reload reads the operator's folder again; a broken file is named and skipped."""
+    folder = tmp_path / "faq"
+    folder.mkdir()
+    (folder / "broken.md").write_text("+++\ntitle = \n+++\nbody\n")
+    (folder / "house-rules.md").write_text(
+        '+++\ntitle = "House rules"\nkeywords = ["house rules", "rules"]\n+++\nBe kind to the bot.\n'
+    )
+    harness.bot.settings = harness.bot.settings.model_copy(update={"faq_dir": folder})
+    await harness.slash("faq", "reload", author=ALICE)
+    assert "Only moderators" in harness.adapter.texts()[-1]
+    await harness.slash("faq", "reload", author=MOD)
+    report = harness.adapter.texts()[-1]
+    assert "Skipped" in report and "broken.md" in report
+    assert harness.bot.faq is not None and harness.bot.faq.best("what are the house rules") is not None

@@ -1,0 +1,130 @@
+"""``/rwkv reset``, ``undo-reset``, ``enable``, ``disable`` and ``server``: moderation.
+
+A channel's conversation and where the bot talks need Manage Messages; anything for the whole
+server needs Manage Server (see :mod:`bot.checks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.checks import (
+    MODERATORS_ONLY,
+    SERVER_MANAGERS_ONLY,
+    Refused,
+    is_moderator,
+    is_server_manager,
+    moderators_only,
+    require_server_manager,
+)
+from bot.client import RwkvBot
+from bot.streaming import NO_MENTIONS
+
+Scope = Literal["channel", "server"]
+
+
+class ModerationCommands(commands.Cog):
+    """The moderators' part of ``/rwkv`` (a part of :class:`~bot.cogs.rwkv.RwkvCog`)."""
+
+    bot: RwkvBot
+
+    @app_commands.command(
+        name="reset", description="Moderators: reset this channel's (or every channel's) conversation"
+    )
+    @moderators_only()
+    async def reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
+        """Reset the channel's conversation, or every one of the server's."""
+        if scope == "server":
+            require_server_manager(interaction)
+        await interaction.response.defer(ephemeral=True)
+        keys = await self._scope_keys(interaction, scope)
+        for key in keys:  # stop everything first, so no channel waits for another's reply
+            self.bot.stop(key, waiting_too=True)
+        for key in keys:
+            await self.bot.service.reset(key)
+        await interaction.followup.send(
+            f"Reset {len(keys)} conversation(s). `/rwkv undo-reset` brings them back.", ephemeral=True
+        )
+        if scope == "channel" and isinstance(interaction.channel, discord.abc.Messageable):
+            with contextlib.suppress(discord.HTTPException):  # the reset is done; the note is a courtesy
+                await interaction.channel.send("Chat reset by a moderator.", allowed_mentions=NO_MENTIONS)
+
+    @app_commands.command(
+        name="undo-reset", description="Moderators: bring back the conversation of before the last reset"
+    )
+    @moderators_only()
+    async def undo_reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
+        """Bring back the conversation(s) of before the last reset."""
+        if scope == "server":
+            require_server_manager(interaction)
+        await interaction.response.defer(ephemeral=True)
+        restored = 0
+        for key in await self._scope_keys(interaction, scope):
+            restored += await self.bot.service.undo_reset(key)
+        text = f"Restored {restored} conversation(s)." if restored else "There is no reset to undo."
+        await interaction.followup.send(text, ephemeral=True)
+
+    @app_commands.command(
+        name="enable", description="Moderators: let the bot answer every message in this channel"
+    )
+    @app_commands.guild_only()
+    async def enable(self, interaction: discord.Interaction) -> None:
+        """Answer every message in this channel (and its threads)."""
+        await self._set_enabled(interaction, True)
+
+    @app_commands.command(name="disable", description="Moderators: stop answering in this channel")
+    @app_commands.guild_only()
+    async def disable(self, interaction: discord.Interaction) -> None:
+        """Stop answering here (a thread of an enabled channel is switched off on its own)."""
+        await self._set_enabled(interaction, False)
+
+    @app_commands.command(name="server", description="Server managers: who may use +reset in this server")
+    @app_commands.guild_only()
+    async def server(
+        self, interaction: discord.Interaction, reset_policy: Literal["everyone", "moderators"]
+    ) -> None:
+        """Set who may use ``+reset`` in text in this server."""
+        guild_id = interaction.guild_id
+        if guild_id is None or not is_server_manager(interaction):
+            raise Refused(SERVER_MANAGERS_ONLY)
+        await interaction.response.defer(ephemeral=True)
+        await self.bot.service.set_reset_policy(str(guild_id), reset_policy)
+        await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
+
+    async def _scope_keys(self, interaction: discord.Interaction, scope: Scope) -> list[str]:
+        here = str(interaction.channel_id)
+        if scope == "server" and interaction.guild_id is not None:
+            keys = await self.bot.service.server_channels(str(interaction.guild_id))
+            return keys or [here]
+        return [here]
+
+    async def _set_enabled(self, interaction: discord.Interaction, enabled: bool) -> None:
+        guild_id, channel_id = interaction.guild_id, interaction.channel_id
+        if guild_id is None or channel_id is None or not is_moderator(interaction):
+            raise Refused(MODERATORS_ONLY)
+        bot = self.bot
+        await interaction.response.defer(ephemeral=True)
+        channel = interaction.channel
+        parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+        override = await bot.service.set_enabled(
+            str(channel_id),
+            str(guild_id),
+            enabled,
+            str(interaction.user.id),
+            parent_id=None if parent is None else str(parent),
+        )
+        if enabled:
+            bot.enabled.add(channel_id)
+            bot.disabled.discard(channel_id)
+            text = "I'll answer every message in this channel (and its threads) now."
+        else:
+            bot.enabled.discard(channel_id)
+            if override:
+                bot.disabled.add(channel_id)
+            text = "I won't answer here any more (except when mentioned, if the operator allows it)."
+        await interaction.followup.send(text, ephemeral=True)

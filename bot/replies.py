@@ -1,0 +1,357 @@
+"""The message path: where the bot talks, each conversation's line, streamed replies, stopping.
+
+``on_message -> _serve -> _answer -> _deliver``: a message joins its conversation's line on
+arrival (:mod:`bot.lines`), takes its turn, is handed to the chat service with the channel's
+context read once, and its reply is streamed into Discord at the channel's pace of writes.
+:class:`~bot.client.RwkvBot` adds the lifecycle and the events of channels and servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from bot.embeds import faq_embed, faq_text_embed
+from bot.lines import ChannelLines, Generation
+from bot.settings import Settings
+from bot.splitting import split_message
+from bot.streaming import NO_MENTIONS, ChannelPacer, ReplyStream
+from bot.tree import BotTree
+from chat.grammar import Command, GrammarError, Parsed, parse_message
+from chat.outcome import Outcome, OutcomeKind
+from chat.session import ChatService
+from chat.settings import ChannelContext
+from engine.interface import TextDelta
+from faq import FaqIndex, is_question
+
+log = logging.getLogger(__name__)
+
+STOP_EMOJI = "⏹️"
+QUEUED_EMOJI = "⏳"
+FAQ_AUTO_CONFIDENCE = 0.8  # automatic answers only for clear matches: a wrong one is worse than none
+QUEUE_FULL = "I'm still answering earlier messages in this channel. Please try again in a moment."
+
+
+class ReplyingBot(commands.Bot):
+    """A Discord bot that answers messages through the chat service (no prefix commands: every
+    message goes to ``on_message``, and the slash commands live in cogs)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: ChatService,
+        faq: FaqIndex,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the developer portal too
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            tree_cls=BotTree,
+            intents=intents,
+            allowed_mentions=NO_MENTIONS,
+        )
+        self.settings = settings
+        self.service = service
+        self.faq = faq
+        self.clock = clock
+        self.sleep = sleep
+        self.enabled: set[int] = set()
+        self.disabled: set[int] = set()  # threads switched off although their channel is on
+        self.lines = ChannelLines()
+        self.pacers: dict[int, ChannelPacer] = {}  # per channel: Discord's pace of writes there
+        self.last_message_at: dict[int, float] = {}
+        self.warned_at: dict[int, float] = {}
+        self.by_reply: dict[int, Generation] = {}  # reply message id -> generation, for reactions
+        self.speeds: deque[tuple[int, float]] = deque(maxlen=20)
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Future[Any]] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ where it talks
+
+    def conversation(self, message: discord.Message) -> str | None:
+        """The conversation a message belongs to, or None when the bot should stay silent."""
+        channel = message.channel
+        if message.guild is None:
+            return str(channel.id) if self.settings.allow_dms else None
+        parent = getattr(channel, "parent_id", None)
+        if channel.id in self.enabled or (
+            parent is not None and parent in self.enabled and channel.id not in self.disabled
+        ):
+            return str(channel.id)
+        if self.settings.respond_to_mentions and self.user is not None and self.user in message.mentions:
+            return str(channel.id)
+        return None
+
+    def message_text(self, message: discord.Message) -> str:
+        """The message without the bot's own mention."""
+        text = message.content
+        if self.user is not None:
+            for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>"):
+                text = text.replace(form, "")
+        return text.strip()
+
+    # ------------------------------------------------------------------ messages
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Answer a message in a channel where the bot talks."""
+        if message.author.bot or self.user is None or message.author.id == self.user.id:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # joins, pins, boosts, thread notices...
+        if self._closing:
+            return
+        key = self.conversation(message)
+        if key is None:
+            return
+        text = self.message_text(message)
+        mentioned = self.user in message.mentions
+        if not text and not mentioned and message.guild is not None:
+            return  # an image or sticker alone: nothing to answer
+        # Everything up to the first await decides, so messages arriving together are counted.
+        if not self._within_cooldown(message):
+            return
+        accepted = self.lines.length(key)
+        if accepted > self.settings.max_queue:
+            self._spawn(message.reply(QUEUE_FULL, mention_author=False))
+            return
+        generation = self.lines.join(key, message.author.id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._reply_tasks.add(task)
+        try:
+            await self._serve(message, text, generation, queued=accepted > 0)
+        except discord.HTTPException as exc:
+            log.warning("could not answer message %s: %s", message.id, exc)
+        finally:
+            self.lines.leave(generation)
+            if task is not None:
+                self._reply_tasks.discard(task)
+
+    def _within_cooldown(self, message: discord.Message) -> bool:
+        """False (and one reminder per cooldown) when the author writes again too soon."""
+        now = self.clock()
+        author = message.author.id
+        last = self.last_message_at.get(author)
+        cooldown = self.settings.user_cooldown
+        if last is not None and now - last < cooldown:
+            if self.warned_at.get(author, float("-inf")) < last:
+                self.warned_at[author] = now
+                self._spawn(
+                    message.reply(
+                        f"Please wait {cooldown - (now - last):.0f} s before your next message.",
+                        mention_author=False,
+                        delete_after=10,
+                    )
+                )
+            return False
+        self.last_message_at[author] = now
+        if len(self.last_message_at) > 10_000:  # forget users whose cooldown is long over
+            self.last_message_at = {a: t for a, t in self.last_message_at.items() if now - t < cooldown}
+            self.warned_at = {a: t for a, t in self.warned_at.items() if a in self.last_message_at}
+        return True
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a small Discord call in the background, keeping a reference and logging failures."""
+        task = asyncio.ensure_future(coroutine)
+        self._side_tasks.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._side_tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("a Discord call failed: %s", finished.exception())
+
+        task.add_done_callback(done)
+
+    async def _serve(
+        self, message: discord.Message, text: str, generation: Generation, *, queued: bool
+    ) -> None:
+        # The message took its place in the line on arrival (asyncio's lock serves its waiters in
+        # order), so messages sent together are answered and stored in the order they arrived;
+        # the checks below run when its turn comes.
+        marked: asyncio.Task[None] | None = None
+        if queued:
+            marked = asyncio.ensure_future(self._mark_queued(message))
+        async with self.lines.turn(generation):
+            if marked is not None:
+                await marked
+                with contextlib.suppress(discord.HTTPException):
+                    await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
+            if self._closing or generation.cancel.is_set():
+                why = "the bot is restarting" if self._closing else "it was stopped"
+                await message.reply(
+                    f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
+                )
+                return
+            parsed = parse_message(text)
+            context = await self.service.context(generation.channel_key)
+            command = parsed.command if isinstance(parsed, Parsed) else None
+            if command is Command.RESET and not await self._may_reset(message):
+                await message.reply("Only moderators can reset the conversation here.", mention_author=False)
+                return
+            if command is Command.CHAT and context.faq_auto and await self._faq_answer(message, text):
+                return
+            with self.lines.writing(generation):
+                await self._answer(message, parsed, context, generation)
+
+    async def _mark_queued(self, message: discord.Message) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await message.add_reaction(QUEUED_EMOJI)
+
+    async def _faq_answer(self, message: discord.Message, text: str) -> bool:
+        """Answer a question from the FAQ before the model (for channels that asked for it)."""
+        if not is_question(text):
+            return False
+        found = self.faq.best(text)
+        if found is None or found.confidence < FAQ_AUTO_CONFIDENCE:
+            return False
+        await message.reply(embed=faq_embed(found.topic), mention_author=False, allowed_mentions=NO_MENTIONS)
+        return True
+
+    async def _may_reset(self, message: discord.Message) -> bool:
+        if message.guild is None or not isinstance(message.author, discord.Member):
+            return True
+        moderator = message.channel.permissions_for(message.author).manage_messages
+        return await self.service.may_reset(str(message.guild.id), moderator)
+
+    async def _answer(
+        self,
+        message: discord.Message,
+        parsed: Parsed | GrammarError,
+        context: ChannelContext,
+        generation: Generation,
+    ) -> None:
+        stream = ReplyStream(
+            message,
+            thinking=context.thinking,
+            interval=self.settings.edit_interval,
+            clock=self.clock,
+            on_give_up=generation.cancel.set,
+            pacer=self.pacer(message.channel.id),
+        )
+        guild_id = str(message.guild.id) if message.guild else None
+        parent = message.channel.parent_id if isinstance(message.channel, discord.Thread) else None
+        typing = message.channel.typing()
+        typing_on = False
+        with contextlib.suppress(discord.HTTPException):
+            await typing.__aenter__()  # shown while the prompt is read, until the first text
+            typing_on = True
+        started = self.clock()
+        outcome: Outcome | None = None
+        events = self.service.handle(
+            context.channel_id,
+            parsed,
+            cancel=generation.cancel,
+            guild_id=guild_id,
+            parent_id=None if parent is None else str(parent),
+            context=context,
+        )
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    if typing_on:
+                        typing_on = False
+                        await _stop_typing(typing)
+                    if isinstance(event, TextDelta):
+                        await stream.push(event.text)
+                        if stream.messages:
+                            self.by_reply.setdefault(stream.messages[0].id, generation)
+                    else:
+                        outcome = event
+        except Exception:
+            log.exception("the reply to message %s failed", message.id)
+            outcome = Outcome(
+                OutcomeKind.ERROR, "something went wrong on my side. The conversation is unchanged."
+            )
+        finally:
+            if typing_on:
+                await _stop_typing(typing)
+            for reply in stream.messages[:1]:
+                self.by_reply.pop(reply.id, None)
+        if outcome is not None:
+            await self._deliver(message, stream, outcome, started)
+
+    async def _deliver(
+        self, message: discord.Message, stream: ReplyStream, outcome: Outcome, started: float
+    ) -> None:
+        if outcome.kind.from_model:
+            if not outcome.text.strip() and not stream.text.strip():
+                stream.text = "*(the model wrote nothing)*"
+            footer = " ".join(f"*{n}*" for n in outcome.notices)
+            if self._closing and outcome.stop_reason == "cancelled":
+                footer = "*(interrupted: the bot is shutting down)*"
+            await stream.finish(footer)
+            elapsed = max(self.clock() - started, 1e-6)
+            self.speeds.append((len(outcome.tokens), elapsed))
+            return
+        if outcome.kind is OutcomeKind.ERROR and stream.messages:
+            await stream.finish(f"**The reply failed:** {outcome.text}")
+            return
+        if not outcome.text and not outcome.notices:
+            outcome = Outcome(outcome.kind, "*(no text)*")
+        if outcome.kind is OutcomeKind.FAQ:
+            embed = faq_text_embed(outcome.text)
+            await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
+            return
+        body = "\n".join([*(f"*{n}*" for n in outcome.notices), outcome.text])
+        for index, piece in enumerate(split_message(body)):
+            if index == 0:
+                await message.reply(piece, mention_author=False, allowed_mentions=NO_MENTIONS)
+            else:
+                await message.channel.send(piece, allowed_mentions=NO_MENTIONS)
+
+    def pacer(self, channel_id: int) -> ChannelPacer:
+        """The pace of writes in a channel, shared by all its replies (idle ones are dropped)."""
+        pacer = self.pacers.get(channel_id)
+        if pacer is None:
+            now = self.clock()
+            if len(self.pacers) > 1000:
+                self.pacers = {c: p for c, p in self.pacers.items() if not p.idle(now)}
+            pacer = self.pacers[channel_id] = ChannelPacer(
+                self.settings.edit_interval, clock=self.clock, sleep=self.sleep
+            )
+        return pacer
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self, key: str, *, waiting_too: bool = False) -> bool:
+        """Stop the reply being written in a conversation (and, if asked, the waiting ones)."""
+        return self.lines.stop(key, waiting_too=waiting_too)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        """A stop reaction on a reply being written stops it (by its requester or a moderator)."""
+        if str(payload.emoji) != STOP_EMOJI or self.user is None or payload.user_id == self.user.id:
+            return
+        generation = self.by_reply.get(payload.message_id)
+        if generation is None:
+            return
+        allowed = payload.user_id == generation.requester
+        if not allowed and payload.member is not None:
+            channel = self.get_channel(payload.channel_id)
+            if isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+                allowed = channel.permissions_for(payload.member).manage_messages
+        if allowed:
+            generation.cancel.set()
+
+    def tokens_per_second(self) -> float:
+        """Average speed of the recent replies."""
+        tokens = sum(t for t, _ in self.speeds)
+        seconds = sum(s for _, s in self.speeds)
+        return tokens / seconds if seconds else 0.0
+
+
+async def _stop_typing(typing: contextlib.AbstractAsyncContextManager[Any]) -> None:
+    with contextlib.suppress(Exception):  # the indicator is cosmetic: never fail a reply for it
+        await typing.__aexit__(None, None, None)

@@ -1,0 +1,47 @@
+"""/rwkv settings and status (bot/cogs/chat.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.bot.harness import (
+    GENERAL,
+    MOD,
+    Harness,
+)
+
+
+async def test_settings_command_validates_and_stores(harness: Harness) -> None:
+    """A moderator sets this channel's sampling; an unknown preset is refused."""
+    await harness.slash("rwkv", "settings", author=MOD, temperature=0.7, max_tokens=30)
+    assert any("Set temperature 0.7, max_tokens 30" in t for t in harness.adapter.texts())
+    await harness.slash("rwkv", "settings", author=MOD, preset="no-such-preset")
+    assert any("Nothing was changed" in t for t in harness.adapter.texts())
+    service = harness.bot.service
+    assert await service.store.channels.settings(str(GENERAL)) == {"temperature": 0.7, "max_tokens": 30}
+
+
+async def test_status_shows_engine_numbers(harness: Harness) -> None:
+    """/rwkv status answers with the model, queues and the engine's numbers."""
+    await harness.say("-top_p=0 hi")
+    await harness.slash("rwkv", "status")
+    status = harness.adapter.texts()[-1]
+    assert "Model: RWKV-7" in status and "Replies being written: 0" in status
+    assert "States: 1 channels on the device" in status
+    metrics = harness.bot.metrics()
+    assert "messages_waiting" in metrics and metrics["states_device_channels"] == 1
+    assert "cuda:" not in status
+
+
+async def test_status_shows_each_device(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several GPUs, /rwkv status has a line for each."""
+    numbers = {"batch": 7.0, "resident": 20.0, "queue": 1.0, "tokens_per_s": 3210.4}
+    devices = {"cuda:0": numbers, "cuda:1": {**numbers, "batch": 2.0}}
+    monkeypatch.setattr(harness.bot.engine, "device_metrics", lambda: devices)
+    monkeypatch.setattr(harness.bot.service.states.tiers, "device_usage", lambda: {"cuda:1": 3 * 2**20})
+    await harness.slash("rwkv", "status")
+    status = harness.adapter.texts()[-1]
+    assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s, 0 MB of states" in status
+    assert "cuda:1: batch 2, 20 resident, 1 queued, 3210 tokens/s, 3 MB of states" in status
+    assert harness.bot.device_metrics()["cuda:1"]["states_bytes"] == 3 * 2**20
+    assert "channels on the 2 devices (" in status and " MB on each)" in status

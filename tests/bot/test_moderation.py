@@ -1,0 +1,114 @@
+"""/rwkv reset, undo-reset, enable, disable and server (bot/cogs/moderation.py): who may use
+them, and what they change."""
+
+from __future__ import annotations
+
+from tests.bot.harness import (
+    ADMIN,
+    ALICE,
+    GENERAL,
+    GUILD,
+    MOD,
+    QUIET,
+    THREAD,
+    Harness,
+)
+
+
+async def test_moderator_commands_refuse_normal_members(harness: Harness) -> None:
+    """reset, undo-reset, enable, disable, server and settings changes need Manage Messages."""
+    for sub, options in [
+        ("reset", {}),
+        ("undo-reset", {}),
+        ("enable", {}),
+        ("disable", {}),
+        ("server", {"reset_policy": "moderators"}),
+        ("settings", {"temperature": 0.5}),
+    ]:
+        before = len(harness.adapter.calls)
+        await harness.slash("rwkv", sub, author=ALICE, **options)
+        assert "Only " in " ".join(harness.adapter.texts()[-1:]), sub
+        assert len(harness.adapter.calls) == before + 1
+
+
+async def test_reset_and_undo_reset(harness: Harness) -> None:
+    """/rwkv reset puts the channel back to the start; /rwkv undo-reset restores it."""
+    service = harness.bot.service
+    await harness.say("-top_p=0 Remember this")
+    before = await service.states.durable(str(GENERAL), "chat")
+    await harness.slash("rwkv", "reset", author=MOD)
+    after = await service.states.durable(str(GENERAL), "chat")
+    assert before is not None and after is not None
+    assert not after.logits.equal(before.logits)
+    await harness.slash("rwkv", "undo-reset", author=MOD)
+    restored = await service.states.durable(str(GENERAL), "chat")
+    assert restored is not None and restored.logits.equal(before.logits)
+    assert any("Restored 1" in t for t in harness.adapter.texts())
+
+
+async def test_server_wide_reset(harness: Harness) -> None:
+    """scope=server resets every conversation of the server."""
+    await harness.say("-top_p=0 Hi", channel=GENERAL)
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    await harness.slash("rwkv", "reset", author=ADMIN, scope="server")
+    assert any("Reset 2 conversation(s)" in t for t in harness.adapter.texts())
+
+
+async def test_server_wide_actions_need_manage_server(harness: Harness) -> None:
+    """Manage Messages in a channel is not enough to reset, undo or set policy for the whole
+    server: those need Manage Server, and a refused one changes nothing."""
+    service = harness.bot.service
+    await harness.say("-top_p=0 Hi", channel=THREAD)
+    before = await service.states.durable(str(THREAD), "chat")
+    for sub, options in [
+        ("reset", {"scope": "server"}),
+        ("undo-reset", {"scope": "server"}),
+        ("server", {"reset_policy": "moderators"}),
+    ]:
+        await harness.slash("rwkv", sub, author=MOD, **options)
+        assert "Manage Server" in harness.adapter.texts()[-1], sub
+    after = await service.states.durable(str(THREAD), "chat")
+    assert before is not None and after is not None and after.logits.equal(before.logits)
+    assert await service.store.channels.guild_settings(str(GUILD)) == {}
+    await harness.slash("rwkv", "server", author=ADMIN, reset_policy="moderators")
+    assert await service.store.channels.guild_settings(str(GUILD)) == {"reset_policy": "moderators"}
+
+
+async def test_text_reset_follows_the_server_policy(harness: Harness) -> None:
+    """With reset_policy=moderators, +reset from a member is refused and from a moderator done."""
+    await harness.slash("rwkv", "server", author=ADMIN, reset_policy="moderators")
+    await harness.say("+reset", author=ALICE)
+    assert "Only moderators can reset" in harness.http.sent()[-1]
+    await harness.say("+reset", author=MOD)
+    assert harness.http.sent()[-1] == "Chat reset."
+
+
+async def test_enable_and_disable(harness: Harness) -> None:
+    """A moderator enables #quiet; the bot answers there until it is disabled."""
+    await harness.slash("rwkv", "enable", author=MOD, channel=QUIET)
+    await harness.say("+help", channel=QUIET)
+    assert harness.http.posted_to(QUIET)
+    await harness.slash("rwkv", "disable", author=MOD, channel=QUIET)
+    count = len(harness.http.posted_to(QUIET))
+    await harness.say("+help", channel=QUIET)
+    assert len(harness.http.posted_to(QUIET)) == count
+
+
+async def test_disable_in_a_thread_of_an_enabled_channel_stops_the_bot_there(harness: Harness) -> None:
+    """/rwkv disable in a thread of an enabled channel really stops the bot there (and after a
+    restart); /rwkv enable in the thread brings it back."""
+    await harness.slash("rwkv", "disable", author=MOD, channel=THREAD)
+    assert "won't answer" in harness.adapter.texts()[-1]
+    await harness.say("+help", channel=THREAD)
+    assert not harness.http.posted_to(THREAD)
+    await harness.say("+help", channel=GENERAL)
+    assert harness.http.posted_to(GENERAL)  # the channel itself is still on
+    service = harness.bot.service
+    assert await service.store.channels.disabled_threads() == {str(THREAD)}
+    harness.bot.disabled.clear()
+    await harness.bot.setup_hook()  # a restart reads it back
+    assert harness.bot.disabled == {THREAD}
+    await harness.slash("rwkv", "enable", author=MOD, channel=THREAD)
+    await harness.say("+help", channel=THREAD)
+    assert harness.http.posted_to(THREAD)
+    assert await service.store.channels.disabled_threads() == set()
