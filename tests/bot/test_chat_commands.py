@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.bot.harness import (
@@ -9,6 +11,26 @@ from tests.bot.harness import (
     MOD,
     Harness,
 )
+
+
+def _options(harness: Harness, sub: str) -> dict[str, dict[str, Any]]:
+    """The options of ``/rwkv <sub>`` as they are synced to Discord."""
+    group = harness.bot.tree.get_command("rwkv")
+    assert group is not None
+    (command,) = [c for c in group.to_dict(harness.bot.tree)["options"] if c["name"] == sub]
+    return {option["name"]: option for option in command["options"]}
+
+
+async def test_settings_offer_the_ranges_the_service_accepts(harness: Harness) -> None:
+    """/rwkv settings offers max_tokens up to the service's cap (chat_max_tokens, 40 here) and the
+    sampling ranges the service publishes, as Discord receives them."""
+    limits = harness.bot.service.limits
+    options = _options(harness, "settings")
+    assert options["max_tokens"]["max_value"] == limits.max_tokens == 40
+    assert options["max_tokens"]["min_value"] == 1
+    for name, (low, high) in limits.ranges.items():
+        assert (options[name]["min_value"], options[name]["max_value"]) == (low, high), name
+    assert options["temperature"]["type"] == 10 and options["max_tokens"]["type"] == 4  # number, integer
 
 
 async def test_settings_command_validates_and_stores(harness: Harness) -> None:
