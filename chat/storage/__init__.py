@@ -43,6 +43,7 @@ __all__ = [
     "Backend",
     "ChannelConfig",
     "HeadName",
+    "Location",
     "NewRef",
     "NewState",
     "StateBase",
@@ -56,6 +57,7 @@ __all__ = [
     "state_checksum",
 ]
 
+Location = Path | str  # a path (SQLite), or scheme://... for a backend registered in BACKENDS
 HeadTargets = Mapping[str, int | NewRef | None]  # head name -> state id, a new state, or None: remove
 
 
@@ -255,32 +257,33 @@ class Storage(Protocol):
 class Backend(Protocol):
     """One kind of store: opening it, and the maintenance of one that need not be open."""
 
-    async def open(self, location: Path, *, check: bool = True) -> Storage:
+    async def open(self, location: Location, *, check: bool = True) -> Storage:
         """Open (creating and migrating if needed) the store at ``location``; with ``check``, a
         damaged store is refused (StoreError "damaged") before anything is read from it."""
         ...
 
-    def integrity_check(self, location: Path) -> list[str]:
+    def integrity_check(self, location: Location) -> list[str]:
         """A full check of the store (``db check``); empty when it is sound."""
         ...
 
-    def backup(self, location: Path, destination: Path) -> None:
+    def backup(self, location: Location, destination: Path) -> None:
         """A consistent copy of a live store at ``destination``, never left half-written."""
         ...
 
-    def vacuum(self, location: Path) -> tuple[int, int]:
+    def vacuum(self, location: Location) -> tuple[int, int]:
         """Compact the store; returns (bytes before, bytes after)."""
         ...
 
 
-# Location scheme -> the module whose ``BACKEND`` serves it. A plain path is an SQLite file.
+# Location scheme -> the module whose ``BACKEND`` serves it. A path is an SQLite file.
 BACKENDS: dict[str, str] = {"sqlite": "chat.storage.sqlite"}
 
 
-def backend_for(location: Path | str) -> Backend:
-    """The backend that serves ``location`` (``scheme://...``, or a path: SQLite)."""
+def backend_for(location: Location) -> Backend:
+    """The backend that serves ``location``: the one registered for its scheme (``scheme://...``),
+    SQLite for a path."""
     text = str(location)
-    scheme = text.split("://", 1)[0] if "://" in text else "sqlite"
+    scheme = text.split("://", 1)[0] if isinstance(location, str) and "://" in text else "sqlite"
     if scheme not in BACKENDS:
         raise StoreError(f"no storage backend for {scheme}:// (known: {', '.join(sorted(BACKENDS))})")
     backend: Backend = importlib.import_module(BACKENDS[scheme]).BACKEND

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chat.storage import Backend
+from chat.storage import Backend, Location
 from chat.storage._sqlite_db import Database, Repository
 from chat.storage._sqlite_errors import guard_sqlite_errors, sqlite_error
 from chat.storage._sqlite_files import (
@@ -323,15 +323,27 @@ class SqliteStorage:
 
 
 class SqliteBackend:
-    """:class:`chat.storage.Backend` for SQLite files."""
+    """:class:`chat.storage.Backend` for SQLite files (``sqlite://`` before the path may be left out)."""
 
-    async def open(self, location: Path, *, check: bool = True) -> SqliteStorage:
+    async def open(self, location: Location, *, check: bool = True) -> SqliteStorage:
         """Open (creating and migrating if needed) the database file at ``location``."""
-        return await SqliteStorage.open(location, check=check)
+        return await SqliteStorage.open(_path(location), check=check)
 
-    integrity_check = staticmethod(integrity_check)
-    backup = staticmethod(backup)
-    vacuum = staticmethod(vacuum)
+    def integrity_check(self, location: Location) -> list[str]:
+        """SQLite's full integrity check of the file; empty when it is sound."""
+        return integrity_check(_path(location))
+
+    def backup(self, location: Location, destination: Path) -> None:
+        """SQLite's online backup, renamed into place when whole."""
+        backup(_path(location), destination)
+
+    def vacuum(self, location: Location) -> tuple[int, int]:
+        """Rewrite the file without free pages; returns (bytes before, bytes after)."""
+        return vacuum(_path(location))
+
+
+def _path(location: Location) -> Path:
+    return Path(location.removeprefix("sqlite://")) if isinstance(location, str) else location
 
 
 BACKEND: Backend = SqliteBackend()
