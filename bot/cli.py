@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from bot.settings import ConfigError, load_settings
+from bot.settings import ConfigError, heartbeat_path, load_settings
 from chat.errors import PresetError, StoreError
 from engine.errors import EngineError
 from engine.shapes import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape
@@ -295,8 +295,6 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from bot.settings import heartbeat_path
-
     settings = load_settings(db=args.db)
     path = heartbeat_path(settings)
     try:
