@@ -39,10 +39,7 @@ class ModerationCommands(commands.Cog):
     @moderators_only()
     async def reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
         """Reset the channel's conversation, or every one of the server's."""
-        if scope == "server":
-            require_server_manager(interaction)
-        await interaction.response.defer(ephemeral=True)
-        keys = await self._scope_keys(interaction, scope)
+        keys = await self._begin(interaction, scope)
         for key in keys:  # stop everything first, so no channel waits for another's reply
             self.bot.stop(key, waiting_too=True)
         for key in keys:
@@ -60,11 +57,8 @@ class ModerationCommands(commands.Cog):
     @moderators_only()
     async def undo_reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
         """Bring back the conversation(s) of before the last reset."""
-        if scope == "server":
-            require_server_manager(interaction)
-        await interaction.response.defer(ephemeral=True)
         restored = 0
-        for key in await self._scope_keys(interaction, scope):
+        for key in await self._begin(interaction, scope):
             restored += await self.bot.service.undo_reset(key)
         text = f"Restored {restored} conversation(s)." if restored else "There is no reset to undo."
         await interaction.followup.send(text, ephemeral=True)
@@ -96,7 +90,12 @@ class ModerationCommands(commands.Cog):
         await self.bot.service.set_reset_policy(str(guild_id), reset_policy)
         await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
 
-    async def _scope_keys(self, interaction: discord.Interaction, scope: Scope) -> list[str]:
+    async def _begin(self, interaction: discord.Interaction, scope: Scope) -> list[str]:
+        """The conversations a command acts on, once the member may (the whole server needs
+        Manage Server) and the interaction is deferred."""
+        if scope == "server":
+            require_server_manager(interaction)
+        await interaction.response.defer(ephemeral=True)
         here = str(interaction.channel_id)
         if scope == "server" and interaction.guild_id is not None:
             keys = await self.bot.service.server_channels(str(interaction.guild_id))
