@@ -36,8 +36,8 @@ class BotTree(app_commands.CommandTree[Any]):
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """Answer the member in one line and log what was not a refusal."""
+        command = interaction.command.qualified_name if interaction.command else "?"
         if not isinstance(error, Refused):
-            command = interaction.command.qualified_name if interaction.command else "?"
             log.error("the command /%s failed", command, exc_info=error)
         if interaction.type is not discord.InteractionType.application_command:
             return  # an autocomplete: there is no message to answer with
@@ -48,4 +48,4 @@ class BotTree(app_commands.CommandTree[Any]):
             else:
                 await interaction.response.send_message(text, ephemeral=True)
         except discord.HTTPException as exc:  # the token expired, or Discord refused
-            log.warning("could not tell the member that /%s failed: %s", interaction.command, exc)
+            log.warning("could not tell the member that /%s failed: %s", command, exc)
