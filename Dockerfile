@@ -1,6 +1,6 @@
 # rwkv-discord images, in two variants (compose.yaml builds the CPU one, compose.gpu.yaml the GPU one):
-#   docker build -t rwkv-discord:cpu --build-arg VARIANT=cpu .    # CPU-only torch, about 1.2 GB
-#   docker build -t rwkv-discord:gpu --build-arg VARIANT=gpu .    # CUDA 12.8 torch, about 6 GB
+#   docker build -t rwkv-discord:cpu --build-arg VARIANT=cpu .    # CPU-only torch, about 1.3 GB
+#   docker build -t rwkv-discord:gpu --build-arg VARIANT=gpu .    # CUDA 12.8 torch, about 7.5 GB
 # The GPU image needs an NVIDIA driver 525.60.13 or newer (CUDA 12 minor-version compatibility;
 # 570 or newer for RTX 50xx/Blackwell cards) and the NVIDIA Container Toolkit on the host.
 #
@@ -55,13 +55,8 @@ RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip-build install -r /tmp/requirements.txt && rm /tmp/requirements.txt
-COPY scripts/docker-entrypoint /usr/local/bin/docker-entrypoint
-COPY README.md ./
-COPY bot ./bot
-COPY chat ./chat
-COPY engine ./engine
-COPY faq ./faq
-COPY migrations ./migrations
+# Then the code: everything .dockerignore lets through (the packages listed in pyproject.toml).
+COPY . ./
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
     pip-build install --no-deps . && rm -rf build *.egg-info
 
@@ -71,6 +66,6 @@ VOLUME ["/data"]
 HEALTHCHECK --interval=60s --timeout=10s --start-period=300s --retries=3 \
     CMD ["rwkv-discord", "health"]
 # tini -g sends Docker's SIGTERM to the bot, which finishes in-flight replies and exits 0. For `run`,
-# docker-entrypoint holds a configuration error (exit 78) instead of letting it restart in a loop.
-ENTRYPOINT ["tini", "-g", "--", "docker-entrypoint"]
+# scripts/docker-entrypoint holds a configuration error (exit 78) instead of letting it restart in a loop.
+ENTRYPOINT ["tini", "-g", "--", "/app/scripts/docker-entrypoint"]
 CMD ["run"]
