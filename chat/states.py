@@ -127,7 +127,7 @@ class ChannelStates:
         base = StateBase.ZERO if snapshot is None else StateBase.INIT
         return Loaded(None, base, snapshot, preset_key, 0)
 
-    async def load(self, channel: str, name: str, notices: list[str]) -> Loaded | None:
+    async def load(self, channel: str, name: HeadName, notices: list[str]) -> Loaded | None:
         """The channel's state ``name``, or None when it has none (or it cannot be used).
 
         Raises :class:`CarryOver` when the chat state must be re-read from the transcript (the
@@ -161,7 +161,7 @@ class ChannelStates:
             return None
         return Loaded(state_id, StateBase.PARENT, held, state.preset_key, state.replay)
 
-    async def durable(self, channel: str, name: str) -> Snapshot | None:
+    async def durable(self, channel: str, name: HeadName) -> Snapshot | None:
         """The state ``name`` rebuilt from the database alone (what a restart would find)."""
         state_id = (await self.state_log.heads(channel)).get(HeadName(name))
         if state_id is None:
@@ -210,9 +210,9 @@ class ChannelStates:
         channel: str,
         start: Loaded,
         steps: list[Step],
-        heads: dict[str, int],
+        heads: dict[HeadName, int],
         turn: Turn | None,
-    ) -> dict[str, Loaded]:
+    ) -> dict[HeadName, Loaded]:
         """Store ``steps`` (each read from the previous, the first from ``start``) and point
         ``heads`` at them (by step index; -1 is ``start``); returns the heads as new starts."""
         fingerprint = self.fingerprint
@@ -257,7 +257,7 @@ class ChannelStates:
         if start.ref is not None and start.snapshot is not None:
             made[start.ref] = start.snapshot
         self.tiers.hold(channel, made, set((await self.state_log.heads(channel)).values()))
-        result: dict[str, Loaded] = {}
+        result: dict[HeadName, Loaded] = {}
         for name, index in heads.items():
             if index < 0:
                 result[name] = start

@@ -20,7 +20,7 @@ from chat.outcome import ChatEvent, Outcome, OutcomeKind, split_thinking
 from chat.presets import Preset
 from chat.settings import ChannelContext, ChatConfig
 from chat.states import CarryOver, ChannelStates, Loaded, Step
-from chat.storage import Storage, Turn
+from chat.storage import HeadName, Storage, Turn
 from engine.errors import EngineError, StateMismatchError
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, StopReason, TextDelta
 from engine.state import Snapshot
@@ -150,7 +150,7 @@ class TurnCommands:
     ) -> AsyncIterator[ChatEvent]:
         channel_id, preset = ctx.channel_id, ctx.preset
         try:
-            loaded = await self.states.load(channel_id, "chat", notices)
+            loaded = await self.states.load(channel_id, HeadName.CHAT, notices)
         except CarryOver as why:
             loaded = await self.states.carry_over(channel_id, preset.key, preset.chat_turn, str(why), notices)
         if loaded is not None and loaded.preset_key != preset.key:
@@ -168,7 +168,7 @@ class TurnCommands:
             mode=ReplyMode.CHAT,
             newline_bias=0.0,
             notices=notices,
-            targets=("chat_pre", "chat"),
+            targets=(HeadName.CHAT_PRE, HeadName.CHAT),
             turn=Turn("chat", parsed.text, "", 0),
         ):
             yield event
@@ -176,7 +176,7 @@ class TurnCommands:
     async def _retry_chat(
         self, ctx: ChannelContext, parsed: Parsed, notices: list[str]
     ) -> AsyncIterator[ChatEvent]:
-        loaded = await self.states.load(ctx.channel_id, "chat_pre", notices)
+        loaded = await self.states.load(ctx.channel_id, HeadName.CHAT_PRE, notices)
         if loaded is None:
             yield Outcome(
                 OutcomeKind.NOTICE,
@@ -193,7 +193,7 @@ class TurnCommands:
             mode=ReplyMode.CHAT,
             newline_bias=0.0,
             notices=notices,
-            targets=(None, "chat"),
+            targets=(None, HeadName.CHAT),
             turn=Turn("+", "", "", 0),
         ):
             yield event
@@ -218,9 +218,9 @@ class TurnCommands:
                 start = self.states.root(await self._init_snapshot(preset), preset.key)
                 prompt = await self._encode(preset.chat_turn(text))
                 newline_bias = -2.0
-            targets: tuple[str | None, str] = ("gen_0", "gen_1")
+            targets: tuple[HeadName | None, HeadName] = (HeadName.GEN_0, HeadName.GEN_1)
         else:
-            name = "gen_1" if command is Command.CONTINUE else "gen_0"
+            name = HeadName.GEN_1 if command is Command.CONTINUE else HeadName.GEN_0
             loaded = await self.states.load(channel_id, name, notices)
             if loaded is None or loaded.snapshot is None:
                 what = "continue" if command is Command.CONTINUE else "retry"
@@ -233,7 +233,9 @@ class TurnCommands:
             start = loaded
             newline_bias = float(loaded.snapshot.meta.get("newline_bias", 0.0))
             # +++ continues from gen_1 and makes it the new gen_0, as in the reference.
-            targets = ("gen_0", "gen_1") if command is Command.CONTINUE else (None, "gen_1")
+            targets = (
+                (HeadName.GEN_0, HeadName.GEN_1) if command is Command.CONTINUE else (None, HeadName.GEN_1)
+            )
         async for event in self._run(
             ctx,
             kind=OutcomeKind.GENERATION,
@@ -259,7 +261,7 @@ class TurnCommands:
         mode: ReplyMode,
         newline_bias: float,
         notices: list[str],
-        targets: tuple[str | None, str],
+        targets: tuple[HeadName | None, HeadName],
         turn: Turn,
     ) -> AsyncIterator[ChatEvent]:
         """Generate, stream, then store the turn's states in one transaction.

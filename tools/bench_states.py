@@ -113,7 +113,9 @@ async def write_cost(
         nonlocal chat
         steps = [Step(_tokens(rng, prompt), snapshot), Step(_tokens(rng, reply), snapshot)]
         line = Turn("chat", "m" * prompt * 4, "r" * reply * 4, reply)
-        chat = (await states.commit("c", chat, steps, {"chat_pre": 0, "chat": 1}, line))["chat"]
+        chat = (await states.commit("c", chat, steps, {HeadName.CHAT_PRE: 0, HeadName.CHAT: 1}, line))[
+            HeadName.CHAT
+        ]
 
     while states.checkpoints_written < 1:
         await turn()
@@ -176,7 +178,7 @@ async def restore_cost(
         hot = []
         for _ in range(100):
             started = time.perf_counter()
-            await states.load("c", "chat", [])
+            await states.load("c", HeadName.CHAT, [])
             _sync()
             hot.append(time.perf_counter() - started)
         result["hot_load_ms"] = 1000 * statistics.median(hot)
@@ -191,7 +193,7 @@ async def restore_cost(
             _sync()
             states.tiers.drop("c")
             started = time.perf_counter()
-            await states.load("c", "chat", [])
+            await states.load("c", HeadName.CHAT, [])
             _sync()
             cold = time.perf_counter() - started
             speed = replay / max(cold - result["checkpoint_load_ms"] / 1000, 1e-9)
@@ -264,7 +266,7 @@ async def scale_cost(
             fifth = len(touched) // 5
             for part in (touched[:fifth], touched[fifth : 3 * fifth], touched[3 * fifth :]):  # 1st: warm-up
                 for index in part:
-                    await states.load(f"ch{index}", "chat", [])
+                    await states.load(f"ch{index}", HeadName.CHAT, [])
                 rss.append(_rss())
             usage = states.tiers.usage()
             result.update(
