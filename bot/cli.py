@@ -58,6 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_bot_commands(sub)
+
+    for name, (_, text) in PASSTHROUGH.items():  # listed here; run by their own parsers in main()
+        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
+
+    _add_db_command(sub)
+
+    make = sub.add_parser(
+        "make-model",
+        help="write a random-weight model file (for tests and benchmarks)",
+        description="Write an RWKV .pth file with random weights in the real key layout of the "
+        "chosen version. Give a size name (RWKV-7 G1 shapes) or --layers/--embd/--vocab.",
+    )
+    make.add_argument("path", type=Path, help="output file, ending in .pth")
+    make.add_argument(
+        "--version", type=int, choices=SUPPORTED_VERSIONS, default=7, help="RWKV version (default: 7)"
+    )
+    make.add_argument("--size", choices=sorted(NAMED_SHAPES), help="a real RWKV-7 shape")
+    make.add_argument("--layers", type=int, default=2, help="layers (default: 2)")
+    make.add_argument("--embd", type=int, default=64, help="width (default: 64)")
+    make.add_argument("--vocab", type=int, default=65536, help="vocabulary size (default: 65536, World)")
+    make.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="stored precision")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    return parser
+
+
+def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``run``, ``health`` and ``chat``."""
     run = sub.add_parser(
         "run",
         help="run the Discord bot",
@@ -107,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one message per input line, one JSON object per message out (for scripts)",
     )
 
-    for name, (_, text) in PASSTHROUGH.items():  # listed here; run by their own parsers in main()
-        sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
 
+def _add_db_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``db`` and its actions."""
     db = sub.add_parser(
         "db",
         help="look after the database: stats, vacuum, export a transcript, back up, purge",
@@ -130,24 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     backup_parser.add_argument("destination", type=Path, help="the backup file to write")
     purge = db_sub.add_parser("purge", help="delete everything stored for a channel")
     purge.add_argument("--channel", required=True, help="the channel (or thread) id, or 'console'")
-
-    make = sub.add_parser(
-        "make-model",
-        help="write a random-weight model file (for tests and benchmarks)",
-        description="Write an RWKV .pth file with random weights in the real key layout of the "
-        "chosen version. Give a size name (RWKV-7 G1 shapes) or --layers/--embd/--vocab.",
-    )
-    make.add_argument("path", type=Path, help="output file, ending in .pth")
-    make.add_argument(
-        "--version", type=int, choices=SUPPORTED_VERSIONS, default=7, help="RWKV version (default: 7)"
-    )
-    make.add_argument("--size", choices=sorted(NAMED_SHAPES), help="a real RWKV-7 shape")
-    make.add_argument("--layers", type=int, default=2, help="layers (default: 2)")
-    make.add_argument("--embd", type=int, default=64, help="width (default: 64)")
-    make.add_argument("--vocab", type=int, default=65536, help="vocabulary size (default: 65536, World)")
-    make.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="stored precision")
-    make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    return parser
 
 
 def _make_model(args: argparse.Namespace) -> int:
