@@ -229,7 +229,7 @@ class EngineCore:
                 else:
                     self.runner.zero_slot(job.slot)
                 if job.request is not None:
-                    job.meta = {"mode": job.request.mode.value, "newline_bias": job.request.newline_bias}
+                    job.meta = job.request.snapshot_meta()
                 if job.prompt:
                     self._scheduler.read_prompt(job)
                 else:

@@ -1,9 +1,9 @@
 """The per-sequence generation loop of the reference engine: one sequence at a time.
 
 It is written against a callable (``forward`` feeds tokens and returns logits) so that it is
-independent of where the model runs. The shaping (:mod:`engine.logits`), the sampler
-(:mod:`engine.sampling`) and the stop and streaming rules (:mod:`engine.output`) are the ones the
-batched engine uses too.
+independent of where the model runs. The shaping (:mod:`engine.logits`) and the stop and
+streaming rules (:mod:`engine.output`) are the ones the batched engine uses too; the draw is
+:func:`engine.sampling.sample_token` with the request's seeded generator.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch
 from engine.errors import StateMismatchError
 from engine.interface import GenerationEvent, GenerationRequest, PromptRead
 from engine.logits import Shaper, avoid_repeat_ids, shape_one
-from engine.output import PENDING_LIMIT, OutputProcessor, visible_text
+from engine.output import OutputProcessor, visible_text
 from engine.sampling import sample_token
 from engine.state import Snapshot
 from engine.tokenizer import Tokenizer
 
-__all__ = ["PENDING_LIMIT", "Forward", "SequenceRunner", "avoid_repeat_ids", "visible_text"]
+# visible_text: re-exported for the importers that still name this module (it is engine.output's).
+__all__ = ["Forward", "SequenceRunner", "visible_text"]
 
 # Feeds tokens to a state (None: a zero state) and returns (logits after the last, new state).
 Forward = Callable[[list[int], list[torch.Tensor] | None], tuple[torch.Tensor, list[torch.Tensor]]]
@@ -85,7 +86,7 @@ class SequenceRunner:
 
     def run(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
         """Yield :class:`PromptRead`, then :class:`TextDelta` pieces, then :class:`Finished`."""
-        meta = {"mode": request.mode.value, "newline_bias": request.newline_bias}
+        meta = request.snapshot_meta()
         snapshot = self.feed(request.start, request.prompt, meta, request.cancel)
         yield PromptRead(snapshot)
 

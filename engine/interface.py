@@ -13,6 +13,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.formats import ModelSpec
 from engine.sampling import SamplingParams
@@ -41,6 +42,11 @@ class GenerationRequest:
     thinking: bool = False  # CHAT: a blank line inside <think>...</think> does not end the reply
     seed: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def snapshot_meta(self) -> dict[str, Any]:
+        """What the snapshots of this generation record of how they were made (``++`` repeats
+        the mode)."""
+        return {"mode": self.mode.value, "newline_bias": self.newline_bias}
 
 
 class StopReason(enum.Enum):

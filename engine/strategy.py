@@ -22,7 +22,6 @@ DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bf
 PRECISIONS = tuple(DTYPE_NAMES)
 # What the reference (the rwkv package) accepts on each device.
 REFERENCE_CPU_PRECISIONS = ("fp32", "bf16")
-REFERENCE_CUDA_PRECISIONS = ("fp16", "bf16", "fp32", "fp16i8", "bf16i8")
 _RWKV7_STRATEGIES = "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp32'"
 
 

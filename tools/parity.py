@@ -1,0 +1,112 @@
+"""``bench --parity``: the batched model's logits against the ``rwkv`` package's, and its CUDA-graph
+decode step against the same model run eagerly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.runner import ModelRunner
+
+
+def check_parity(reference: Any, path: Path, strategy: str, *, graphs: bool = False) -> dict[str, Any]:
+    """Largest relative logits error of the batched model against the rwkv package.
+
+    Decode is compared one step at a time from the package's states (in fp16, implementations
+    that are both right drift apart over several steps on random weights); prefill from a blank
+    state (in 16 bits, over two tokens only).
+    """
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if strategy.startswith("cuda"):  # the package turns TF32 on at import; compare real fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        report = _compare(
+            reference, ModelRunner.load(path, strategy, max_slots=4, cuda_graphs=False), strategy
+        )
+        if graphs and strategy.startswith("cuda"):
+            report["graphs_limit"] = 1e-5 if strategy.endswith("fp32") else 1e-2
+            try:
+                report["graphs_rel_err"] = _graph_parity(path, strategy)
+            except (RuntimeError, EngineError) as exc:  # a failed capture, load or plan
+                report["graphs_error"] = str(exc)
+                report["ok"] = False
+            else:
+                report["ok"] = report["ok"] and report["graphs_rel_err"] < report["graphs_limit"]
+        return report
+    finally:  # the engines are timed with the package's own setting
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
+    """The parity numbers of a loaded batched model against the reference engine's model."""
+    ref_model = reference.model
+    prompts = [[11, 22, 33, 44, 55, 66, 77, 88], [5, 6], [1000, 2000, 3000], [42] * 5]
+    prompts = [[token % model.vocab_size for token in prompt] for prompt in prompts]  # --vocab
+    exact = strategy.endswith("fp32")
+    decode_err = prefill_err = 0.0
+    with torch.no_grad():
+        for slot, prompt in enumerate(prompts):
+            short = prompt if exact else prompt[:2]  # in 16 bits, compare before the drift grows
+            want, _ = ref_model.forward(short, reference._rwkv7_zero_state())
+            model.zero_slot(slot)
+            got = model.prefill([slot], [short], logits=True)
+            assert got is not None
+            prefill_err = max(prefill_err, _rel(got[0], want))
+        states = [list(ref_model.forward(p, reference._rwkv7_zero_state())[1]) for p in prompts]
+        for step in range(4):
+            for slot, state in enumerate(states):
+                model.load_slot(slot, state)
+            tokens = [100 + 7 * step + slot for slot in range(len(prompts))]
+            got = model.decode(list(range(len(prompts))), tokens)
+            for slot, token in enumerate(tokens):
+                want, state = ref_model.forward([token], [t.clone() for t in states[slot]])
+                decode_err = max(decode_err, _rel(got[slot], want))
+                states[slot] = list(state)
+    limit = 1e-5 if exact else 2e-2
+    return {
+        "decode_rel_err": decode_err,
+        "prefill_rel_err": prefill_err,
+        "limit": limit,
+        "ok": decode_err < limit and prefill_err < limit,
+        "kernels": model.describe_kernels(),
+    }
+
+
+def _graph_parity(path: Path, strategy: str) -> float:
+    """Largest relative error of the CUDA-graph decode step against the same model run eagerly,
+    over batches that use each kind of graph: in place with a padding row on a free slot, in
+    place without padding, and gathered by index (padding on the scratch slot). States too."""
+    eager = ModelRunner.load(path, strategy, max_slots=6, cuda_graphs=False)
+    graphed = ModelRunner.load(path, strategy, max_slots=6, cuda_graphs=True)
+    graphed.capture_graphs(4)
+    if not graphed.cuda_graphs:
+        raise RuntimeError("the CUDA graphs could not be captured (see the warning above)")
+    worst = 0.0
+    with torch.no_grad():
+        for slot in range(6):
+            prompt = [(97 * slot + 13 * i) % eager.vocab_size for i in range(3)]
+            for model in (eager, graphed):
+                model.zero_slot(slot)
+                model.prefill([slot], [prompt], logits=False)
+        for model in (eager, graphed):
+            model.release_slot(3)
+        batches = {"in place, padded": [0, 1, 2], "in place": [0, 1], "by index": [5, 1, 4]}
+        for step, (kind, slots) in enumerate(batches.items()):
+            if graphed.graph_plan(slots)[1] != kind.startswith("in place"):
+                raise RuntimeError(f"the batch {slots} did not take the {kind} graph")
+            tokens = [(31 * step + 7 * row) % eager.vocab_size for row in range(len(slots))]
+            want = eager.decode(slots, tokens)
+            worst = max(worst, _rel(graphed.decode(slots, tokens), want))
+        for slot in (0, 1, 2, 4, 5):
+            for ours, theirs in zip(graphed.export_slot(slot), eager.export_slot(slot), strict=True):
+                worst = max(worst, _rel(ours.float(), theirs.float()))
+    return worst
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float().reshape(-1)
+    return float((got.float().reshape(-1) - want).abs().max() / want.abs().max().clamp_min(1e-12))
