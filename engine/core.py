@@ -54,7 +54,7 @@ class _Generation:
 
     def __init__(
         self, request: GenerationRequest, tokenizer: Tokenizer, avoid: frozenset[int], last: int | None
-    ):
+    ) -> None:
         self.request = request
         self.draw = DrawSeed(request.seed)
         self.shaper = Shaper(request, avoid, last)
