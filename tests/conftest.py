@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from chat.presets import load_presets
 from chat.session import ChatConfig, ChatService
-from chat.store import Store
+from chat.storage.sqlite import SqliteStorage
 from engine.inprocess import ReferenceEngine
 from tools.make_model import ModelShape, write_random_model
 
@@ -59,7 +59,7 @@ def engine7(model_dir: Path) -> ReferenceEngine:
 
 async def open_service(engine: ReferenceEngine, db: Path, **config: object) -> ChatService:
     """A chat service on a real SQLite file (the caller closes ``service.store``)."""
-    store = await Store.open(db)
+    store = await SqliteStorage.open(db)
     options: dict[str, object] = {"default_preset": "g1-chat", "gen_max_tokens": 24, "chat_max_tokens": 48}
     options.update(config)
     service = ChatService(engine, store, load_presets(), ChatConfig(**options))  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from chat.presets import load_presets
 from chat.session import ChatConfig, ChatService
 from chat.states import MB, StatePolicy, conversation
 from chat.storage import Turn
-from chat.store import Store
+from chat.storage.sqlite import SqliteStorage
 from chat.tiers import StateTiers, _Entry
 from engine.inprocess import ReferenceEngine
 from engine.make_model import write_random_model
@@ -137,7 +137,7 @@ def kill_and_compare(model_dir: Path, tmp_path: Path, channels: int, rounds: int
 
 
 async def open_states_service(engine: ReferenceEngine, db: Path, **policy: object) -> ChatService:
-    store = await Store.open(db)
+    store = await SqliteStorage.open(db)
     config = ChatConfig(
         default_preset="g1-chat",
         gen_max_tokens=12,
@@ -163,12 +163,12 @@ async def test_a_turn_writes_tokens_not_states(engine7: ReferenceEngine, tmp_pat
         state_bytes = (await service._init_snapshot(service.presets["g1-chat"])).nbytes()
         for i in range(12):
             await service.respond("c", f"{GREEDY}message {i}")
-        numbers = await service.store.stats()
+        numbers = await service.store.admin.stats()
         assert numbers["checkpoints"] >= 1
         # What a restart would rebuild equals what is in memory, bit for bit.
         durable = await service.states.durable("c", "chat")
         held = service.states.tiers.held("c")
-        heads = await service.store.heads("c")
+        heads = await service.store.states.heads("c")
         assert durable is not None and torch.equal(durable.logits, held[heads["chat"]].logits)
         assert all(
             torch.equal(a, b) for a, b in zip(durable.tensors, held[heads["chat"]].tensors, strict=True)
@@ -336,7 +336,7 @@ async def test_model_change_carries_the_conversation_over(engine7: ReferenceEngi
     try:
         for i in range(3):
             await service.respond("c", f"{GREEDY}message {i}")
-        pairs = conversation(await service.store.transcript("c"))
+        pairs = conversation(await service.store.transcripts.turns("c"))
     finally:
         await service.store.close()
     other = ReferenceEngine.load(write_random_model(tmp_path / "other.pth", 7, TINY, seed=99))
@@ -397,24 +397,24 @@ async def test_housekeeping_trims_idle_channels_and_keeps_the_database_budget(
         for channel in ("a", "b", "c"):
             await service.respond(channel, f"{GREEDY}hello")
             await service.respond(channel, "+gen story")
-        stats = await service.store.stats()
+        stats = await service.store.admin.stats()
         assert stats["checkpoints"] >= 3
         result = await service.housekeeping(now=time.time() + 7200)
         assert result["retired"] == 3
         for channel in ("a", "b", "c"):
-            assert set(await service.store.heads(channel)) == {"chat"}
-        one = (await service.store.checkpointed_channels(10))[0][1]
+            assert set(await service.store.states.heads(channel)) == {"chat"}
+        one = (await service.store.admin.checkpointed_channels(10))[0][1]
         service.states.tiers.drop("c")
         object.__setattr__(service.config.states, "db_bytes", one)
         result = await service.housekeeping()
         assert result["frozen"] == 2
-        assert await service.store.checkpoint_usage() <= one
-        assert await service.store.rebuild_pending("a")
+        assert await service.store.admin.checkpoint_usage() <= one
+        assert await service.store.states.rebuild_pending("a")
         await service.respond("a", "+gen another story")  # not the chat: still to be re-read
-        assert await service.store.rebuild_pending("a")
+        assert await service.store.states.rebuild_pending("a")
         outcome = await service.respond("a", f"{GREEDY}are you there?")
         assert any("re-read from its last 1 of 1 messages" in n for n in outcome.notices)
-        assert not await service.store.rebuild_pending("a")
+        assert not await service.store.states.rebuild_pending("a")
     finally:
         await service.store.close()
 
@@ -430,17 +430,20 @@ async def test_old_transcript_lines_are_deleted_and_the_conversation_goes_on(
         for service in (kept, trimmed):
             for text in ("hello", "how are you?"):
                 await service.respond("c", f"{GREEDY}{text}")
-        heads = await trimmed.store.heads("c")
+        heads = await trimmed.store.states.heads("c")
         assert (await kept.housekeeping(now=time.time() + 7200))["transcript_lines"] == 0
         assert (await trimmed.housekeeping(now=time.time() + 60))["transcript_lines"] == 0
         assert (await trimmed.housekeeping(now=time.time() + 7200))["transcript_lines"] == 2
-        assert await trimmed.store.transcript("c") == [] and len(await kept.store.transcript("c")) == 2
-        assert await trimmed.store.heads("c") == heads
+        assert (
+            await trimmed.store.transcripts.turns("c") == []
+            and len(await kept.store.transcripts.turns("c")) == 2
+        )
+        assert await trimmed.store.states.heads("c") == heads
         trimmed.states.tiers.drop("c")  # from the database: the log, not the transcript
         want = await kept.respond("c", f"{GREEDY}and now?")
         got = await trimmed.respond("c", f"{GREEDY}and now?")
         assert got.text == want.text and not got.notices
-        assert len(await trimmed.store.transcript("c")) == 1
+        assert len(await trimmed.store.transcripts.turns("c")) == 1
     finally:
         await kept.store.close()
         await trimmed.store.close()
@@ -455,9 +458,12 @@ async def test_purged_channel_keeps_nothing(engine7: ReferenceEngine, tmp_path: 
         await service.respond("kept", f"{GREEDY}hello")
         assert await service.purge("gone")
         assert service.states.tiers.where("gone") is None
-        assert await service.store.heads("gone") == {} and await service.store.transcript("gone") == []
-        assert await service.store.channel_settings("gone") == {}
-        assert await service.store.heads("kept") != {}
+        assert (
+            await service.store.states.heads("gone") == {}
+            and await service.store.transcripts.turns("gone") == []
+        )
+        assert await service.store.channels.settings("gone") == {}
+        assert await service.store.states.heads("kept") != {}
         assert service._locks == {}  # locks are not kept for idle channels
     finally:
         await service.store.close()
@@ -486,15 +492,15 @@ async def test_housekeeping_leaves_channels_used_meanwhile_alone(
         await service.respond("busy", f"{GREEDY}hello")
         await service.respond("busy", "+gen story")
         assert not await service.states.retire("busy", unused_since=listed_at)
-        assert set(await service.store.heads("busy")) == {"chat", "chat_pre", "gen_0", "gen_1"}
+        assert set(await service.store.states.heads("busy")) == {"chat", "chat_pre", "gen_0", "gen_1"}
         assert not await service.states.freeze("busy", unused_since=time.time())  # in memory
-        assert await service.store.heads("busy")
+        assert await service.store.states.heads("busy")
         service.states.tiers.device_bytes = 1  # "idle" moves down to host memory
         service.states.tiers.put("busy", service.states.tiers.held("busy"))
         assert service.states.tiers.where("idle") == "host"
         assert await service.states.retire("idle", unused_since=time.time())
         assert service.states.tiers.where("idle") == "host"  # not brought up by trimming
-        assert set(await service.store.heads("idle")) == {"chat"}
+        assert set(await service.store.states.heads("idle")) == {"chat"}
     finally:
         await service.store.close()
 

@@ -26,7 +26,7 @@ from bot.cli import EXIT_CONFIG, main
 from chat.errors import PresetError, StoreError
 from chat.presets import parse_preset
 from chat.session import ChatService
-from chat.store import Store
+from chat.storage.sqlite import SqliteStorage
 from engine.formats import load_weights
 from engine.inprocess import ReferenceEngine
 from tests.conftest import open_service
@@ -50,9 +50,9 @@ def damage_table(db: Path, table: str) -> None:
 
 
 async def filled_store(db: Path, channels: int = 50) -> None:
-    store = await Store.open(db)
+    store = await SqliteStorage.open(db)
     for index in range(channels):
-        await store.set_channel_settings(f"c{index}", {"temperature": 1.0 + index / 100})
+        await store.channels.set_settings(f"c{index}", {"temperature": 1.0 + index / 100})
     await store.close()
 
 
@@ -66,7 +66,7 @@ async def test_a_damaged_page_is_found_at_start(tmp_path: Path) -> None:
     await filled_store(db)
     damage_table(db, "channels")
     with pytest.raises(StoreError) as info:
-        await Store.open(db)
+        await SqliteStorage.open(db)
     message = str(info.value)
     assert info.value.problem == "damaged"
     assert "damaged" in message and "backup" in message and "\n" not in message
@@ -112,22 +112,22 @@ async def test_a_full_disk_is_said_to_be_full_and_changes_nothing(
     try:
         first = await service.respond("c", "-top_p=0 Hello")
         assert first.kind == "reply"
-        before = await service.store.heads("c")
-        await service.store._db.execute("VACUUM")  # no free pages left to reuse
-        pages = await service.store._fetchone("PRAGMA page_count", ())
-        await service.store._db.execute(f"PRAGMA max_page_count = {int(pages[0])}")
+        before = await service.store.states.heads("c")
+        await service.store.database.db.execute("VACUUM")  # no free pages left to reuse
+        pages = await service.store.database.fetchone("PRAGMA page_count", ())
+        await service.store.database.db.execute(f"PRAGMA max_page_count = {int(pages[0])}")
         refused = await service.respond("c", "-top_p=0 " + "tell me a long story " * 300)
         assert refused.kind == "error"
         assert "full" in refused.text and "delete" not in refused.text
-        assert await service.store.heads("c") == before
+        assert await service.store.states.heads("c") == before
         with pytest.raises(StoreError) as info:
-            await service.store.set_guild_settings("other", {"x": "y" * 100_000})
+            await service.store.channels.set_guild_settings("other", {"x": "y" * 100_000})
         assert info.value.problem == "full"
     finally:
         await service.store.close()  # must not raise
-    reopened = await Store.open(tmp_path / "full.sqlite3")
+    reopened = await SqliteStorage.open(tmp_path / "full.sqlite3")
     try:
-        assert len(await reopened.transcript("c")) == 1
+        assert len(await reopened.transcripts.turns("c")) == 1
     finally:
         await reopened.close()
 
@@ -138,12 +138,12 @@ async def test_a_read_only_database_is_said_to_be_read_only(engine7: ReferenceEn
     service = await open_service(engine7, tmp_path / "ro.sqlite3")
     try:
         await service.respond("c", "-top_p=0 Hello")
-        await service.store._db.execute("PRAGMA query_only = 1")
+        await service.store.database.db.execute("PRAGMA query_only = 1")
         refused = await service.respond("c", "-top_p=0 again")
         assert refused.kind == "error" and "read-only" in refused.text and "uid" in refused.text
         assert "delete" not in refused.text
         with pytest.raises(StoreError) as info:
-            await service.store.set_channel_settings("c", {})
+            await service.store.channels.set_settings("c", {})
         assert info.value.problem == "read-only"
     finally:
         await service.store.close()
@@ -213,7 +213,7 @@ def test_a_database_folder_owned_by_another_user_names_the_user(open_folder: Pat
     data.mkdir(mode=0o755)
     if os.getuid() != 0:
         data.chmod(0o555)
-    message = error_as_unprivileged_user(lambda: asyncio.run(Store.open(data / "bot.sqlite3")))
+    message = error_as_unprivileged_user(lambda: asyncio.run(SqliteStorage.open(data / "bot.sqlite3")))
     assert "may not write in" in message and "uid" in message and str(data) in message
     assert "unable to open database file" not in message
 
@@ -236,7 +236,9 @@ async def test_a_stored_setting_that_does_not_parse_leaves_the_channel_working(
     """Settings stored wrong (by hand, or damaged) are read as the defaults: the channel answers,
     with the default sampling."""
     await service.update_settings("c", temperature=0.5)
-    await service.store._db.execute("UPDATE channels SET settings = ? WHERE channel_id = 'c'", (stored,))
+    await service.store.database.db.execute(
+        "UPDATE channels SET settings = ? WHERE channel_id = 'c'", (stored,)
+    )
     assert await service.channel_settings("c") == {}
     outcome = await service.respond("c", "Hello")
     assert outcome.kind == "reply"
@@ -247,11 +249,11 @@ async def test_a_stored_setting_that_does_not_parse_leaves_the_channel_working(
 
 async def test_a_stored_server_setting_that_does_not_parse_reads_as_none(tmp_path: Path) -> None:
     """A server's damaged settings read as none instead of failing every message there."""
-    store = await Store.open(tmp_path / "s.sqlite3")
+    store = await SqliteStorage.open(tmp_path / "s.sqlite3")
     try:
-        await store.set_guild_settings("g", {"reset_policy": "moderators"})
-        await store._db.execute("UPDATE guild_settings SET settings = '{oops'")
-        assert await store.guild_settings("g") == {}
+        await store.channels.set_guild_settings("g", {"reset_policy": "moderators"})
+        await store.database.db.execute("UPDATE guild_settings SET settings = '{oops'")
+        assert await store.channels.guild_settings("g") == {}
     finally:
         await store.close()
 

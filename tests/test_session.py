@@ -11,7 +11,7 @@ import torch
 
 from chat.outcome import split_thinking
 from chat.session import INSTRUCTION_TEMPLATE, ChatService
-from chat.store import state_checksum
+from chat.storage import state_checksum
 from engine.errors import EngineError
 from engine.generation import visible_text
 from engine.inprocess import ReferenceEngine
@@ -174,7 +174,7 @@ async def test_nothing_to_retry_says_so(service: ChatService, message: str, expe
     """+, ++ and +++ with nothing before them answer why nothing happened."""
     outcome = await service.respond("fresh", message)
     assert outcome.kind == "notice" and expected in outcome.text
-    assert await service.store.transcript("fresh") == []
+    assert await service.store.transcripts.turns("fresh") == []
 
 
 async def test_settings_only_message_sets_channel_defaults(service: ChatService) -> None:
@@ -196,7 +196,7 @@ async def test_bad_value_changes_nothing(service: ChatService) -> None:
     """A wrong -temp= is answered with an error and nothing is stored."""
     outcome = await service.respond("c", "-temp=abc hello")
     assert outcome.kind == "error" and "-temp=" in outcome.text
-    assert await service.store.channel_settings("c") == {}
+    assert await service.store.channels.settings("c") == {}
     assert await stored(service, "c", "chat") is None
 
 
@@ -232,7 +232,7 @@ async def test_engine_failure_keeps_the_last_good_state(
     try:
         await service.respond("c", GREEDY + "Hi")
         chat = await stored(service, "c", "chat")
-        turns = await service.store.transcript("c")
+        turns = await service.store.transcripts.turns("c")
         calls = {"n": 0}
         real = engine7._runner.forward
 
@@ -250,7 +250,7 @@ async def test_engine_failure_keeps_the_last_good_state(
         monkeypatch.setattr(engine7._runner, "forward", real)
         after = await stored(service, "c", "chat")
         assert chat is not None and after is not None and same_state(after, chat)
-        assert await service.store.transcript("c") == turns
+        assert await service.store.transcripts.turns("c") == turns
         assert (await service.respond("c", GREEDY + "And now?")).kind == "reply"
     finally:
         await service.store.close()
@@ -309,7 +309,7 @@ async def test_transcript_records_turns(service: ChatService) -> None:
     await service.respond("c", GREEDY + "Hi")
     await service.respond("c", "+gen story")
     await service.respond("c", "+reset")
-    commands = [t.command for t in await service.store.transcript("c")]
+    commands = [t.command for t in await service.store.transcripts.turns("c")]
     assert commands == ["chat", "+gen", "+reset"]
 
 
@@ -400,7 +400,7 @@ async def test_failure_reading_the_opening_prompt_is_an_answer(
     service = await open_service(engine7, tmp_path / "db.sqlite3")
     try:
         service._init_cache.clear()
-        await service.store._db.execute("DELETE FROM init_snapshots")
+        await service.store.database.db.execute("DELETE FROM init_snapshots")
 
         async def broken_read(start: Snapshot | None, tokens: list[int]) -> Snapshot:
             raise EngineError("the GPU ran out of memory while reading the prompt")
@@ -408,6 +408,6 @@ async def test_failure_reading_the_opening_prompt_is_an_answer(
         monkeypatch.setattr(service.engine, "read", broken_read)
         outcome = await service.respond("c", "+reset")
         assert outcome.kind == "error" and "ran out of memory" in outcome.text
-        assert await service.store.transcript("c") == []
+        assert await service.store.transcripts.turns("c") == []
     finally:
         await service.store.close()

@@ -237,16 +237,3 @@ async def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot create the database folder"):
         await SqliteStorage.open(blocker / "sub" / "db.sqlite3")
-
-
-async def test_the_old_flat_store_opens_the_same_file(tmp_path: Path) -> None:
-    """chat.store.Store, kept while callers move, reads and writes through the repositories."""
-    from chat.store import Store
-
-    store = await Store.open(tmp_path / "s.sqlite3")
-    try:
-        await store.write_states("c", [logged([1])], {"chat": NewRef(0)}, Turn("chat", "a", "b", 1))
-        assert await store.heads("c") == await store.states.heads("c")
-        assert await store.transcript("c") == await store.transcripts.turns("c")
-    finally:
-        await store.close()
