@@ -79,8 +79,18 @@ def state_policy(settings: Settings) -> StatePolicy:
     )
 
 
-async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> ChatService:
-    """Open the database and build a ready chat service (the caller closes it)."""
+async def check_database(settings: Settings) -> None:
+    """Open and check the database once before the model loads (which can take minutes), so
+    that a damaged file or a folder the bot may not write is said at once."""
+    store = await backend_for(settings.db).open(settings.db)
+    await store.close()
+
+
+async def build_service(
+    settings: Settings, engine: Engine, faq: FaqIndex, *, check: bool = True
+) -> ChatService:
+    """Open the database and build a ready chat service (the caller closes it). ``check``: run
+    the database's start-up check (done already when :func:`check_database` ran)."""
     presets = load_presets(settings.presets_dir)
     preset = default_preset_name(settings.preset, engine.spec.family, engine.spec.is_world)
     if preset not in presets:
@@ -88,7 +98,7 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
             f"RWKV_DISCORD_PRESET is wrong (no preset {preset!r}): use 'auto' or one of "
             f"{', '.join(sorted(presets))}"
         )
-    store = await backend_for(settings.db).open(settings.db)
+    store = await backend_for(settings.db).open(settings.db, check=check)
     try:
         config = ChatConfig(
             default_preset=preset,
@@ -108,10 +118,12 @@ async def build_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Ch
 
 
 @asynccontextmanager
-async def open_service(settings: Settings, engine: Engine, faq: FaqIndex) -> AsyncIterator[ChatService]:
+async def open_service(
+    settings: Settings, engine: Engine, faq: FaqIndex, *, check: bool = True
+) -> AsyncIterator[ChatService]:
     """A ready chat service on the loaded engine; its database is closed after (the engine is
     the caller's)."""
-    service = await build_service(settings, engine, faq)
+    service = await build_service(settings, engine, faq, check=check)
     try:
         yield service
     finally:
@@ -122,10 +134,11 @@ async def open_service(settings: Settings, engine: Engine, faq: FaqIndex) -> Asy
 async def open_chat(settings: Settings) -> AsyncIterator[ChatService]:
     """Load the model, open the database and yield a ready chat service; close both after."""
     require_model(settings)
+    await check_database(settings)
     faq, _ = load_faq(settings)
     engine = await load_engine(settings)
     try:
-        async with open_service(settings, engine, faq) as service:
+        async with open_service(settings, engine, faq, check=False) as service:
             yield service
     finally:
         await engine.close()

@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import discord
 
-from bot.app import load_engine, load_faq, open_service
+from bot.app import check_database, load_engine, load_faq, open_service
 from bot.client import RwkvBot
 from bot.cogs import add_cogs
 from bot.metrics import serve_metrics
-from bot.settings import ConfigError, Settings, heartbeat_path
+from bot.settings import ConfigError, Settings, heartbeat_path, require_model
 from chat.session import ChatService
 from engine.interface import Engine
 from faq import FaqIndex
@@ -39,6 +39,8 @@ async def create_bot(
 ) -> RwkvBot:
     """Build the bot on a ready chat service, with its slash commands, without connecting
     (``await bot.start(token)`` connects). ``options``: ``clock`` and ``sleep``, for tests."""
+    # The bot never joins voice: no warnings at every start about voice libraries it lacks.
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
     bot = RwkvBot(settings, engine, service, faq, **options)
     await add_cogs(bot)
     return bot
@@ -111,6 +113,8 @@ async def run_bot(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shut_down, sig.name)
     try:
+        require_model(settings)
+        await check_database(settings)  # a database fault is said before minutes of loading
         holder["engine"] = engine = await load_engine(settings)
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,7 +122,7 @@ async def run_bot(settings: Settings) -> int:
         raise
     try:
         faq, _ = load_faq(settings)
-        async with open_service(settings, engine, faq) as service:
+        async with open_service(settings, engine, faq, check=False) as service:
             if not stopping.is_set():  # a SIGTERM while the database opened: nothing to serve
                 bot = holder["bot"] = await create_bot(settings, engine, service, faq)
                 await _serve(bot, settings, stopping)

@@ -166,4 +166,10 @@ def require_model(settings: Settings) -> Path:
             "`rwkv-discord fetch-model` lists the RWKV-7 models and downloads one "
             "(`rwkv-discord make-model` writes a random one to try things out)"
         )
+    if not settings.model.exists():
+        raise ConfigError(
+            f"{ENV_PREFIX}MODEL is wrong (no file at {settings.model}): put your RWKV .pth file there "
+            "(in Docker: ./models/model.pth beside compose.yaml), or download one with "
+            "`rwkv-discord fetch-model NAME` and point RWKV_DISCORD_MODEL at the file it prints"
+        )
     return settings.model

@@ -48,8 +48,9 @@ def no_gpu_reason(
     if found is None and not nodes:
         in_container = Path("/.dockerenv").exists() or os.environ.get("container") is not None  # noqa: SIM112 (systemd and podman set it lowercase)
         where = (
-            "this container was started without GPU access: run it with `--gpus all` (or compose's "
-            "GPU profile), with the NVIDIA Container Toolkit installed on the host"
+            "this container was started without GPU access: run it with `--gpus all` (with compose: "
+            "`docker compose -f compose.yaml -f compose.gpu.yaml up -d`), with the NVIDIA Container "
+            "Toolkit installed on the host"
             if in_container
             else "no NVIDIA driver is loaded: install the NVIDIA driver, or use a 'cpu' strategy"
         )

@@ -446,3 +446,27 @@ def test_file_trouble_on_the_command_line_is_one_line(
     assert main(argv) in (1, 2)
     err = capsys.readouterr().err.strip()
     assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_missing_model_file_names_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model path with no file behind it says where to put one and how to download one."""
+    missing = tmp_path / "models" / "model.pth"
+    assert main(["chat", "--model", str(missing), "--db", str(tmp_path / "db.sqlite3")]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert "no file at" in err and "fetch-model" in err and "\n" not in err
+
+
+def test_a_damaged_database_is_said_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is checked before the model loads (minutes for a large model), so a damaged
+    file is said at once: the model is never loaded."""
+    db = tmp_path / "bot.sqlite3"
+    asyncio.run(filled_store(db))
+    damage_table(db, "channels")
+    model = tmp_path / "model.pth"
+    model.write_bytes(b"not read")
+    loads: list[object] = []
+    monkeypatch.setattr("bot.app.load_engine", loads.append)
+    assert main(["chat", "--model", str(model), "--db", str(db)]) == EXIT_CONFIG
+    assert "damaged" in capsys.readouterr().err and loads == []
