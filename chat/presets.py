@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import math
+import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,15 @@ from typing import Any
 from chat.errors import PresetError
 from engine.sampling import SAMPLING_RANGES, SamplingParams
 
-__all__ = ["Preset", "PresetError", "default_preset_name", "load_presets", "parse_preset"]
+__all__ = [
+    "Preset",
+    "PresetError",
+    "clean_speaker",
+    "default_preset_name",
+    "load_presets",
+    "parse_preset",
+    "speaker_tag",
+]
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -41,9 +51,49 @@ class Preset:
         text = "\x1f".join([self.user, self.bot, self.separator, self.init_prompt])
         return f"{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
-    def chat_turn(self, message: str) -> str:
-        """The text fed for one user message: ``{user}{sep} MESSAGE\\n\\n{bot}{sep}``."""
+    def chat_turn(self, message: str, speaker: str | None = None) -> str:
+        """The text fed for one user message: ``{user}{sep} MESSAGE\\n\\n{bot}{sep}``; with a
+        speaker, ``{user}{sep} [NAME] MESSAGE...`` (see :func:`speaker_tag`)."""
+        if speaker is not None:
+            message = f"{speaker_tag(speaker, self)} {message}"
         return f"{self.user}{self.separator} {message}\n\n{self.bot}{self.separator}"
+
+
+# Who is talking, in a shared channel. The speaker's name goes inside the user's turn as
+# ``User: [alice] message``, not as the role (``alice: message``): G1 and World models were
+# trained on the ``User:``/``Assistant:`` roles, and an unknown role name makes them drift into
+# writing further turns themselves; a bracketed tag at the start of the turn reads as part of
+# what the user said, and the model picks the name up to address people. The name is sanitised
+# so that it can neither end the turn (newlines, a blank line) nor open one (``Xxx:``), close
+# its brackets, open a ``<think>`` section, or claim a role of the template (Assistant, System,
+# User, or the preset's own role names).
+SPEAKER_MAX = 32
+_UNSAFE_SPEAKER = re.compile(r"[\[\]<>:\\`|]+")
+_ROLE_WORDS = ("assistant", "system", "user", "bot", "think")
+UNNAMED_SPEAKER = "member"
+
+
+def speaker_tag(name: str, preset: Preset | None = None) -> str:
+    """The speaker's name as it stands in a turn: ``[name]``, sanitised (see above)."""
+    return f"[{clean_speaker(name, preset)}]"
+
+
+def clean_speaker(name: str, preset: Preset | None = None) -> str:
+    """A display name made safe to stand in a prompt: one line of letters, digits, spaces and
+    harmless punctuation, at most :data:`SPEAKER_MAX` characters, never a role of the chat
+    template (such a name becomes ``member``, as does one with nothing left)."""
+    kept = "".join(
+        " " if unicodedata.category(c)[0] in "CZ" else c  # controls, line breaks, odd spaces
+        for c in unicodedata.normalize("NFKC", name)
+    )
+    kept = _UNSAFE_SPEAKER.sub(" ", kept)
+    kept = " ".join(kept.split())[:SPEAKER_MAX].strip()
+    roles = set(_ROLE_WORDS)
+    if preset is not None:
+        roles |= {preset.user.lower(), preset.bot.lower()}
+    if not kept or roles & set(re.findall(r"\w+", kept.casefold())):
+        return UNNAMED_SPEAKER
+    return kept
 
 
 def normalise_init_prompt(text: str) -> str:

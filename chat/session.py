@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chat.grammar import GrammarError, Parsed, parse_message
@@ -29,6 +29,7 @@ from chat.presets import Preset
 from chat.settings import (
     RESET_POLICIES,
     SETTING_RANGES,
+    SWITCHES,
     ChannelContext,
     ChatConfig,
     SettingLimits,
@@ -118,6 +119,7 @@ class ChatService(TurnCommands):
         guild_id: str | None = None,
         parent_id: str | None = None,
         context: ChannelContext | None = None,
+        speaker: str | None = None,
     ) -> AsyncGenerator[ChatEvent, None]:
         """Handle a message: text pieces while the model writes, then one :class:`Outcome`.
 
@@ -126,7 +128,9 @@ class ChatService(TurnCommands):
         context when the front end read it already (else it is read here). Setting ``cancel``
         stops a generation early; what was written so far is kept as the reply. ``guild_id``
         records the server of the channel (for server-wide resets), and ``parent_id`` the channel
-        of a thread (purged with it).
+        of a thread (purged with it). ``speaker`` is the writer's name, given to the model in
+        chat turns unless the channel's ``speaker_names`` setting is off (sanitised: see
+        :func:`chat.presets.clean_speaker`).
         """
         parsed = parse_message(message) if isinstance(message, str) else message
         if isinstance(parsed, GrammarError):
@@ -138,6 +142,8 @@ class ChatService(TurnCommands):
                 if guild_id is not None:
                     await self.record_place(channel_id, guild_id, parent_id)
                 ctx = context or await self.context(channel_id)
+                if speaker is not None:
+                    ctx = replace(ctx, speaker=speaker)
                 async for event in self._dispatch(ctx, parsed):
                     yield event
             except EngineError as exc:
@@ -232,9 +238,9 @@ class ChatService(TurnCommands):
                     raise ValueError(f"no preset {value!r}; known: {', '.join(sorted(self.presets))}")
                 current[name] = value
                 changes.append(f"preset {value} (the conversation starts afresh)")
-            elif name == "faq_auto":
+            elif name in SWITCHES:
                 current[name] = bool(value)
-                changes.append(f"faq_auto {'on' if value else 'off'}")
+                changes.append(f"{name} {'on' if value else 'off'}")
             elif name == "thinking":
                 if value not in self.limits.thinking:
                     raise ValueError(f"thinking must be one of {', '.join(self.limits.thinking)}")

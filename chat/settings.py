@@ -22,6 +22,9 @@ SETTING_RANGES: dict[str, tuple[float, float]] = {
 }
 THINKING_DISPLAYS = ("fold", "show", "hide")  # how a front end shows <think> sections
 RESET_POLICIES = ("everyone", "moderators")  # who may use +reset in text, per server
+# on/off settings: faq_auto (clear FAQ questions answered from the FAQ first), speaker_names
+# (the speaker's name in each chat turn, when the front end gives one; on unless switched off)
+SWITCHES = ("faq_auto", "speaker_names")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class SettingLimits:
             return number is not None and number.is_integer() and 1 <= number <= self.max_tokens
         if name == "thinking":
             return value in self.thinking
-        if name == "faq_auto":
+        if name in SWITCHES:
             return isinstance(value, bool)
         return False
 
@@ -67,6 +70,7 @@ class ChannelContext:
     channel_id: str
     settings: dict[str, Any]
     preset: Preset
+    speaker: str | None = None  # who wrote the message, when the front end knows (a display name)
 
     @property
     def thinking(self) -> str:
@@ -77,6 +81,12 @@ class ChannelContext:
     def faq_auto(self) -> bool:
         """Whether clear FAQ questions are answered from the FAQ before the model."""
         return bool(self.settings.get("faq_auto", False))
+
+    @property
+    def named_speaker(self) -> str | None:
+        """The speaker to name in the chat turn: None without one, or when the channel switched
+        names off (the terminal gives none, so it keeps the reference's format)."""
+        return self.speaker if self.settings.get("speaker_names", True) else None
 
     def sampling_overrides(self) -> dict[str, float]:
         """The channel's own sampling values (over the preset's)."""

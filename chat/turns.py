@@ -158,7 +158,7 @@ class TurnCommands:
             loaded = None
         start = loaded or self.states.root(await self._init_snapshot(preset), preset.key)
         text = await self._cap_input(parsed.text, notices)
-        prompt = await self._encode(preset.chat_turn(text))
+        prompt = await self._encode(preset.chat_turn(text, ctx.named_speaker))
         async for event in self._run(
             ctx,
             kind=OutcomeKind.REPLY,
