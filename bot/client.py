@@ -15,6 +15,7 @@ from typing import Any
 import discord
 
 from bot.app import load_faq
+from bot.buttons import ReplyButton
 from bot.replies import ReplyingBot
 from bot.settings import Settings
 from chat.session import ChatService
@@ -49,7 +50,9 @@ class RwkvBot(ReplyingBot):
     # ------------------------------------------------------------------ lifecycle
 
     async def setup_hook(self) -> None:
-        """Read where the bot talks, start housekeeping; sync commands only when asked to."""
+        """Read where the bot talks, listen for the buttons of replies sent before a restart,
+        start housekeeping; sync commands only when asked to."""
+        self.add_dynamic_items(ReplyButton)
         self.enabled = {int(c) for c in await self.service.enabled_channels()}
         self.disabled = {int(c) for c in await self.service.disabled_threads()}
         self._housekeeping = asyncio.create_task(self._keep_house(), name="housekeeping")

@@ -13,6 +13,17 @@ from faq import Topic, render_embed
 
 FAQ_COLOUR = discord.Colour.from_rgb(88, 101, 242)
 
+# What Discord adds to the chat grammar (shown after it by ``+help`` and ``/rwkv help``).
+DISCORD_HELP = """\
+On Discord:
+- Buttons under a reply: Stop (while it is written), Retry (as +, or ++ for a free generation),
+  Continue (as +++, on a free generation). Only the newest reply has them.
+- React with ⏹️ on a reply being written to stop it (as its asker, or a moderator).
+- /rwkv help: this text. /rwkv status: the model and the queue. /rwkv stop: stop the reply being
+  written here. /rwkv settings: this channel's settings. /faq ask, /faq list: the RWKV FAQ.
+- Moderators also have /rwkv-mod (reset, undo-reset, enable, disable, server, faq-reload) and
+  change /rwkv settings."""
+
 
 def faq_embed(topic: Topic) -> discord.Embed:
     """A FAQ topic as an embed (title, answer, links), within Discord's embed limits."""
@@ -39,7 +50,8 @@ def status_text(
     devices: dict[str, dict[str, float]],
     tiers: dict[str, int],
 ) -> str:
-    """The ``/rwkv status`` answer: the model, queues, speed, each device and the state tiers."""
+    """The ``/rwkv status`` answer for moderators: the model, queues, speed, each device and the
+    state tiers (members see :func:`member_status_text`)."""
     lines = [
         f"Model: {model}",
         f"Replies being written: {running}, waiting: {waiting}",
@@ -64,3 +76,11 @@ def status_text(
         f"{tiers['restored']} restored from the database"
     )
     return "\n".join(lines)
+
+
+def member_status_text(*, model: str, running: int, waiting: int, tokens_per_s: float) -> str:
+    """The ``/rwkv status`` answer for members: the model, and how busy the bot is."""
+    busy = "free" if running == 0 else f"writing {running} repl{'y' if running == 1 else 'ies'}"
+    queue = f", {waiting} message{'s' if waiting != 1 else ''} waiting" if waiting else ""
+    speed = f" at about {tokens_per_s:.0f} tokens/s" if tokens_per_s else ""
+    return f"I'm running {model}. Right now I'm {busy}{queue}{speed}."

@@ -24,6 +24,11 @@ class Generation:
     requester: int
     cancel: threading.Event = field(default_factory=threading.Event)
 
+    def may_stop(self, user_id: int, moderator: bool) -> bool:
+        """The one rule for who may stop a reply, whatever the way (``/rwkv stop``, the Stop
+        button, the stop reaction): the member who asked for it, or a moderator."""
+        return moderator or user_id == self.requester
+
 
 @dataclass
 class _Line:
@@ -88,6 +93,11 @@ class ChannelLines:
     def waiting(self) -> int:
         """Messages accepted and not yet started."""
         return sum(len(line.waiting) - (line.running is not None) for line in self._lines.values())
+
+    def running_in(self, key: str) -> Generation | None:
+        """The reply being written in a conversation, if any."""
+        line = self._lines.get(key)
+        return None if line is None else line.running
 
     def stop(self, key: str, *, waiting_too: bool = False) -> bool:
         """Stop the reply being written in a conversation (and, if asked, the waiting ones)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,7 +20,9 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from bot.embeds import faq_embed, faq_text_embed
+from bot.buttons import COMMANDS, ended_view, writing_view
+from bot.checks import is_moderator
+from bot.embeds import DISCORD_HELP, faq_embed, faq_text_embed
 from bot.lines import ChannelLines, Generation
 from bot.settings import Settings
 from bot.splitting import split_message
@@ -38,6 +41,11 @@ STOP_EMOJI = "⏹️"
 QUEUED_EMOJI = "⏳"
 FAQ_AUTO_CONFIDENCE = 0.8  # automatic answers only for clear matches: a wrong one is worse than none
 QUEUE_FULL = "I'm still answering earlier messages in this channel. Please try again in a moment."
+
+
+def cooldown_notice(left: float) -> str:
+    """The reminder of the cooldown, with the time left rounded up (never "0 s")."""
+    return f"Please wait {math.ceil(left)} s before your next message."
 
 
 class ReplyingBot(commands.Bot):
@@ -74,6 +82,7 @@ class ReplyingBot(commands.Bot):
         self.last_message_at: dict[int, float] = {}
         self.warned_at: dict[int, float] = {}
         self.by_reply: dict[int, Generation] = {}  # reply message id -> generation, for reactions
+        self.buttoned: dict[int, discord.Message] = {}  # channel -> its newest reply with buttons
         self.speeds: deque[tuple[int, float]] = deque(maxlen=20)
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._side_tasks: set[asyncio.Future[Any]] = set()
@@ -86,14 +95,19 @@ class ReplyingBot(commands.Bot):
         channel = message.channel
         if message.guild is None:
             return str(channel.id) if self.settings.allow_dms else None
-        parent = getattr(channel, "parent_id", None)
-        if channel.id in self.enabled or (
-            parent is not None and parent in self.enabled and channel.id not in self.disabled
-        ):
+        if self.enabled_in(channel):
             return str(channel.id)
         if self.settings.respond_to_mentions and self.user is not None and self.user in message.mentions:
             return str(channel.id)
         return None
+
+    def enabled_in(self, channel: Any) -> bool:
+        """Whether moderators enabled the bot in this channel (or in the channel of this thread,
+        unless the thread was switched off on its own)."""
+        parent = getattr(channel, "parent_id", None)
+        return channel.id in self.enabled or (
+            parent is not None and parent in self.enabled and channel.id not in self.disabled
+        )
 
     def message_text(self, message: discord.Message) -> str:
         """The message without the bot's own mention."""
@@ -128,11 +142,56 @@ class ReplyingBot(commands.Bot):
             self._spawn(message.reply(QUEUE_FULL, mention_author=False))
             return
         generation = self.lines.join(key, message.author.id)
+        await self._take_turn(message, text, generation, queued=accepted > 0)
+
+    async def press(self, interaction: discord.Interaction, action: str, channel_id: int) -> None:
+        """A reply's button (see :mod:`bot.buttons`): Stop follows the rule of ``/rwkv stop``;
+        Retry and Continue are the text commands ``+``, ``++`` and ``+++``, with their rules
+        (where the bot talks, the cooldown, the queue limit), answered below the reply."""
+        key = str(channel_id)
+        if action == "stop":
+            text = self.stop_reply(key, interaction.user.id, is_moderator(interaction))
+            await interaction.response.send_message(text, ephemeral=True)
+            return
+        refusal = self._press_refusal(interaction, channel_id)
+        left = 0.0 if refusal else self._cooldown_left(interaction.user.id)
+        if left > 0:
+            refusal = cooldown_notice(left)
+        elif not refusal and self.lines.length(key) > self.settings.max_queue:
+            refusal = QUEUE_FULL
+        if refusal or interaction.message is None:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return
+        accepted = self.lines.length(key)
+        generation = self.lines.join(key, interaction.user.id)
+        await interaction.response.defer()  # the press is taken; the reply is the answer
+        await self._take_turn(interaction.message, COMMANDS[action], generation, queued=accepted > 0)
+
+    def _press_refusal(self, interaction: discord.Interaction, channel_id: int) -> str:
+        """Why a Retry or Continue press is not taken ("" when it is)."""
+        message, channel = interaction.message, interaction.channel
+        if message is None or channel is None or channel.id != channel_id:
+            return "This button does not belong to this channel."
+        if self._closing:
+            return "The bot is restarting; please try again in a moment."
+        newest = self.buttoned.get(channel_id)
+        if newest is not None and newest.id != message.id:
+            return "A newer reply has its own buttons; this one no longer applies."
+        if message.guild is None:
+            return "" if self.settings.allow_dms else "I don't answer direct messages here."
+        if not self.enabled_in(channel) and not self.settings.respond_to_mentions:
+            return "I no longer answer in this channel."
+        return ""
+
+    async def _take_turn(
+        self, message: discord.Message, text: str, generation: Generation, *, queued: bool
+    ) -> None:
+        """Answer in the message's line (it has joined), keeping the task for a clean shutdown."""
         task = asyncio.current_task()
         if task is not None:
             self._reply_tasks.add(task)
         try:
-            await self._serve(message, text, generation, queued=accepted > 0)
+            await self._serve(message, text, generation, queued=queued)
         except discord.HTTPException as exc:
             log.warning("could not answer message %s: %s", message.id, exc)
         finally:
@@ -142,26 +201,27 @@ class ReplyingBot(commands.Bot):
 
     def _within_cooldown(self, message: discord.Message) -> bool:
         """False (and one reminder per cooldown) when the author writes again too soon."""
-        now = self.clock()
         author = message.author.id
+        left = self._cooldown_left(author)
+        if left <= 0:
+            return True
+        if self.warned_at.get(author, float("-inf")) < self.last_message_at[author]:
+            self.warned_at[author] = self.clock()
+            self._spawn(message.reply(cooldown_notice(left), mention_author=False, delete_after=10))
+        return False
+
+    def _cooldown_left(self, author: int) -> float:
+        """Seconds the author must still wait; 0 when they may write now (which is recorded)."""
+        now = self.clock()
         last = self.last_message_at.get(author)
         cooldown = self.settings.user_cooldown
         if last is not None and now - last < cooldown:
-            if self.warned_at.get(author, float("-inf")) < last:
-                self.warned_at[author] = now
-                self._spawn(
-                    message.reply(
-                        f"Please wait {cooldown - (now - last):.0f} s before your next message.",
-                        mention_author=False,
-                        delete_after=10,
-                    )
-                )
-            return False
+            return cooldown - (now - last)
         self.last_message_at[author] = now
         if len(self.last_message_at) > 10_000:  # forget users whose cooldown is long over
             self.last_message_at = {a: t for a, t in self.last_message_at.items() if now - t < cooldown}
             self.warned_at = {a: t for a, t in self.warned_at.items() if a in self.last_message_at}
-        return True
+        return 0.0
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a small Discord call in the background, keeping a reference and logging failures."""
@@ -240,6 +300,7 @@ class ReplyingBot(commands.Bot):
             clock=self.clock,
             on_give_up=generation.cancel.set,
             pacer=self.pacer(message.channel.id),
+            live_view=writing_view(message.channel.id),
         )
         guild_id = str(message.guild.id) if message.guild else None
         parent = message.channel.parent_id if isinstance(message.channel, discord.Thread) else None
@@ -257,16 +318,17 @@ class ReplyingBot(commands.Bot):
             guild_id=guild_id,
             parent_id=None if parent is None else str(parent),
             context=context,
+            speaker=message.author.display_name,
         )
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
-                    if typing_on:
-                        typing_on = False
-                        await _stop_typing(typing)
                     if isinstance(event, TextDelta):
                         await stream.push(event.text)
-                        if stream.messages:
+                        if stream.messages:  # the first phrase is shown: typing ends
+                            if typing_on:
+                                typing_on = False
+                                await _stop_typing(typing)
                             self.by_reply.setdefault(stream.messages[0].id, generation)
                     else:
                         outcome = event
@@ -292,12 +354,16 @@ class ReplyingBot(commands.Bot):
             footer = " ".join(f"*{n}*" for n in outcome.notices)
             if self._closing and outcome.stop_reason == "cancelled":
                 footer = "*(interrupted: the bot is shutting down)*"
-            await stream.finish(footer)
+            elif outcome.kind is OutcomeKind.REPLY and outcome.stop_reason == "length":
+                footer = " ".join([footer, "*(cut: the reply reached its length limit)*"]).strip()
+            generated = outcome.kind is OutcomeKind.GENERATION
+            await stream.finish(footer, ended_view(message.channel.id, generation=generated))
+            self._move_buttons(message.channel.id, stream)
             elapsed = max(self.clock() - started, 1e-6)
             self.speeds.append((len(outcome.tokens), elapsed))
             return
         if outcome.kind is OutcomeKind.ERROR and stream.messages:
-            await stream.finish(f"**The reply failed:** {outcome.text}")
+            await stream.finish(f"**The reply failed:** {outcome.text}")  # and Stop goes
             return
         if not outcome.text and not outcome.notices:
             outcome = Outcome(outcome.kind, "*(no text)*")
@@ -305,12 +371,29 @@ class ReplyingBot(commands.Bot):
             embed = faq_text_embed(outcome.text)
             await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
             return
-        body = "\n".join([*(f"*{n}*" for n in outcome.notices), outcome.text])
+        text = f"{outcome.text}\n\n{DISCORD_HELP}" if outcome.kind is OutcomeKind.HELP else outcome.text
+        body = "\n".join([*(f"*{n}*" for n in outcome.notices), text])
         for index, piece in enumerate(split_message(body)):
             if index == 0:
                 await message.reply(piece, mention_author=False, allowed_mentions=NO_MENTIONS)
             else:
                 await message.channel.send(piece, allowed_mentions=NO_MENTIONS)
+
+    def _move_buttons(self, channel_id: int, stream: ReplyStream) -> None:
+        """The newest reply of a channel has the buttons: the one before loses its own (an older
+        reply's Retry would retry the newest, which is not what it says)."""
+        if stream.failed or not stream.messages:
+            return
+        previous = self.buttoned.get(channel_id)
+        self.buttoned[channel_id] = stream.messages[-1]
+        if len(self.buttoned) > 1000:  # forget the oldest channels (their buttons stay valid)
+            del self.buttoned[next(iter(self.buttoned))]
+        if previous is not None and previous.id != stream.messages[-1].id:
+            self._spawn(self._clear_buttons(previous))
+
+    async def _clear_buttons(self, message: discord.Message) -> None:
+        await self.pacer(message.channel.id).take()
+        await message.edit(view=None)
 
     def pacer(self, channel_id: int) -> ChannelPacer:
         """The pace of writes in a channel, shared by all its replies (idle ones are dropped)."""
@@ -330,6 +413,17 @@ class ReplyingBot(commands.Bot):
         """Stop the reply being written in a conversation (and, if asked, the waiting ones)."""
         return self.lines.stop(key, waiting_too=waiting_too)
 
+    def stop_reply(self, key: str, user_id: int, moderator: bool) -> str:
+        """Stop the reply being written in a conversation if this member may (see
+        :meth:`~bot.lines.Generation.may_stop`); the answer to show them."""
+        generation = self.lines.running_in(key)
+        if generation is None or generation.cancel.is_set():
+            return "No reply is being written here."
+        if not generation.may_stop(user_id, moderator):
+            return "Only the member who asked for this reply, or a moderator, can stop it."
+        generation.cancel.set()
+        return "Stopping the reply."
+
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         """A stop reaction on a reply being written stops it (by its requester or a moderator)."""
         if str(payload.emoji) != STOP_EMOJI or self.user is None or payload.user_id == self.user.id:
@@ -337,12 +431,11 @@ class ReplyingBot(commands.Bot):
         generation = self.by_reply.get(payload.message_id)
         if generation is None:
             return
-        allowed = payload.user_id == generation.requester
-        if not allowed and payload.member is not None:
-            channel = self.get_channel(payload.channel_id)
-            if isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
-                allowed = channel.permissions_for(payload.member).manage_messages
-        if allowed:
+        moderator = False
+        channel = self.get_channel(payload.channel_id)
+        if payload.member is not None and isinstance(channel, (discord.abc.GuildChannel, discord.Thread)):
+            moderator = channel.permissions_for(payload.member).manage_messages
+        if generation.may_stop(payload.user_id, moderator):
             generation.cancel.set()
 
     def tokens_per_second(self) -> float:

@@ -12,6 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import discord
 
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 _THINK_RE = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
 NO_MENTIONS = discord.AllowedMentions.none()
 FOLD_LIMIT = 1200  # folded thinking keeps its last characters, well inside one message
+_UNCHANGED: Any = object()  # a write that leaves a message's buttons as they are
+# Shown under a reply while the model writes, gone with the final edit (Discord's small grey text).
+WRITING_MARK = "-# ✍️ still writing…"
+PHRASE_WORDS = 4  # the first message waits for a few words, a line, ...
+PHRASE_CHARS = 24  # ... or this many characters (scripts written without spaces)
+
+
+def is_phrase(text: str) -> bool:
+    """Whether a reply's beginning is worth a message of its own (not a lone letter or word)."""
+    text = text.strip()
+    return "\n" in text or len(text.split()) >= PHRASE_WORDS or len(text) >= PHRASE_CHARS
 
 
 def render_thinking(text: str, display: str) -> str:
@@ -114,8 +126,10 @@ class ReplyStream:
         limit: int = DISCORD_LIMIT,
         on_give_up: Callable[[], None] | None = None,
         pacer: ChannelPacer | None = None,
+        live_view: discord.ui.View | None = None,
     ) -> None:
         self.reply_to = reply_to
+        self.live_view = live_view  # buttons while writing (Stop), on the first message
         self.pacer = pacer or ChannelPacer(interval, clock=clock)
         self.on_give_up = on_give_up  # called when Discord refuses the reply for good
         self.thinking = thinking
@@ -134,48 +148,73 @@ class ReplyStream:
         if self.clock() - self.last_sync >= self.interval:
             await self.sync()
 
-    async def finish(self, footer: str = "") -> None:
+    async def finish(self, footer: str = "", view: discord.ui.View | None = None) -> None:
         """Show the final text (and a footer line such as a notice), waiting for the channel's
-        pace if need be."""
-        await self.sync(footer, final=True)
+        pace if need be. The buttons while writing go; ``view`` (the buttons of a finished
+        reply) goes on the last message, in the same edit as its final text."""
+        await self.sync(footer, final=True, view=view)
 
-    async def sync(self, footer: str = "", *, final: bool = False) -> None:
+    async def sync(
+        self, footer: str = "", *, final: bool = False, view: discord.ui.View | None = None
+    ) -> None:
         """Bring the Discord messages in line with the text so far (a streamed update that the
-        channel's pace does not allow now is left for later; a final one waits)."""
+        channel's pace does not allow now is left for later; a final one waits, and sets the
+        buttons: ``view`` on the last message, none on the others)."""
         if self.failed:
             return
         shown = render_thinking(self.text, self.thinking).strip()
+        if not final and not (self.messages or is_phrase(shown)):
+            return  # the typing indicator goes on until there is a phrase to show
         if footer:
             shown = f"{shown}\n\n{footer}" if shown else footer
         if not shown:
             return
+        if not final:
+            shown = f"{shown}\n{WRITING_MARK}"
         pieces = split_message(shown, self.limit)
         try:
             for index, piece in enumerate(pieces):
-                if index < len(self.messages) and self.shown[index] == piece:
+                # a final edit also changes the buttons: Stop goes, the finished reply's come
+                buttons = self._final_buttons(index, len(pieces), view) if final else _UNCHANGED
+                if index < len(self.messages) and self.shown[index] == piece and buttons is _UNCHANGED:
                     continue
                 if final:
                     await self.pacer.take()
                 elif not self.pacer.try_take():
                     return
                 self.last_sync = self.clock()
+                extra: dict[str, Any] = {} if buttons is _UNCHANGED else {"view": buttons}
                 if index < len(self.messages):
-                    await self.messages[index].edit(content=piece, allowed_mentions=NO_MENTIONS)
+                    await self.messages[index].edit(content=piece, allowed_mentions=NO_MENTIONS, **extra)
                     self.shown[index] = piece
                     continue
                 if index == 0:
+                    if not final and self.live_view is not None:
+                        extra = {"view": self.live_view}
                     sent = await self.reply_to.reply(
-                        piece, mention_author=False, allowed_mentions=NO_MENTIONS
+                        piece, mention_author=False, allowed_mentions=NO_MENTIONS, **extra
                     )
                 else:
-                    sent = await self.reply_to.channel.send(piece, allowed_mentions=NO_MENTIONS)
+                    sent = await self.reply_to.channel.send(piece, allowed_mentions=NO_MENTIONS, **extra)
                 self.messages.append(sent)
                 self.shown.append(piece)
         except discord.HTTPException as exc:
-            log.warning("reply in channel %s could not be sent: %s", self.reply_to.channel.id, exc)
-            if exc.status >= 500:
-                return  # Discord's trouble: the next update tries again
-            # Refused (no permission, message deleted...): never retry, and stop the model.
-            self.failed = True
-            if self.on_give_up is not None:
-                self.on_give_up()
+            self._failed_write(exc)
+
+    def _final_buttons(self, index: int, count: int, view: discord.ui.View | None) -> Any:
+        """The buttons a final write gives message ``index`` of ``count``: the finished reply's on
+        the last one; none on a first message that showed Stop; else left as they are."""
+        if index == count - 1 and view is not None:
+            return view
+        if index == 0 and self.live_view is not None:
+            return None
+        return _UNCHANGED
+
+    def _failed_write(self, exc: discord.HTTPException) -> None:
+        log.warning("reply in channel %s could not be sent: %s", self.reply_to.channel.id, exc)
+        if exc.status >= 500:
+            return  # Discord's trouble: the next update tries again
+        # Refused (no permission, message deleted...): never retry, and stop the model.
+        self.failed = True
+        if self.on_give_up is not None:
+            self.on_give_up()

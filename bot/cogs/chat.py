@@ -9,9 +9,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import require_moderator
+from bot.checks import is_moderator, require_moderator
 from bot.client import RwkvBot
-from bot.embeds import status_text
+from bot.embeds import DISCORD_HELP, member_status_text, status_text
 from chat.errors import StoreError
 from chat.grammar import HELP_TEXT
 from chat.settings import SettingLimits
@@ -39,18 +39,26 @@ class ChatCommands(commands.Cog):
 
     @app_commands.command(name="help", description="How to talk to the bot")
     async def help_command(self, interaction: discord.Interaction) -> None:
-        """The grammar's help text, to the asker only."""
-        await interaction.response.send_message(HELP_TEXT, ephemeral=True)
+        """The grammar's help text and what Discord adds (buttons, reactions, slash commands)."""
+        await interaction.response.send_message(f"{HELP_TEXT}\n\n{DISCORD_HELP}", ephemeral=True)
 
     @app_commands.command(name="status", description="Model, queue and speed")
     async def status(self, interaction: discord.Interaction) -> None:
-        """The model, the replies being written and waiting, speeds, devices and state tiers."""
+        """Members: the model and how busy it is. Moderators: also the engine's figures, the
+        devices and the state tiers."""
         bot = self.bot
+        running, waiting, speed = len(bot.lines.running()), bot.lines.waiting(), bot.tokens_per_second()
+        if not is_moderator(interaction):
+            text = member_status_text(
+                model=bot.engine.describe(), running=running, waiting=waiting, tokens_per_s=speed
+            )
+            await interaction.response.send_message(text, ephemeral=True)
+            return
         text = status_text(
             model=bot.engine.describe(),
-            running=len(bot.lines.running()),
-            waiting=bot.lines.waiting(),
-            tokens_per_s=bot.tokens_per_second(),
+            running=running,
+            waiting=waiting,
+            tokens_per_s=speed,
             channels_enabled=len(bot.enabled),
             engine=bot.engine.metrics(),
             devices=bot.device_metrics(),
@@ -60,9 +68,9 @@ class ChatCommands(commands.Cog):
 
     @app_commands.command(name="stop", description="Stop the reply being written in this channel")
     async def stop(self, interaction: discord.Interaction) -> None:
-        """Stop the reply being written here (anyone may)."""
-        stopped = self.bot.stop(str(interaction.channel_id))
-        text = "Stopping the reply." if stopped else "No reply is being written here."
+        """Stop the reply being written here (its asker or a moderator may)."""
+        key = str(interaction.channel_id)
+        text = self.bot.stop_reply(key, interaction.user.id, is_moderator(interaction))
         await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="settings", description="Show or change this channel's chat settings")
@@ -75,6 +83,7 @@ class ChatCommands(commands.Cog):
         preset="the prompt preset (changing it starts the conversation afresh)",
         thinking="how <think> sections are shown",
         faq_auto="answer questions that match an FAQ topic well from the FAQ, before the model",
+        speaker_names="tell the model who wrote each message (their display name; on by default)",
     )
     async def settings_command(  # noqa: PLR0917 (one parameter per slash-command option)
         self,
@@ -87,6 +96,7 @@ class ChatCommands(commands.Cog):
         preset: str | None = None,
         thinking: Literal["fold", "show", "hide"] | None = None,
         faq_auto: bool | None = None,
+        speaker_names: bool | None = None,
     ) -> None:
         """Without options, show the channel's settings; with some, set them (moderators)."""
         values: dict[str, Any] = {
@@ -98,6 +108,7 @@ class ChatCommands(commands.Cog):
             "preset": preset,
             "thinking": thinking,
             "faq_auto": faq_auto,
+            "speaker_names": speaker_names,
         }
         service = self.bot.service
         channel = str(interaction.channel_id)

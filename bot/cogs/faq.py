@@ -1,5 +1,5 @@
-"""``/faq ask``, ``list`` and ``reload``: answers to common RWKV questions, from the bot's
-:class:`~faq.FaqIndex` (``bot.faq``, replaced as a whole by a reload)."""
+"""``/faq ask`` and ``list``: answers to common RWKV questions, from the bot's
+:class:`~faq.FaqIndex` (``bot.faq``, replaced as a whole by ``/rwkv-mod faq-reload``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.checks import moderators_only
 from bot.client import RwkvBot
 from bot.embeds import faq_embed
 from bot.streaming import NO_MENTIONS
@@ -46,16 +45,3 @@ class FaqCog(commands.GroupCog, group_name="faq", group_description="Answers to 
         """Every topic's title, to the asker only."""
         text = render_topic_list(self.bot.faq.topics)
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
-
-    @app_commands.command(
-        name="reload", description="Moderators: reload the FAQ topics (bundled and the operator's folder)"
-    )
-    @moderators_only()
-    async def reload(self, interaction: discord.Interaction) -> None:
-        """Read the topics again; broken files are named and skipped."""
-        await interaction.response.defer(ephemeral=True)
-        problems = await self.bot.reload_faq()
-        text = f"Loaded {len(self.bot.faq.topics)} FAQ topics."
-        if problems:
-            text += " Skipped:\n" + "\n".join(f"- {p}" for p in problems[:10])
-        await interaction.followup.send(text[:2000], ephemeral=True)

@@ -1,7 +1,10 @@
-"""``/rwkv reset``, ``undo-reset``, ``enable``, ``disable`` and ``server``: moderation.
+"""``/rwkv-mod``: ``reset``, ``undo-reset``, ``enable``, ``disable``, ``server`` and
+``faq-reload``, the moderators' own group.
 
-A channel's conversation and where the bot talks need Manage Messages; anything for the whole
-server needs Manage Server (see :mod:`bot.checks`).
+The group carries ``default_permissions(manage_messages=True)``, so Discord shows it only to
+moderators (and to whom a server's admins grant it); each command still checks when it runs,
+since admins can change those defaults. A channel's conversation and where the bot talks need
+Manage Messages; anything for the whole server needs Manage Server (see :mod:`bot.checks`).
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ from bot.client import RwkvBot
 from bot.streaming import NO_MENTIONS
 
 Scope = Literal["channel", "server"]
+# Said in the channel for everyone: from now on the bot reads what members write there.
+ENABLED_NOTICE = (
+    "A moderator enabled me in this channel: from now on I read every message here (and in its "
+    "threads) and answer it with the RWKV language model. `/rwkv help` shows how to talk to me; "
+    "a moderator can turn this off with `/rwkv-mod disable`."
+)
 
 
-class ModerationCommands(commands.Cog):
-    """The moderators' part of ``/rwkv`` (a part of :class:`~bot.cogs.rwkv.RwkvCog`)."""
+@app_commands.default_permissions(manage_messages=True)
+class ModerationCog(commands.GroupCog, group_name="rwkv-mod", group_description="manage the RWKV bot"):
+    """The ``/rwkv-mod`` group."""
 
-    bot: RwkvBot
+    def __init__(self, bot: RwkvBot) -> None:
+        self.bot = bot
 
-    @app_commands.command(
-        name="reset", description="Moderators: reset this channel's (or every channel's) conversation"
-    )
+    @app_commands.command(name="reset", description="reset this channel's (or every channel's) conversation")
     @moderators_only()
     async def reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
         """Reset the channel's conversation, or every one of the server's."""
@@ -45,14 +54,14 @@ class ModerationCommands(commands.Cog):
         for key in keys:
             await self.bot.service.reset(key)
         await interaction.followup.send(
-            f"Reset {len(keys)} conversation(s). `/rwkv undo-reset` brings them back.", ephemeral=True
+            f"Reset {len(keys)} conversation(s). `/rwkv-mod undo-reset` brings them back.", ephemeral=True
         )
         if scope == "channel" and isinstance(interaction.channel, discord.abc.Messageable):
             with contextlib.suppress(discord.HTTPException):  # the reset is done; the note is a courtesy
                 await interaction.channel.send("Chat reset by a moderator.", allowed_mentions=NO_MENTIONS)
 
     @app_commands.command(
-        name="undo-reset", description="Moderators: bring back the conversation of before the last reset"
+        name="undo-reset", description="bring back the conversation of before the last reset"
     )
     @moderators_only()
     async def undo_reset(self, interaction: discord.Interaction, scope: Scope = "channel") -> None:
@@ -63,21 +72,19 @@ class ModerationCommands(commands.Cog):
         text = f"Restored {restored} conversation(s)." if restored else "There is no reset to undo."
         await interaction.followup.send(text, ephemeral=True)
 
-    @app_commands.command(
-        name="enable", description="Moderators: let the bot answer every message in this channel"
-    )
+    @app_commands.command(name="enable", description="let the bot answer every message in this channel")
     @app_commands.guild_only()
     async def enable(self, interaction: discord.Interaction) -> None:
         """Answer every message in this channel (and its threads)."""
         await self._set_enabled(interaction, True)
 
-    @app_commands.command(name="disable", description="Moderators: stop answering in this channel")
+    @app_commands.command(name="disable", description="stop answering in this channel")
     @app_commands.guild_only()
     async def disable(self, interaction: discord.Interaction) -> None:
         """Stop answering here (a thread of an enabled channel is switched off on its own)."""
         await self._set_enabled(interaction, False)
 
-    @app_commands.command(name="server", description="Server managers: who may use +reset in this server")
+    @app_commands.command(name="server", description="Who may use +reset in this server (Manage Server)")
     @app_commands.guild_only()
     async def server(
         self, interaction: discord.Interaction, reset_policy: Literal["everyone", "moderators"]
@@ -89,6 +96,19 @@ class ModerationCommands(commands.Cog):
         await interaction.response.defer(ephemeral=True)
         await self.bot.service.set_reset_policy(str(guild_id), reset_policy)
         await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
+
+    @app_commands.command(
+        name="faq-reload", description="Reload the FAQ topics (bundled and the operator's folder)"
+    )
+    @moderators_only()
+    async def faq_reload(self, interaction: discord.Interaction) -> None:
+        """Read the FAQ topics again; broken files are named and skipped."""
+        await interaction.response.defer(ephemeral=True)
+        problems = await self.bot.reload_faq()
+        text = f"Loaded {len(self.bot.faq.topics)} FAQ topics."
+        if problems:
+            text += " Skipped:\n" + "\n".join(f"- {p}" for p in problems[:10])
+        await interaction.followup.send(text[:2000], ephemeral=True)
 
     async def _begin(self, interaction: discord.Interaction, scope: Scope) -> list[str]:
         """The conversations a command acts on, once the member may (the whole server needs
@@ -121,6 +141,9 @@ class ModerationCommands(commands.Cog):
             bot.enabled.add(channel_id)
             bot.disabled.discard(channel_id)
             text = "I'll answer every message in this channel (and its threads) now."
+            if isinstance(channel, discord.abc.Messageable):
+                with contextlib.suppress(discord.HTTPException):  # enabled; the notice is a courtesy
+                    await channel.send(ENABLED_NOTICE, allowed_mentions=NO_MENTIONS)
         else:
             bot.enabled.discard(channel_id)
             if override:

@@ -1,5 +1,5 @@
-"""``/rwkv``: one slash-command group made of two areas, the chat (for everyone, in
-:mod:`bot.cogs.chat`) and moderation (:mod:`bot.cogs.moderation`)."""
+"""``/rwkv``: the slash-command group every member sees (its commands in :mod:`bot.cogs.chat`);
+moderation is its own group, ``/rwkv-mod`` (:mod:`bot.cogs.moderation`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ from discord.ext import commands
 
 from bot.client import RwkvBot
 from bot.cogs.chat import ChatCommands, offer_limits
-from bot.cogs.moderation import ModerationCommands
 
 
 class RwkvCog(
     ChatCommands,
-    ModerationCommands,
     commands.GroupCog,
     group_name="rwkv",
     group_description="Chat with the RWKV language model",

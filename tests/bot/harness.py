@@ -110,6 +110,7 @@ class RecordingHTTP(HTTPClient):
                 user(BOT_ID, "rwkv", True),
                 content or "",
                 embeds=payload.get("embeds", []),
+                components=payload.get("components", []),
             )
             self.messages[int(message["id"])] = message
             return message
@@ -119,7 +120,8 @@ class RecordingHTTP(HTTPClient):
             times.append(self.clock.now)
             recent = [t for t in times if t > self.clock.now - 5.0]
             assert len(recent) <= 5, "more than 5 edits in 5 seconds in one channel"
-            self.messages[message_id] = {**self.messages[message_id], "content": content}
+            changed = {k: payload[k] for k in ("content", "components") if k in payload}
+            self.messages[message_id] = {**self.messages[message_id], **changed}
             return self.messages[message_id]
         return None
 
@@ -267,6 +269,68 @@ class Harness:
     async def say(self, content: str, **options: Any) -> None:
         await self.bot.on_message(self.message(content, **options))
 
+    async def press(
+        self, custom_id: str, message_id: int, *, author: int = ALICE, channel: int = GENERAL
+    ) -> None:
+        """Press a button of one of the bot's messages, as the gateway's INTERACTION_CREATE
+        (type 3, a component) delivers it, and wait for the bot's handling."""
+        perms = EVERYONE_PERMS | (MANAGE_MESSAGES if author in (MOD, ADMIN) else 0)
+        data = {
+            **self._interaction_base(author, channel, perms),
+            "type": 3,
+            "message": self.http.messages[message_id],
+            "data": {"component_type": 2, "custom_id": custom_id},
+        }
+        self.state.parse_interaction_create(data)  # type: ignore[arg-type]
+        pending = [t for t in asyncio.all_tasks() if t.get_name().startswith("discord-ui-dynamic-item")]
+        await asyncio.gather(*pending)
+
+    async def restart(self) -> None:
+        """Close the bot and start a new bot object on the same chat service and database (the
+        messages Discord holds are kept), as a restart of the process would."""
+        old = self.bot
+        await old.close()
+        self.bot = await create_bot(
+            old.settings, old.engine, old.service, old.faq, clock=self.clock, sleep=self.clock.sleep
+        )
+        messages = self.http.messages
+        self.http = await connect(self.bot, self.clock)
+        self.http.messages.update(messages)
+        self.state = self.bot._connection
+
+    def _interaction_base(self, author: int, channel: int, perms: int) -> dict[str, Any]:
+        return {
+            "id": str(next(_ids)),
+            "application_id": str(BOT_ID),
+            "token": "tok",
+            "version": 1,
+            "guild_id": str(GUILD),
+            "channel_id": str(channel),
+            "channel": {
+                "id": str(channel),
+                "type": 0,
+                "guild_id": str(GUILD),
+                "name": "general",
+                "position": 0,
+            },
+            "member": {
+                "user": user(author, NAMES.get(author, f"user{author}")),
+                "roles": ROLES.get(author, []),
+                "permissions": str(perms),
+                "joined_at": "2025-01-01T00:00:00+00:00",
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            },
+            "app_permissions": str(EVERYONE_PERMS),
+            "locale": "en-US",
+            "guild_locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {},
+            "context": 0,
+            "attachment_size_limit": 8_000_000,
+        }
+
     async def settle(self) -> None:
         """Wait for the small background calls (reminders, refusals) to reach the recorder."""
         if self.bot._side_tasks:
@@ -299,36 +363,8 @@ class Harness:
         ]
         command_options = [{"name": sub, "type": 1, "options": typed}] if sub else typed
         data = {
-            "id": str(next(_ids)),
-            "application_id": str(BOT_ID),
+            **self._interaction_base(author, channel, perms),
             "type": 2,
-            "token": "tok",
-            "version": 1,
-            "guild_id": str(GUILD),
-            "channel_id": str(channel),
-            "channel": {
-                "id": str(channel),
-                "type": 0,
-                "guild_id": str(GUILD),
-                "name": "general",
-                "position": 0,
-            },
-            "member": {
-                "user": user(author, NAMES.get(author, f"user{author}")),
-                "roles": ROLES.get(author, []),
-                "permissions": str(perms),
-                "joined_at": "2025-01-01T00:00:00+00:00",
-                "deaf": False,
-                "mute": False,
-                "flags": 0,
-            },
-            "app_permissions": str(EVERYONE_PERMS),
-            "locale": "en-US",
-            "guild_locale": "en-US",
-            "entitlements": [],
-            "authorizing_integration_owners": {},
-            "context": 0,
-            "attachment_size_limit": 8_000_000,
             "data": {"id": "1", "name": name, "type": 1, "options": command_options},
         }
         interaction = discord.Interaction(data=data, state=self.state)  # type: ignore[arg-type]
@@ -402,6 +438,20 @@ def guild_payload() -> dict[str, Any]:
     }
 
 
+async def connect(bot: RwkvBot, clock: FakeClock) -> RecordingHTTP:
+    """Wire a new bot to a recording HTTP layer and run its set-up as a connection would."""
+    http = RecordingHTTP(asyncio.get_running_loop(), clock)
+    bot.http = http
+    bot._connection.http = http
+    await bot._async_setup_hook()
+    await bot.setup_hook()
+    state = bot._connection
+    state.user = discord.ClientUser(state=state, data=user(BOT_ID, "rwkv", True))  # type: ignore[arg-type]
+    state.application_id = BOT_ID
+    state._add_guild_from_data(guild_payload())  # type: ignore[arg-type]
+    return http
+
+
 @pytest.fixture
 async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Harness]:
     """A set-up bot (setup_hook run) with #general enabled by a moderator."""
@@ -419,17 +469,9 @@ async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Har
     faq, _ = load_faq(settings)
     service = await build_service(settings, engine7, faq)
     bot = await create_bot(settings, engine7, service, faq, clock=clock, sleep=clock.sleep)
-    http = RecordingHTTP(asyncio.get_running_loop(), clock)
-    bot.http = http
-    bot._connection.http = http
     adapter = RecordingAdapter()
     token = async_context.set(adapter)
-    await bot._async_setup_hook()
-    await bot.setup_hook()
-    state = bot._connection
-    state.user = discord.ClientUser(state=state, data=user(BOT_ID, "rwkv", True))  # type: ignore[arg-type]
-    state.application_id = BOT_ID
-    state._add_guild_from_data(guild_payload())  # type: ignore[arg-type]
+    http = await connect(bot, clock)
     h = Harness(bot, http, adapter, clock)
     answer = bot.tree.on_error
 
@@ -441,11 +483,13 @@ async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Har
         await answer(interaction, error)
 
     bot.tree.error(record)
-    await h.slash("rwkv", "enable", author=MOD)
+    await h.slash("rwkv-mod", "enable", author=MOD)
+    http.calls.clear()  # tests start after the enabling (its public notice is tested on its own)
+    http.messages.clear()
     try:
         yield h
     finally:
-        await bot.close()
+        await h.bot.close()
         await service.close()
         async_context.reset(token)
         assert h.errors == [], h.errors

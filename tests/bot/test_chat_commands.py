@@ -1,4 +1,4 @@
-"""/rwkv settings and status (bot/cogs/chat.py)."""
+"""/rwkv settings, status and help (bot/cogs/chat.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.bot.harness import (
+    ALICE,
     GENERAL,
     MOD,
     Harness,
@@ -44,9 +45,9 @@ async def test_settings_command_validates_and_stores(harness: Harness) -> None:
 
 
 async def test_status_shows_engine_numbers(harness: Harness) -> None:
-    """/rwkv status answers with the model, queues and the engine's numbers."""
+    """/rwkv status answers a moderator with the model, queues and the engine's numbers."""
     await harness.say("-top_p=0 hi")
-    await harness.slash("rwkv", "status")
+    await harness.slash("rwkv", "status", author=MOD)
     status = harness.adapter.texts()[-1]
     assert "Model: RWKV-7" in status and "Replies being written: 0" in status
     assert "States: 1 channels on the device" in status
@@ -61,9 +62,28 @@ async def test_status_shows_each_device(harness: Harness, monkeypatch: pytest.Mo
     devices = {"cuda:0": numbers, "cuda:1": {**numbers, "batch": 2.0}}
     monkeypatch.setattr(harness.bot.engine, "device_metrics", lambda: devices)
     monkeypatch.setattr(harness.bot.service.states.tiers, "device_usage", lambda: {"cuda:1": 3 * 2**20})
-    await harness.slash("rwkv", "status")
+    await harness.slash("rwkv", "status", author=MOD)
     status = harness.adapter.texts()[-1]
     assert "cuda:0: batch 7, 20 resident, 1 queued, 3210 tokens/s, 0 MB of states" in status
     assert "cuda:1: batch 2, 20 resident, 1 queued, 3210 tokens/s, 3 MB of states" in status
     assert harness.bot.device_metrics()["cuda:1"]["states_bytes"] == 3 * 2**20
     assert "channels on the 2 devices (" in status and " MB on each)" in status
+
+
+async def test_members_see_a_short_status(harness: Harness) -> None:
+    """A member's /rwkv status is one friendly line: the model and how busy it is, no engine
+    figures."""
+    await harness.slash("rwkv", "status", author=ALICE)
+    status = harness.adapter.texts()[-1]
+    assert status.startswith("I'm running RWKV-7") and "free" in status
+    assert "States:" not in status and "Engine:" not in status and "\n" not in status
+
+
+async def test_help_covers_buttons_reactions_and_slash_commands(harness: Harness) -> None:
+    """/rwkv help and +help both explain the grammar, the buttons, the stop reaction and the
+    slash commands."""
+    await harness.slash("rwkv", "help")
+    await harness.say("+help")
+    for text in (harness.adapter.texts()[-1], harness.http.sent()[-1]):
+        assert "How to talk to me" in text and "Retry" in text and "Continue" in text
+        assert "⏹️" in text and "/rwkv status" in text and "/rwkv-mod" in text

@@ -75,7 +75,7 @@ async def test_a_thread_enabled_or_set_but_silent_goes_with_its_channel(harness:
     channel (discord.py may no longer hold it, if it was archived)."""
     service = harness.bot.service
     await harness.slash("rwkv", "settings", author=MOD, channel=THREAD, temperature=0.5)
-    await harness.slash("rwkv", "enable", author=MOD, channel=THREAD)
+    await harness.slash("rwkv-mod", "enable", author=MOD, channel=THREAD)
     assert await service.store.channels.settings(str(THREAD)) == {"temperature": 0.5}
     assert str(THREAD) in await service.store.channels.enabled()
     assert await service.store.channels.threads_of(str(GENERAL)) == [str(THREAD)]

@@ -104,7 +104,7 @@ async def test_faq_slash_command(harness: Harness) -> None:
 async def test_faq_reload_reports_broken_files_and_is_for_moderators(
     harness: Harness, tmp_path: Path
 ) -> None:
-    """/faq reload reads the operator's folder again; a broken file is named and skipped."""
+    """/rwkv-mod faq-reload reads the operator's folder again; a broken file is named and skipped."""
     folder = tmp_path / "faq"
     folder.mkdir()
     (folder / "broken.md").write_text("+++\ntitle = \n+++\nbody\n")
@@ -112,9 +112,9 @@ async def test_faq_reload_reports_broken_files_and_is_for_moderators(
         '+++\ntitle = "House rules"\nkeywords = ["house rules", "rules"]\n+++\nBe kind to the bot.\n'
     )
     harness.bot.settings = harness.bot.settings.model_copy(update={"faq_dir": folder})
-    await harness.slash("faq", "reload", author=ALICE)
+    await harness.slash("rwkv-mod", "faq-reload", author=ALICE)
     assert "Only moderators" in harness.adapter.texts()[-1]
-    await harness.slash("faq", "reload", author=MOD)
+    await harness.slash("rwkv-mod", "faq-reload", author=MOD)
     report = harness.adapter.texts()[-1]
     assert "Skipped" in report and "broken.md" in report
     assert harness.bot.faq is not None and harness.bot.faq.best("what are the house rules") is not None

@@ -84,6 +84,15 @@ async def test_cooldown_per_user(harness: Harness) -> None:
     assert "How to talk to me" in harness.http.sent()[-1]
 
 
+async def test_cooldown_notice_says_the_time_left(harness: Harness) -> None:
+    """The reminder rounds the time left up (0.4 s left says 1 s, not 0 s)."""
+    harness.bot.settings = harness.bot.settings.model_copy(update={"user_cooldown": 30.0})
+    harness.bot.last_message_at[ALICE] = harness.clock.now - 29.5  # the clock's next look adds 0.2
+    await harness.say("+help", author=ALICE)
+    await harness.settle()
+    assert "Please wait 1 s" in harness.http.sent()[-1]
+
+
 async def test_stop_reaction_and_command(harness: Harness) -> None:
     """/rwkv stop or a stop reaction ends the reply early; what was written is kept."""
     service = harness.bot.service
@@ -100,6 +109,18 @@ async def test_stop_reaction_and_command(harness: Harness) -> None:
     await task
     assert "stopped" in harness.http.posted_to(GENERAL)[-1]["content"]
     assert len(await service.store.transcripts.turns(str(GENERAL))) == 2
+
+
+async def test_one_rule_for_who_may_stop_a_reply(harness: Harness) -> None:
+    """/rwkv stop by another member is refused with a reason; a moderator's stops the reply."""
+    task = await start_long_reply(harness, "keep going")
+    generation = next(iter(harness.bot.by_reply.values()))
+    await harness.slash("rwkv", "stop", author=31)
+    assert not generation.cancel.is_set()
+    assert "asked for this reply, or a moderator" in harness.adapter.texts()[-1]
+    await harness.slash("rwkv", "stop", author=MOD)
+    assert generation.cancel.is_set() and harness.adapter.texts()[-1] == "Stopping the reply."
+    await task
 
 
 async def test_moderator_can_stop_a_reply_in_a_thread_by_reaction(harness: Harness) -> None:
@@ -189,7 +210,7 @@ async def test_edits_keep_discord_s_pace_per_channel_across_replies(harness: Har
     service.config = service.config.__class__(**{**service.config.__dict__, "chat_max_tokens": 120})
     harness.bot.settings = harness.bot.settings.model_copy(update={"max_queue": 3})
     channels = [GENERAL, QUIET]
-    await harness.slash("rwkv", "enable", author=MOD, channel=QUIET)
+    await harness.slash("rwkv-mod", "enable", author=MOD, channel=QUIET)
     writes: dict[str, list[float]] = {}
     request = harness.http.request
 

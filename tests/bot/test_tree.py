@@ -22,7 +22,7 @@ async def test_a_database_error_after_defer_is_answered_in_one_line(
         raise StoreError("the disk is full")
 
     monkeypatch.setattr(harness.bot.service, "set_reset_policy", full)
-    await harness.slash("rwkv", "server", author=ADMIN, reset_policy="moderators")
+    await harness.slash("rwkv-mod", "server", author=ADMIN, reset_policy="moderators")
     deferred, answer = harness.adapter.calls[-2:]
     assert deferred[1].endswith("/callback") and deferred[2]["type"] == 5  # deferred, "thinking..."
     assert (
@@ -31,7 +31,7 @@ async def test_a_database_error_after_defer_is_answered_in_one_line(
     assert answer[2]["flags"] & EPHEMERAL
     assert [type(e) for e in harness.errors] == [app_commands.CommandInvokeError]
     harness.errors.clear()
-    assert "the command /rwkv server failed" in caplog.text
+    assert "the command /rwkv-mod server failed" in caplog.text
 
 
 async def test_a_failure_before_any_answer_is_answered_in_one_line(
@@ -58,6 +58,6 @@ async def test_a_refusal_is_answered_and_not_logged_as_an_error(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A member without the permission gets the refusal as the response; nothing is logged."""
-    await harness.slash("rwkv", "reset", author=ALICE)
+    await harness.slash("rwkv-mod", "reset", author=ALICE)
     assert harness.adapter.texts()[-1] == "Only moderators (Manage Messages) can do that here."
     assert "failed" not in caplog.text
