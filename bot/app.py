@@ -5,20 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from bot.settings import ENV_PREFIX, ConfigError, Settings, require_model
 from chat.presets import default_preset_name, load_presets
 from chat.session import ChatConfig, ChatService
 from chat.states import MB, StatePolicy
 from chat.storage import backend_for
-from engine.devices import DeviceEngines
-from engine.formats import inspect_model
-from engine.inprocess import ReferenceEngine
+from engine import loading as engine_loading
+from engine.errors import EngineError
 from engine.interface import Engine
-from engine.pool import BatchedEngine
 from faq import FaqIndex, bundled_topics_dir, load_topics
 
 log = logging.getLogger(__name__)
@@ -37,33 +34,25 @@ def load_faq(settings: Settings) -> tuple[FaqIndex, list[str]]:
 
 
 async def load_engine(settings: Settings) -> Engine:
-    """Load the configured model (in a thread: it takes seconds to minutes).
-
-    ``engine=auto`` runs RWKV-7 on the batched engine (many channels per forward pass) and
-    RWKV-4 to 6 on the rwkv package, one sequence at a time.
-    """
+    """Load the configured model, in a thread (it takes seconds to minutes)."""
     path = require_model(settings)
-    choice = settings.engine
-    if choice == "auto":
-        spec = await asyncio.to_thread(inspect_model, path)
-        choice = "batched" if spec.family >= 7 else "reference"
-    if choice == "reference":
-        if settings.devices is not None:
-            raise ConfigError(
-                f"{ENV_PREFIX}DEVICES is set, but {path.name} runs on the reference engine, which uses "
-                "one device: leave it unset (the strategy names the device), or use an RWKV-7 model"
+    try:
+        return await asyncio.to_thread(
+            functools.partial(
+                engine_loading.load_engine,
+                path,
+                settings.strategy,
+                settings.tokenizer,
+                engine=settings.engine,
+                devices=None if settings.devices is None else settings.devices.split(","),
+                max_batch=settings.max_batch,
+                max_resident=settings.max_resident,
             )
-        return await asyncio.to_thread(ReferenceEngine.load, path, settings.strategy, settings.tokenizer)
-    limits: dict[str, Any] = {"max_batch": settings.max_batch, "max_resident": settings.max_resident}
-    load: Callable[[], Engine]
-    if settings.devices is None:
-        load = functools.partial(BatchedEngine.load, path, settings.strategy, settings.tokenizer, **limits)
-    else:
-        devices = settings.devices.split(",")
-        load = functools.partial(
-            DeviceEngines.load, path, settings.strategy, devices, settings.tokenizer, **limits
         )
-    return await asyncio.to_thread(load)
+    except EngineError as exc:
+        if settings.devices is not None and "device list" in str(exc):
+            raise ConfigError(f"{ENV_PREFIX}DEVICES is set, but {exc}") from exc
+        raise
 
 
 def state_policy(settings: Settings) -> StatePolicy:

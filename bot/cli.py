@@ -28,6 +28,7 @@ from bot.settings import ConfigError, heartbeat_path, load_settings
 from chat.errors import PresetError, StoreError
 from engine.errors import EngineError
 from engine.shapes import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape
+from engine.strategy import PRECISIONS
 
 PROG = "rwkv-discord"
 EXIT_USAGE = 2
@@ -42,7 +43,6 @@ PASSTHROUGH = {
         "list RWKV-7 models to download, or fetch one (fetch-model NAME)",
     ),
 }
-_DTYPES = ("fp32", "fp16", "bf16")
 
 
 class UsageError(Exception):
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--layers", type=int, default=2, help="layers (default: 2)")
     make.add_argument("--embd", type=int, default=64, help="width (default: 64)")
     make.add_argument("--vocab", type=int, default=65536, help="vocabulary size (default: 65536, World)")
-    make.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="stored precision")
+    make.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="stored precision")
     make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     return parser
 
@@ -161,8 +161,7 @@ def _add_db_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    import torch
-
+    from engine.strategy import dtype as torch_dtype
     from tools.make_model import write_random_model
 
     if args.path.suffix != ".pth":
@@ -170,7 +169,7 @@ def _make_model(args: argparse.Namespace) -> int:
     if not args.path.parent.is_dir() or not os.access(args.path.parent, os.W_OK):
         raise UsageError(f"cannot write {args.path}: its folder does not exist or is not writable")
     shape = NAMED_SHAPES[args.size] if args.size else ModelShape(args.layers, args.embd, args.vocab)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     try:
         write_random_model(args.path, args.version, shape, seed=args.seed, dtype=dtype)
     except ValueError as exc:

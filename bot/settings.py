@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.device_names import parse_devices
+from engine.strategy import normalise_strategy
 
 ENV_PREFIX = "RWKV_DISCORD_"
 
@@ -110,10 +111,7 @@ class Settings(BaseSettings):
     @field_validator("strategy")
     @classmethod
     def _strategy_shape(cls, value: str) -> str:
-        parts = value.split()
-        if len(parts) < 2 or parts[0].split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"{value!r} is not a strategy")
-        return " ".join(parts)
+        return normalise_strategy(value)
 
     @field_validator("devices")
     @classmethod

@@ -17,11 +17,10 @@ from typing import Any
 import discord
 
 from bot.splitting import DISCORD_LIMIT, split_message
-from engine.generation import visible_text
+from engine.thinking import THINK_SECTION, visible_text
 
 log = logging.getLogger(__name__)
 
-_THINK_RE = re.compile(r"<think>(.*?)(</think>|$)", re.DOTALL)
 NO_MENTIONS = discord.AllowedMentions.none()
 FOLD_LIMIT = 1200  # folded thinking keeps its last characters, well inside one message
 _UNCHANGED: Any = object()  # a write that leaves a message's buttons as they are
@@ -52,7 +51,7 @@ def render_thinking(text: str, display: str) -> str:
         label = "thoughts" if match.group(2) else "thinking..."
         return f"> {label}: ||{inner}||\n" if inner else ""
 
-    return _THINK_RE.sub(fold, text)
+    return THINK_SECTION.sub(fold, text)
 
 
 CHANNEL_WRITES = 5  # Discord lets a channel take about 5 message sends and edits ...

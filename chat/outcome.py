@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.generation import visible_text
 from engine.interface import TextDelta
-
-_THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+from engine.thinking import split_thinking, visible_text
 
 
 class OutcomeKind(enum.StrEnum):
@@ -64,8 +61,4 @@ class Outcome:
 
 ChatEvent = TextDelta | Outcome
 
-
-def split_thinking(text: str) -> str | None:
-    """The content of ``<think>`` sections of a reply, or None when it has none."""
-    parts = _THINK_RE.findall(text)
-    return "\n".join(p.strip() for p in parts) if parts else None
+__all__ = ["ChatEvent", "Outcome", "OutcomeKind", "split_thinking"]

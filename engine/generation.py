@@ -17,13 +17,12 @@ import torch
 from engine.errors import StateMismatchError
 from engine.interface import GenerationEvent, GenerationRequest, PromptRead
 from engine.logits import Shaper, avoid_repeat_ids, shape_one
-from engine.output import OutputProcessor, visible_text
+from engine.output import OutputProcessor
 from engine.sampling import sample_token
 from engine.state import Snapshot
 from engine.tokenizer import Tokenizer
 
-# visible_text: re-exported for the importers that still name this module (it is engine.output's).
-__all__ = ["Forward", "SequenceRunner", "visible_text"]
+__all__ = ["Forward", "SequenceRunner"]
 
 # Feeds tokens to a state (None: a zero state) and returns (logits after the last, new state).
 Forward = Callable[[list[int], list[torch.Tensor] | None], tuple[torch.Tensor, list[torch.Tensor]]]

@@ -24,27 +24,10 @@ from engine.interface import (
     TextDelta,
 )
 from engine.state import Snapshot
+from engine.thinking import visible_text
 from engine.tokenizer import Tokenizer
 
 PENDING_LIMIT = 16  # emit text anyway once this many tokens failed to form whole characters
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def visible_text(text: str) -> str:
-    """The reply text outside ``<think>...</think>`` sections (an open one hides the rest)."""
-    out = []
-    rest = text
-    while True:
-        start = rest.find(THINK_OPEN)
-        if start < 0:
-            out.append(rest)
-            break
-        out.append(rest[:start])
-        end = rest.find(THINK_CLOSE, start)
-        if end < 0:
-            break
-        rest = rest[end + len(THINK_CLOSE) :]
-    return "".join(out)
 
 
 class OutputProcessor:

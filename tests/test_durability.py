@@ -22,10 +22,10 @@ from chat.storage import Turn
 from chat.storage.sqlite import SqliteStorage
 from chat.tiers import StateTiers, _Entry
 from engine.inprocess import ReferenceEngine
-from engine.make_model import write_random_model
 from engine.state import Snapshot
 from engine.tokenizer import encode_prompt
 from tests.conftest import TINY
+from tools.make_model import write_random_model
 
 DRIVER = Path(__file__).with_name("scripted_channels.py")
 GREEDY = "-top_p=0 "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,6 +35,7 @@ def test_the_wheel_carries_every_module_and_data_file(tmp_path: Path) -> None:
         capture_output=True,
         timeout=300,
     )
+    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' scratch folder
     (wheel,) = tmp_path.glob("*.whl")
     inside = set(zipfile.ZipFile(wheel).namelist())
     tracked = subprocess.run(

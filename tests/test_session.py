@@ -15,9 +15,9 @@ from chat.presets import speaker_tag
 from chat.session import INSTRUCTION_TEMPLATE, ChatService
 from chat.storage import state_checksum
 from engine.errors import EngineError
-from engine.generation import visible_text
 from engine.inprocess import ReferenceEngine
 from engine.state import Snapshot
+from engine.thinking import visible_text
 from engine.tokenizer import encode_prompt
 from tests.conftest import open_service
 

@@ -39,8 +39,8 @@ import torch
 from chat.states import ChannelStates, Loaded, StatePolicy, Step
 from chat.storage import HeadName, NewRef, NewState, StateBase, Storage, Turn, backend_for
 from engine.interface import Engine
-from engine.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
 from engine.state import Snapshot
+from tools.make_model import HEAD_SIZE, NAMED_SHAPES, ModelShape
 
 PROG = "rwkv-discord bench-states"
 VOCAB = 65536
@@ -319,10 +319,9 @@ async def _load_engine(model: Path | None, strategy: str) -> Engine | None:
     """The model as the bot would load it, or None without one."""
     if model is None:
         return None
-    from bot.app import load_engine
-    from bot.settings import load_settings
+    from engine.loading import load_engine
 
-    return await load_engine(load_settings(model=model, strategy=strategy))
+    return await asyncio.to_thread(load_engine, model, strategy)
 
 
 def _sync() -> None:
