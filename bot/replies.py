@@ -41,6 +41,10 @@ STOP_EMOJI = "⏹️"
 QUEUED_EMOJI = "⏳"
 FAQ_AUTO_CONFIDENCE = 0.8  # automatic answers only for clear matches: a wrong one is worse than none
 QUEUE_FULL = "I'm still answering earlier messages in this channel. Please try again in a moment."
+HINT_EVERY = 600.0  # seconds between two hints of one kind to one member or channel
+DMS_OFF = "I don't answer direct messages here: talk to me in a server channel where I'm enabled."
+ATTACHMENTS_UNREAD = "I can only read text, not attachments or stickers: please write your message."
+ROLE_REFUSED = "Your roles don't include talking to me in this channel; the moderators decide who may."
 
 
 def cooldown_notice(left: float) -> str:
@@ -81,6 +85,7 @@ class ReplyingBot(commands.Bot):
         self.pacers: dict[int, ChannelPacer] = {}  # per channel: Discord's pace of writes there
         self.last_message_at: dict[int, float] = {}
         self.warned_at: dict[int, float] = {}
+        self.hinted: dict[tuple[str, int], float] = {}  # (what, whom or where) -> when last hinted
         self.by_reply: dict[int, Generation] = {}  # reply message id -> generation, for reactions
         self.buttoned: dict[int, discord.Message] = {}  # channel -> its newest reply with buttons
         self.speeds: deque[tuple[int, float]] = deque(maxlen=20)
@@ -97,9 +102,16 @@ class ReplyingBot(commands.Bot):
             return str(channel.id) if self.settings.allow_dms else None
         if self.enabled_in(channel):
             return str(channel.id)
-        if self.settings.respond_to_mentions and self.user is not None and self.user in message.mentions:
+        if self.settings.respond_to_mentions and self.mentioned(message):
             return str(channel.id)
         return None
+
+    def mentioned(self, message: discord.Message) -> bool:
+        """The bot, or its own managed role (which members often pick from the list), is mentioned."""
+        if self.user is not None and self.user in message.mentions:
+            return True
+        role = message.guild.self_role if message.guild is not None else None
+        return role is not None and role in message.role_mentions
 
     def enabled_in(self, channel: Any) -> bool:
         """Whether moderators enabled the bot in this channel (or in the channel of this thread,
@@ -112,9 +124,12 @@ class ReplyingBot(commands.Bot):
     def message_text(self, message: discord.Message) -> str:
         """The message without the bot's own mention."""
         text = message.content
+        role = message.guild.self_role if message.guild is not None else None
+        forms = [f"<@&{role.id}>"] if role is not None else []
         if self.user is not None:
-            for form in (f"<@{self.user.id}>", f"<@!{self.user.id}>"):
-                text = text.replace(form, "")
+            forms += [f"<@{self.user.id}>", f"<@!{self.user.id}>"]
+        for form in forms:
+            text = text.replace(form, "")
         return text.strip()
 
     # ------------------------------------------------------------------ messages
@@ -129,11 +144,14 @@ class ReplyingBot(commands.Bot):
             return
         key = self.conversation(message)
         if key is None:
+            if message.guild is None:  # DMs are off
+                self._hint(message, ("dm", message.author.id), DMS_OFF)
             return
         text = self.message_text(message)
-        mentioned = self.user in message.mentions
-        if not text and not mentioned and message.guild is not None:
-            return  # an image or sticker alone: nothing to answer
+        if not text and not self.mentioned(message) and message.guild is not None:
+            if message.attachments or message.stickers:  # nothing the model could read
+                self._hint(message, ("attachment", message.channel.id), ATTACHMENTS_UNREAD)
+            return
         # Everything up to the first await decides, so messages arriving together are counted.
         if not self._within_cooldown(message):
             return
@@ -199,6 +217,30 @@ class ReplyingBot(commands.Bot):
             if task is not None:
                 self._reply_tasks.discard(task)
 
+    def _hint(self, message: discord.Message, key: tuple[str, int], text: str) -> None:
+        """A short hint instead of silence, at most once per :data:`HINT_EVERY` for each key."""
+        now = self.clock()
+        if now - self.hinted.get(key, float("-inf")) < HINT_EVERY:
+            return
+        self.hinted[key] = now
+        if len(self.hinted) > 10_000:
+            self.hinted = {k: t for k, t in self.hinted.items() if now - t < HINT_EVERY}
+        self._spawn(message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS))
+
+    async def _may_talk(self, message: discord.Message, channel_key: str) -> bool:
+        """The roles allowed and denied here (server and channel) let the author talk to the bot;
+        moderators always may. A member who may not gets a hint now and then."""
+        author, guild = message.author, message.guild
+        if guild is None or not isinstance(author, discord.Member):
+            return True
+        if message.channel.permissions_for(author).manage_messages:
+            return True
+        rules = await self.service.role_rules(str(guild.id), channel_key)
+        if rules.permits({str(role.id) for role in author.roles}):
+            return True
+        self._hint(message, ("roles", author.id), ROLE_REFUSED)
+        return False
+
     def _within_cooldown(self, message: discord.Message) -> bool:
         """False (and one reminder per cooldown) when the author writes again too soon."""
         author = message.author.id
@@ -254,6 +296,8 @@ class ReplyingBot(commands.Bot):
                 await message.reply(
                     f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
                 )
+                return
+            if not await self._may_talk(message, generation.channel_key):
                 return
             parsed = parse_message(text)
             context = await self.service.context(generation.channel_key)

@@ -2,6 +2,8 @@
 
 No code is ever executed from a preset (the reference's ``+prompt PATH`` ran a Python file).
 The bundled presets live beside this module; an operator's folder adds or overrides them by name.
+A preset there may name an RWKV-PEFT state-tuning file beside it (``state = "persona.pth"``) as its
+opening state (see :mod:`chat.tuned_states`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import re
 import tomllib
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,21 @@ class Preset:
     init_prompt: str  # normalised: "\n" + lines + "\n\n"
     sampling: SamplingParams
     thinking: bool = False  # the model may write <think>...</think> sections
+    state_file: Path | None = None  # an RWKV-PEFT state-tuning file: the opening state
+    state_digest: str = ""  # sha256 of that file, so a new version gets a new opening
 
     @property
     def key(self) -> str:
         """Identity of the content: a changed preset gets a new initial snapshot."""
-        text = "\x1f".join([self.user, self.bot, self.separator, self.init_prompt])
+        text = "\x1f".join([self.user, self.bot, self.separator, self.init_prompt, self.state_digest])
         return f"{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+    def with_system(self, prompt: str) -> Preset:
+        """This preset with a channel's system prompt (a persona): the G1 template's
+        ``System:`` turn before the opening prompt. Its key differs, so its opening state is
+        its own, computed once and shared by every channel with the same prompt."""
+        system = normalise_init_prompt(f"System{self.separator} {prompt}").strip("\n")
+        return replace(self, init_prompt=normalise_init_prompt(f"{system}\n\n{self.init_prompt.strip()}"))
 
     def chat_turn(self, message: str, speaker: str | None = None) -> str:
         """The text fed for one user message: ``{user}{sep} MESSAGE\\n\\n{bot}{sep}``; with a
@@ -102,7 +113,7 @@ def normalise_init_prompt(text: str) -> str:
     return "\n" + "\n".join(lines).strip() + "\n\n"
 
 
-_PRESET_KEYS = {"description", "user", "bot", "separator", "init_prompt", "thinking", "sampling"}
+_PRESET_KEYS = {"description", "user", "bot", "separator", "init_prompt", "thinking", "sampling", "state"}
 
 
 def _text(name: str, data: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -143,7 +154,24 @@ def _sampling(name: str, raw: object) -> SamplingParams:
     )
 
 
-def parse_preset(name: str, text: str) -> Preset:
+def _state_file(name: str, data: dict[str, Any], folder: Path | None) -> tuple[Path | None, str]:
+    """The preset's state-tuning file (``state = "file.pth"``, beside the preset) and its digest."""
+    if "state" not in data:
+        return None, ""
+    value = data["state"]
+    if not isinstance(value, str) or not value.endswith(".pth"):
+        raise PresetError(f"preset {name!r}: state must be the name of a .pth file in quotes, not {value!r}")
+    if folder is None:
+        raise PresetError(f"preset {name!r}: a state file needs a preset file in a folder")
+    path = folder / value
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise PresetError(f"preset {name!r}: cannot read its state file {path}: {exc}") from exc
+    return path, digest
+
+
+def parse_preset(name: str, text: str, folder: Path | None = None) -> Preset:
     """Build a preset from the text of a TOML file; raises :class:`PresetError`.
 
     As strict as the settings: every value of its type (a boolean is ``true``/``false``, not a
@@ -160,7 +188,9 @@ def parse_preset(name: str, text: str) -> Preset:
             f"preset {name!r}: unknown key {unknown[0]!r}; known: {', '.join(sorted(_PRESET_KEYS))}"
         )
     user, bot = _text(name, data, "user"), _text(name, data, "bot")
-    prompt = _text(name, data, "init_prompt")
+    state_file, state_digest = _state_file(name, data, folder)
+    # A state-tuned preset needs no opening prompt: the state is its opening.
+    prompt = _text(name, data, "init_prompt", "" if state_file else None)
     separator = _text(name, data, "separator", ":")
     description = _text(name, data, "description", name)
     if not user.strip() or not bot.strip() or "\n" in user + bot:
@@ -179,6 +209,8 @@ def parse_preset(name: str, text: str) -> Preset:
         init_prompt=normalise_init_prompt(prompt),
         sampling=_sampling(name, data.get("sampling", {})),
         thinking=thinking,
+        state_file=state_file,
+        state_digest=state_digest,
     )
 
 
@@ -201,7 +233,7 @@ def load_presets(extra_dir: Path | None = None) -> dict[str, Preset]:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise PresetError(f"cannot read preset file {path}: {exc}") from exc
-            presets[name] = parse_preset(name, text)
+            presets[name] = parse_preset(name, text, path.parent)
     return presets
 
 

@@ -22,16 +22,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chat.grammar import GrammarError, Parsed, parse_message
+from chat.grammar import GrammarError, Parsed, clean_text, normalise_chat, parse_message
 from chat.housekeeping import keep_house
 from chat.outcome import ChatEvent, Outcome, OutcomeKind
 from chat.presets import Preset
 from chat.settings import (
     RESET_POLICIES,
+    ROLE_LISTS,
+    ROLE_RULES,
     SETTING_RANGES,
     SWITCHES,
+    SYSTEM_PROMPT_MAX,
     ChannelContext,
     ChatConfig,
+    RoleRules,
     SettingLimits,
     checked_settings,
 )
@@ -54,6 +58,21 @@ class _ChannelLock:
 
 
 _KNOWN_PLACES = 10_000
+
+
+def _set_system_prompt(settings: dict[str, Any], value: str) -> str:
+    """Set (or, with an empty text, remove) a channel's system prompt; the change, as a line.
+    Blank lines become single ones, so the prompt stays one turn of the template."""
+    prompt = normalise_chat(clean_text(value))
+    if not prompt:
+        settings.pop("system_prompt", None)
+        return "no system prompt (the preset's own opening; the conversation starts afresh)"
+    if len(prompt) > SYSTEM_PROMPT_MAX:
+        raise ValueError(
+            f"the system prompt may have at most {SYSTEM_PROMPT_MAX} characters, not {len(prompt)}"
+        )
+    settings["system_prompt"] = prompt
+    return "the system prompt (the conversation starts afresh)"
 
 
 class ChatService(TurnCommands):
@@ -108,6 +127,8 @@ class ChatService(TurnCommands):
         stored = await self.store.channels.settings(channel_id)
         settings = checked_settings(stored, self.limits, self.presets, channel_id)
         preset = self.presets.get(str(settings.get("preset")), self.presets[self.config.default_preset])
+        if "system_prompt" in settings:
+            preset = preset.with_system(settings["system_prompt"])
         return ChannelContext(channel_id, settings, preset)
 
     async def handle(
@@ -238,6 +259,8 @@ class ChatService(TurnCommands):
                     raise ValueError(f"no preset {value!r}; known: {', '.join(sorted(self.presets))}")
                 current[name] = value
                 changes.append(f"preset {value} (the conversation starts afresh)")
+            elif name == "system_prompt":
+                changes.append(_set_system_prompt(current, str(value)))
             elif name in SWITCHES:
                 current[name] = bool(value)
                 changes.append(f"{name} {'on' if value else 'off'}")
@@ -269,6 +292,37 @@ class ChatService(TurnCommands):
     async def may_reset(self, guild_id: str | None, moderator: bool) -> bool:
         """Whether a member may reset a conversation with ``+reset`` in text."""
         return guild_id is None or moderator or await self.reset_policy(guild_id) == "everyone"
+
+    # ----------------------------------------------------------------- who may talk to it
+
+    async def role_rules(self, guild_id: str | None, channel_id: str) -> RoleRules:
+        """The roles allowed and denied in a channel (its server's and its own settings)."""
+        server = {} if guild_id is None else await self.store.channels.guild_settings(guild_id)
+        return RoleRules.combined(server, await self.channel_settings(channel_id))
+
+    async def set_role_rule(self, guild_id: str, channel_id: str | None, role_id: str, rule: str) -> str:
+        """Allow or deny a role in a server (``channel_id`` None) or a channel, or remove what was
+        set for it there; the change as a line. ValueError for an unknown rule or role id."""
+        if rule not in ROLE_RULES or not role_id.isdigit():
+            raise ValueError(f"the rule must be one of {', '.join(ROLE_RULES)}, for a role")
+        channels = self.store.channels
+        if channel_id is None:
+            settings = await channels.guild_settings(guild_id)
+        else:
+            settings = dict(await self.channel_settings(channel_id))
+        for key in ROLE_LISTS.values():
+            kept = [r for r in settings.get(key, []) if r != role_id]
+            settings[key] = kept
+            if not kept:
+                del settings[key]
+        if rule in ROLE_LISTS:
+            settings[ROLE_LISTS[rule]] = [*settings.get(ROLE_LISTS[rule], []), role_id]
+        if channel_id is None:
+            await channels.set_guild_settings(guild_id, settings)
+        else:
+            await channels.set_settings(channel_id, settings)
+        where = "this server" if channel_id is None else "this channel"
+        return {"allow": "allowed", "deny": "denied", "remove": "back to the default"}[rule] + f" in {where}"
 
     # ----------------------------------------------------------------- where the bot talks
 

@@ -25,6 +25,37 @@ RESET_POLICIES = ("everyone", "moderators")  # who may use +reset in text, per s
 # on/off settings: faq_auto (clear FAQ questions answered from the FAQ first), speaker_names
 # (the speaker's name in each chat turn, when the front end gives one; on unless switched off)
 SWITCHES = ("faq_auto", "speaker_names")
+SYSTEM_PROMPT_MAX = 1500  # characters of a channel's system prompt (its persona)
+# Who may talk to the bot, per server and per channel: role ids allowed, and denied.
+ROLE_LISTS = {"allow": "roles_allowed", "deny": "roles_denied"}
+ROLE_RULES = ("allow", "deny", "remove")
+
+
+@dataclass(frozen=True)
+class RoleRules:
+    """The roles that may talk to the bot in a channel: a member with a denied role may not;
+    when some roles are allowed, a member needs one of them. A channel's allowed roles replace
+    its server's; denied roles add up."""
+
+    allowed: frozenset[str] = frozenset()
+    denied: frozenset[str] = frozenset()
+
+    @classmethod
+    def combined(cls, server: dict[str, Any], channel: dict[str, Any]) -> RoleRules:
+        """The rules of a channel from its server's settings and its own."""
+
+        def roles(settings: dict[str, Any], rule: str) -> frozenset[str]:
+            value = settings.get(ROLE_LISTS[rule], [])
+            return (
+                frozenset(r for r in value if isinstance(r, str)) if isinstance(value, list) else frozenset()
+            )
+
+        allowed = roles(channel, "allow") or roles(server, "allow")
+        return cls(allowed, roles(server, "deny") | roles(channel, "deny"))
+
+    def permits(self, member_roles: set[str]) -> bool:
+        """Whether a member with these role ids may talk to the bot."""
+        return not member_roles & self.denied and (not self.allowed or bool(member_roles & self.allowed))
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,10 @@ class SettingLimits:
             return value in self.thinking
         if name in SWITCHES:
             return isinstance(value, bool)
+        if name == "system_prompt":
+            return isinstance(value, str) and 0 < len(value) <= SYSTEM_PROMPT_MAX
+        if name in ROLE_LISTS.values():
+            return isinstance(value, list) and all(isinstance(r, str) and r.isdigit() for r in value)
         return False
 
 

@@ -21,6 +21,7 @@ from chat.presets import Preset
 from chat.settings import ChannelContext, ChatConfig
 from chat.states import CarryOver, ChannelStates, Loaded, Step
 from chat.storage import HeadName, Storage, Turn
+from chat.tuned_states import tuned_opening
 from engine.errors import EngineError, StateMismatchError
 from engine.interface import Engine, Finished, GenerationRequest, PromptRead, ReplyMode, StopReason, TextDelta
 from engine.state import Snapshot
@@ -33,6 +34,7 @@ INSTRUCTION_TEMPLATE = (
     "completes the request.\n\n# Instruction:\n{text}\n\n# Response:\n"
 )
 _FREE_COMMANDS = {Command.GEN, Command.INSTRUCT, Command.QQ, Command.QA}
+OPENINGS_KEPT = 32  # opening states held in memory (one per preset and distinct system prompt)
 
 
 class FaqLookup(Protocol):
@@ -66,11 +68,16 @@ class TurnCommands:
         fingerprint = self.engine.spec.fingerprint
         snapshot = await self.store.states.load_opening(preset.key, fingerprint)
         if snapshot is None:
-            tokens = await self._encode(preset.init_prompt)
-            snapshot = await self.engine.read(None, tokens)
+            start = None if preset.state_file is None else await tuned_opening(self.engine, preset.state_file)
+            if start is None or preset.init_prompt.strip():
+                snapshot = await self.engine.read(start, await self._encode(preset.init_prompt))
+            else:
+                snapshot = start
             await self.store.states.save_opening(preset.key, snapshot)
         snapshot = await self.engine.shared(snapshot)  # every new channel starts from it
         self._init_cache[preset.key] = snapshot
+        if len(self._init_cache) > OPENINGS_KEPT:  # personas come and go: drop the oldest
+            del self._init_cache[next(iter(self._init_cache))]  # (stored; read back if needed)
         return snapshot
 
     async def _opening(self, preset_key: str) -> Snapshot:

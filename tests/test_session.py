@@ -11,9 +11,11 @@ import torch
 
 from chat.grammar import Parsed, parse_message
 from chat.outcome import split_thinking
-from chat.presets import speaker_tag
+from chat.presets import load_presets, speaker_tag
 from chat.session import INSTRUCTION_TEMPLATE, ChatService
+from chat.settings import ChatConfig
 from chat.storage import state_checksum
+from chat.storage.sqlite import SqliteStorage
 from engine.errors import EngineError
 from engine.inprocess import ReferenceEngine
 from engine.state import Snapshot
@@ -39,8 +41,8 @@ async def stored(service: ChatService, channel: str, name: str) -> Snapshot | No
     return await service.states.durable(channel, name)
 
 
-async def init_state(service: ChatService) -> Snapshot:
-    return await service._init_snapshot(service.presets["g1-chat"])
+async def init_state(service: ChatService, preset: str = "g1-chat") -> Snapshot:
+    return await service._init_snapshot(service.presets[preset])
 
 
 async def test_chat_feeds_the_template_and_stores_chat_pre(service: ChatService) -> None:
@@ -460,3 +462,89 @@ async def test_speaker_is_named_in_the_chat_turn(service: ChatService) -> None:
         await init_state(service), encode_prompt(service.engine.tokenizer, "User: Hello\n\nAssistant:")
     )
     assert plain is not None and same_state(plain, reference)
+
+
+async def test_a_system_prompt_opens_with_a_system_turn_shared_by_channels(service: ChatService) -> None:
+    """A channel's system prompt is a 'System:' turn before the preset's opening; channels with
+    the same prompt share one opening state; removing it goes back to the preset's."""
+    changes = await service.update_settings("p1", system_prompt="You are a pirate.\n\n\nSpeak like one.")
+    assert changes == ["the system prompt (the conversation starts afresh)"]
+    await service.update_settings("p2", system_prompt="You are a pirate.\nSpeak like one.")
+    preset = service.presets["g1-chat"]
+    persona = (await service.context("p1")).preset
+    assert (
+        persona.init_prompt
+        == "\nSystem: You are a pirate.\nSpeak like one.\n\n" + preset.init_prompt.lstrip("\n")
+    )
+    assert (await service.context("p2")).preset.key == persona.key != preset.key
+    await service.respond("p1", GREEDY + "Hello")
+    await service.respond("p2", GREEDY + "Hello")
+    opening = service._init_cache[persona.key]
+    expected = await service.engine.read(None, encode_prompt(service.engine.tokenizer, persona.init_prompt))
+    assert same_state(opening, expected)
+    pre = await stored(service, "p2", "chat_pre")
+    turn = await service.engine.read(
+        opening, encode_prompt(service.engine.tokenizer, "User: Hello\n\nAssistant:")
+    )
+    assert pre is not None and same_state(pre, turn)
+
+    assert (await service.update_settings("p1", system_prompt=""))[0].startswith("no system prompt")
+    assert (await service.context("p1")).preset == preset
+    with pytest.raises(ValueError, match="at most 1500"):
+        await service.update_settings("p1", system_prompt="x" * 1501)
+
+
+def write_state_file(path: Path, engine: ReferenceEngine, seed: int = 7, heads: int | None = None) -> None:
+    """An RWKV-PEFT state-tuning file for the tiny model: per layer a trained time_state."""
+    spec = engine.spec
+    generator = torch.Generator().manual_seed(seed)
+    shape = (heads or spec.n_head, spec.head_size, spec.head_size)
+    torch.save(
+        {f"blocks.{i}.att.time_state": torch.randn(shape, generator=generator) for i in range(spec.n_layer)},
+        path,
+    )
+
+
+async def test_a_state_tuning_file_is_a_presets_opening(engine7: ReferenceEngine, tmp_path: Path) -> None:
+    """A preset naming a state file opens with that state (time_state transposed into att_kv,
+    token shifts at zero), and a chat turn is read on top of it."""
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    write_state_file(folder / "tuned.pth", engine7)
+    (folder / "tuned.toml").write_text('user = "User"\nbot = "Assistant"\nstate = "tuned.pth"\n')
+    presets = load_presets(folder)
+    assert presets["tuned"].state_file == folder / "tuned.pth"
+    store = await SqliteStorage.open(tmp_path / "chat.sqlite3")
+    config = ChatConfig(default_preset="tuned", gen_max_tokens=24, chat_max_tokens=48)
+    service = ChatService(engine7, store, presets, config)
+    try:
+        await service.prepare()
+        opening = await init_state(service, "tuned")
+        raw = torch.load(folder / "tuned.pth", weights_only=True)
+        for layer in range(engine7.spec.n_layer):
+            expected = raw[f"blocks.{layer}.att.time_state"].transpose(1, 2)
+            assert torch.equal(opening.tensors[3 * layer + 1], expected)
+            assert not opening.tensors[3 * layer].any() and not opening.tensors[3 * layer + 2].any()
+        await service.respond("c", GREEDY + "Hello")
+        turn = encode_prompt(engine7.tokenizer, "User: Hello\n\nAssistant:")
+        pre = await stored(service, "c", "chat_pre")
+        assert pre is not None and same_state(pre, await engine7.read(opening, turn))
+        assert not same_state(pre, await engine7.read(None, turn))
+    finally:
+        await store.close()
+
+
+async def test_a_state_file_for_another_model_is_an_answer(engine7: ReferenceEngine, tmp_path: Path) -> None:
+    """A state tuned for another shape of model is refused with a reason, not a crash."""
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    write_state_file(folder / "other.pth", engine7, heads=engine7.spec.n_head + 1)
+    (folder / "other.toml").write_text('user = "User"\nbot = "Assistant"\nstate = "other.pth"\n')
+    store = await SqliteStorage.open(tmp_path / "chat.sqlite3")
+    service = ChatService(engine7, store, load_presets(folder), ChatConfig(default_preset="g1-chat"))
+    try:
+        await service.update_settings("c", preset="other")
+        outcome = await service.respond("c", "Hello")
+        assert outcome.kind == "error" and "tuned for another model" in outcome.text
+    finally:
+        await store.close()

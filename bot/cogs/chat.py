@@ -119,21 +119,32 @@ class ChatCommands(commands.Cog):
             return
         require_moderator(interaction)
         await interaction.response.defer(ephemeral=True)
-        try:
-            await record_thread(self.bot, interaction)
-            changes = await service.update_settings(channel, **values)
-        except (ValueError, StoreError) as exc:
-            await interaction.followup.send(f"Nothing was changed: {exc}.", ephemeral=True)
-            return
-        await interaction.followup.send("Set " + ", ".join(changes) + ".", ephemeral=True)
+        await apply_settings(self.bot, interaction, **values)
 
     @settings_command.autocomplete("preset")
     async def preset_names(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
         """The presets whose name contains what was typed."""
-        names = [n for n in sorted(self.bot.service.presets) if current.lower() in n]
-        return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+        return preset_choices(self.bot, current)
+
+
+def preset_choices(bot: RwkvBot, current: str) -> list[app_commands.Choice[str]]:
+    """The presets whose name contains what was typed (at most Discord's 25 choices)."""
+    names = [n for n in sorted(bot.service.presets) if current.lower() in n]
+    return [app_commands.Choice(name=n, value=n) for n in names[:25]]
+
+
+async def apply_settings(bot: RwkvBot, interaction: discord.Interaction, **values: Any) -> None:
+    """Set channel settings through the service (after defer) and say what was set, or why
+    nothing was."""
+    try:
+        await record_thread(bot, interaction)
+        changes = await bot.service.update_settings(str(interaction.channel_id), **values)
+    except (ValueError, StoreError) as exc:
+        await interaction.followup.send(f"Nothing was changed: {exc}.", ephemeral=True)
+        return
+    await interaction.followup.send("Set " + ", ".join(changes) + ".", ephemeral=True)
 
 
 async def record_thread(bot: RwkvBot, interaction: discord.Interaction) -> None:

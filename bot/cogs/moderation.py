@@ -1,5 +1,5 @@
-"""``/rwkv-mod``: ``reset``, ``undo-reset``, ``enable``, ``disable``, ``server`` and
-``faq-reload``, the moderators' own group.
+"""``/rwkv-mod``: ``reset``, ``undo-reset``, ``enable``, ``disable``, ``server``, ``persona``,
+``roles`` and ``faq-reload``, the moderators' own group.
 
 The group carries ``default_permissions(manage_messages=True)``, so Discord shows it only to
 moderators (and to whom a server's admins grant it); each command still checks when it runs,
@@ -26,7 +26,9 @@ from bot.checks import (
     require_server_manager,
 )
 from bot.client import RwkvBot
+from bot.cogs.chat import apply_settings, preset_choices, record_thread
 from bot.streaming import NO_MENTIONS
+from chat.settings import SYSTEM_PROMPT_MAX
 
 Scope = Literal["channel", "server"]
 # Said in the channel for everyone: from now on the bot reads what members write there.
@@ -96,6 +98,72 @@ class ModerationCog(commands.GroupCog, group_name="rwkv-mod", group_description=
         await interaction.response.defer(ephemeral=True)
         await self.bot.service.set_reset_policy(str(guild_id), reset_policy)
         await interaction.followup.send(f"+reset is now for {reset_policy}.", ephemeral=True)
+
+    @app_commands.command(
+        name="persona", description="Show, set or remove this channel's system prompt or preset"
+    )
+    @app_commands.describe(
+        prompt="the system prompt (the G1 template's System: turn), e.g. 'You are a pirate.'",
+        preset="a prompt preset (one with a state-tuning file opens from its tuned state)",
+        clear="remove the system prompt (back to the preset's own opening)",
+    )
+    @moderators_only()
+    async def persona(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, SYSTEM_PROMPT_MAX] | None = None,
+        preset: str | None = None,
+        clear: bool = False,
+    ) -> None:
+        """Without options, show the channel's preset and system prompt; otherwise change them
+        (either change starts the conversation afresh)."""
+        await interaction.response.defer(ephemeral=True)
+        service, channel = self.bot.service, str(interaction.channel_id)
+        if prompt is None and preset is None and not clear:
+            context = await service.context(channel)
+            system = context.settings.get("system_prompt")
+            shown = f"System prompt:\n> {system}" if system else "No system prompt."
+            text = f"Preset: {context.preset.name} ({context.preset.description}). {shown}"
+            await interaction.followup.send(text[:2000], ephemeral=True, allowed_mentions=NO_MENTIONS)
+            return
+        await apply_settings(self.bot, interaction, preset=preset, system_prompt="" if clear else prompt)
+
+    @persona.autocomplete("preset")
+    async def preset_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        """The presets whose name contains what was typed."""
+        return preset_choices(self.bot, current)
+
+    @app_commands.command(
+        name="roles", description="Allow or deny a role to talk to the bot here or server-wide"
+    )
+    @app_commands.describe(
+        role="the role",
+        rule="allow: only allowed roles may talk (once any is allowed); deny: this role may not; remove",
+        scope="this channel (the default), or the whole server (Manage Server)",
+    )
+    @app_commands.guild_only()
+    @moderators_only()
+    async def roles(
+        self,
+        interaction: discord.Interaction,
+        role: discord.Role,
+        rule: Literal["allow", "deny", "remove"],
+        scope: Scope = "channel",
+    ) -> None:
+        """Set who may talk to the bot by role (moderators always may)."""
+        if scope == "server":
+            require_server_manager(interaction)
+        await interaction.response.defer(ephemeral=True)
+        guild = str(interaction.guild_id)
+        channel = None if scope == "server" else str(interaction.channel_id)
+        if channel is not None:
+            await record_thread(self.bot, interaction)
+        change = await self.bot.service.set_role_rule(guild, channel, str(role.id), rule)
+        await interaction.followup.send(
+            f"{role.mention}: {change}.", ephemeral=True, allowed_mentions=NO_MENTIONS
+        )
 
     @app_commands.command(
         name="faq-reload", description="Reload the FAQ topics (bundled and the operator's folder)"

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,12 @@ from bot.settings import Settings
 from engine.inprocess import ReferenceEngine
 
 GUILD, GENERAL, QUIET, THREAD = 100, 300, 301, 400
-BOT_ID, ALICE, MOD, ADMIN = 999, 1, 2, 3
-MOD_ROLE, ADMIN_ROLE = 200, 201
+BOT_ID, ALICE, MOD, ADMIN, TALKER = 999, 1, 2, 3, 4
+MOD_ROLE, ADMIN_ROLE, BOT_ROLE, TALKER_ROLE = 200, 201, 202, 203
 MANAGE_MESSAGES = 1 << 13
 MANAGE_GUILD = 1 << 5
-ROLES = {MOD: [str(MOD_ROLE)], ADMIN: [str(ADMIN_ROLE)]}
-NAMES = {ALICE: "alice", MOD: "mod", ADMIN: "admin"}
+ROLES = {MOD: [str(MOD_ROLE)], ADMIN: [str(ADMIN_ROLE)], TALKER: [str(TALKER_ROLE)]}
+NAMES = {ALICE: "alice", MOD: "mod", ADMIN: "admin", TALKER: "talker"}
 EVERYONE_PERMS = (1 << 10) | (1 << 11) | (1 << 16) | (1 << 6)  # view, send, read history, react
 _ids = itertools.count(10_000)
 
@@ -69,6 +70,13 @@ def message_payload(channel: int, author: dict[str, Any], content: str, **extra:
         "type": 0,
         **extra,
     }
+
+
+@dataclass(frozen=True)
+class RoleOption:
+    """A role given as a slash-command option (sent with the role's data, as Discord does)."""
+
+    id: int
 
 
 class FakeClock:
@@ -347,8 +355,15 @@ class Harness:
     ) -> None:
         perms = EVERYONE_PERMS | (MANAGE_MESSAGES if author in (MOD, ADMIN) else 0)
         perms |= MANAGE_GUILD if author == ADMIN else 0
+        resolved = {
+            str(v.id): next(r for r in guild_payload()["roles"] if r["id"] == str(v.id))
+            for v in options.values()
+            if isinstance(v, RoleOption)
+        }
         typed = [
-            {
+            {"name": k, "type": 8, "value": str(v.id)}
+            if isinstance(v, RoleOption)
+            else {
                 "name": k,
                 "type": 5
                 if isinstance(v, bool)
@@ -365,7 +380,13 @@ class Harness:
         data = {
             **self._interaction_base(author, channel, perms),
             "type": 2,
-            "data": {"id": "1", "name": name, "type": 1, "options": command_options},
+            "data": {
+                "id": "1",
+                "name": name,
+                "type": 1,
+                "options": command_options,
+                "resolved": {"roles": resolved},
+            },
         }
         interaction = discord.Interaction(data=data, state=self.state)  # type: ignore[arg-type]
         await self.bot.tree._call(interaction)
@@ -399,6 +420,16 @@ def guild_payload() -> dict[str, Any]:
                 "position": 0,
             },
             {**role, "id": str(MOD_ROLE), "name": "mods", "permissions": str(MANAGE_MESSAGES), "position": 1},
+            {**role, "id": str(TALKER_ROLE), "name": "talkers", "permissions": "0", "position": 1},
+            {  # the bot's own managed role, which Discord creates when it joins
+                **role,
+                "id": str(BOT_ROLE),
+                "name": "rwkv",
+                "managed": True,
+                "tags": {"bot_id": str(BOT_ID)},
+                "permissions": "0",
+                "position": 1,
+            },
             {
                 **role,
                 "id": str(ADMIN_ROLE),

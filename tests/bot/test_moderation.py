@@ -135,3 +135,21 @@ async def test_enable_tells_the_channel_publicly(harness: Harness) -> None:
     await harness.slash("rwkv-mod", "enable", author=MOD, channel=QUIET)
     notice = harness.http.posted_to(QUIET)[-1]["content"]
     assert "read every message here" in notice and "/rwkv-mod disable" in notice
+
+
+async def test_persona_set_shown_and_removed(harness: Harness) -> None:
+    """A moderator gives the channel a system prompt, sees it, and removes it; the model's
+    opening changes with it; members may not."""
+    service = harness.bot.service
+    await harness.slash("rwkv-mod", "persona", author=ALICE, prompt="You are a pirate.")
+    assert "Only moderators" in harness.adapter.texts()[-1]
+    await harness.slash("rwkv-mod", "persona", author=MOD, prompt="You are a pirate.")
+    assert "Set the system prompt" in harness.adapter.texts()[-1]
+    context = await service.context(str(GENERAL))
+    assert context.preset.init_prompt.startswith("\nSystem: You are a pirate.\n\nUser:")
+    await harness.slash("rwkv-mod", "persona", author=MOD)
+    assert "System prompt:\n> You are a pirate." in harness.adapter.texts()[-1]
+    await harness.slash("rwkv-mod", "persona", author=MOD, clear=True)
+    assert (await service.context(str(GENERAL))).preset == service.presets["g1-chat"]
+    await harness.slash("rwkv-mod", "persona", author=MOD)
+    assert "No system prompt." in harness.adapter.texts()[-1]
