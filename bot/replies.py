@@ -172,6 +172,8 @@ class ReplyingBot(commands.Bot):
             await interaction.response.send_message(text, ephemeral=True)
             return
         refusal = self._press_refusal(interaction, channel_id)
+        if not refusal and not await self.roles_permit(interaction.user, interaction.channel, key):
+            refusal = ROLE_REFUSED
         left = 0.0 if refusal else self._cooldown_left(interaction.user.id)
         if left > 0:
             refusal = cooldown_notice(left)
@@ -228,18 +230,21 @@ class ReplyingBot(commands.Bot):
         self._spawn(message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS))
 
     async def _may_talk(self, message: discord.Message, channel_key: str) -> bool:
-        """The roles allowed and denied here (server and channel) let the author talk to the bot;
-        moderators always may. A member who may not gets a hint now and then."""
-        author, guild = message.author, message.guild
-        if guild is None or not isinstance(author, discord.Member):
+        """Whether the author's roles let them talk to the bot here (a hint now and then if not)."""
+        if await self.roles_permit(message.author, message.channel, channel_key):
             return True
-        if message.channel.permissions_for(author).manage_messages:
-            return True
-        rules = await self.service.role_rules(str(guild.id), channel_key)
-        if rules.permits({str(role.id) for role in author.roles}):
-            return True
-        self._hint(message, ("roles", author.id), ROLE_REFUSED)
+        self._hint(message, ("roles", message.author.id), ROLE_REFUSED)
         return False
+
+    async def roles_permit(self, member: Any, channel: Any, channel_key: str) -> bool:
+        """The roles allowed and denied here (server and channel) let this member talk to the bot;
+        moderators always may, and outside a server there are no roles."""
+        if not isinstance(member, discord.Member) or not hasattr(channel, "permissions_for"):
+            return True
+        if channel.permissions_for(member).manage_messages:
+            return True
+        rules = await self.service.role_rules(str(member.guild.id), channel_key)
+        return rules.permits({str(role.id) for role in member.roles})
 
     def _within_cooldown(self, message: discord.Message) -> bool:
         """False (and one reminder per cooldown) when the author writes again too soon."""

@@ -91,3 +91,13 @@ async def test_direct_message_when_dms_are_off_gets_a_hint(harness: Harness) -> 
     await harness.say("Hello again", channel=555, guild=False)
     await harness.settle()
     assert [m["content"] for m in harness.http.posted_to(555)] == [DMS_OFF]
+
+
+async def test_buttons_follow_the_roles_too(harness: Harness) -> None:
+    """A member whose roles may not talk here cannot press Retry either."""
+    await harness.say("-top_p=0 Hello", author=TALKER)
+    reply = harness.http.posted_to(GENERAL)[-1]
+    await harness.slash("rwkv-mod", "roles", author=MOD, role=RoleOption(TALKER_ROLE), rule="deny")
+    await harness.press(f"rwkv:retry:{GENERAL}", int(reply["id"]), author=TALKER)
+    assert harness.adapter.texts()[-1] == ROLE_REFUSED
+    assert len(await harness.bot.service.store.transcripts.turns(str(GENERAL))) == 1
