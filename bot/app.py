@@ -34,7 +34,9 @@ def load_faq(settings: Settings) -> tuple[FaqIndex, list[str]]:
 
 
 async def load_engine(settings: Settings) -> Engine:
-    """Load the configured model, in a thread (it takes seconds to minutes)."""
+    """Load the configured model, in a thread (it takes seconds to minutes). The engine loads the
+    weights on the thread that will decode with them (engine.threads): this thread runs no torch
+    parallel work, so the process keeps one OpenMP team."""
     path = require_model(settings)
     try:
         return await asyncio.to_thread(

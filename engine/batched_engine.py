@@ -19,6 +19,7 @@ from engine.interface import Engine, Finished, GenerationEvent, GenerationReques
 from engine.models import describe_families, has_family
 from engine.runner import ModelRunner
 from engine.state import Snapshot
+from engine.threads import WorkerThread
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 _Outgoing = tuple[asyncio.Queue[object], Job, object]
@@ -38,6 +39,7 @@ class BatchedEngine(EngineCore, Engine):
         max_batch: int = 32,
         prefill_chunk: int = 128,
         prefill_budget: int | None = None,
+        worker: WorkerThread | None = None,
     ) -> None:
         super().__init__(
             runner,
@@ -46,6 +48,7 @@ class BatchedEngine(EngineCore, Engine):
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
             prefill_budget=prefill_budget,
+            worker=worker,
         )
         self.strategy = strategy
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object], Job, object]] = []
@@ -79,18 +82,28 @@ class BatchedEngine(EngineCore, Engine):
             )
         tok = load_tokenizer(tokenizer, spec) if isinstance(tokenizer, str) else tokenizer
         resident = max_resident or max_batch
-        runner = ModelRunner.load(
-            path, strategy, max_slots=resident, cuda_graphs=cuda_graphs, use_fla=use_fla
-        )
-        engine = cls(
-            runner,
-            spec,
-            tok,
-            strategy,
-            max_batch=min(max_batch, resident),
-            prefill_chunk=prefill_chunk,
-            prefill_budget=prefill_budget,
-        )
+        # The weights are loaded (and prepacked) on the thread that will decode with them: one
+        # OpenMP team in the process, not one per thread (engine.threads).
+        worker = WorkerThread("rwkv-batch")
+        try:
+            runner = worker.call(
+                lambda: ModelRunner.load(
+                    path, strategy, max_slots=resident, cuda_graphs=cuda_graphs, use_fla=use_fla
+                )
+            )
+            engine = cls(
+                runner,
+                spec,
+                tok,
+                strategy,
+                max_batch=min(max_batch, resident),
+                prefill_chunk=prefill_chunk,
+                prefill_budget=prefill_budget,
+                worker=worker,
+            )
+        except BaseException:
+            worker.stop()
+            raise
         try:
             engine.wait_ready()  # a GPU that cannot run the model says so now, not at the first reply
         except BaseException:

@@ -34,6 +34,7 @@ from engine.output import OutputProcessor
 from engine.runner import ModelRunner
 from engine.scheduler import PrefillGroup, Scheduler, by_slot
 from engine.state import Snapshot
+from engine.threads import WorkerThread
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class EngineCore:
         max_batch: int,
         prefill_chunk: int,
         prefill_budget: int | None,
+        worker: WorkerThread | None = None,
     ) -> None:
         if not runner.matches(spec):
             raise EngineError(f"the loaded weights do not match {spec.describe()}")
@@ -122,10 +124,11 @@ class EngineCore:
         )
         self._stats = StepStats()
         self._ready = threading.Event()  # set once the worker has bound its device (or died)
-        self._thread = threading.Thread(target=self._work, name=f"rwkv-batch-{runner.device}", daemon=True)
+        # the thread that decodes; best the one that loaded the weights (engine.threads)
+        self._thread = worker or WorkerThread(f"rwkv-batch-{runner.device}")
 
     def _start(self) -> None:
-        self._thread.start()
+        self._thread.run(self._work)
 
     def wait_ready(self) -> None:
         """Block until the worker has prepared its device; :class:`EngineError` if it could not."""

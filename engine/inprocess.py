@@ -33,7 +33,14 @@ class _Failure:
 class ReferenceEngine(Engine):
     """The ``rwkv`` package's model behind the :class:`Engine` interface."""
 
-    def __init__(self, model: Any, spec: ModelSpec, tokenizer: Tokenizer, strategy: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        spec: ModelSpec,
+        tokenizer: Tokenizer,
+        strategy: str,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self.model = model
         self.spec = spec
         self.tokenizer = tokenizer
@@ -41,7 +48,7 @@ class ReferenceEngine(Engine):
         _, zero = self._forward([0], None)
         layout = [(t.dtype, t.device) for t in zero]
         self._runner = SequenceRunner(self._forward, tokenizer, spec.fingerprint, layout=layout)
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rwkv-model")
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rwkv-model")
         self._closed = False
 
     @classmethod
@@ -54,8 +61,15 @@ class ReferenceEngine(Engine):
         """
         spec = inspect_model(path)
         tok = load_tokenizer(tokenizer, spec) if isinstance(tokenizer, str) else tokenizer
-        model = load_reference_model(spec, strategy)
-        return cls(model, spec, tok, strategy)
+        # loaded on the thread that runs the model: one OpenMP team (engine.threads)
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rwkv-model")
+        try:
+            return executor.submit(
+                lambda: cls(load_reference_model(spec, strategy), spec, tok, strategy, executor)
+            ).result()
+        except BaseException:
+            executor.shutdown(wait=True)
+            raise
 
     def describe(self) -> str:
         """The model and the strategy it runs with."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import itertools
 import json
@@ -46,6 +47,7 @@ from engine.sampling import SamplingParams
 from engine.shapes import WORLD_VOCAB_SIZE
 from engine.state import Snapshot
 from engine.strategy import device_of, dtype, precision_of
+from engine.threads import call_in_new_thread
 from engine.tokenizer import Tokenizer, world_tokenizer
 from tools.make_model import NAMED_SHAPES, ModelShape, write_random_model
 from tools.parity import check_parity
@@ -198,7 +200,10 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
             print(f"reference  c={level:<4} {last.decode_tokens_per_s:10.1f} tok/s", file=sys.stderr)
         reference_memory = _memory_mb(device)
         parity = (
-            await asyncio.to_thread(check_parity, reference, path, args.strategy, graphs=args.graph_parity)
+            await asyncio.to_thread(  # on a thread that ends, with its OpenMP team (engine.threads)
+                call_in_new_thread,
+                functools.partial(check_parity, reference, path, args.strategy, graphs=args.graph_parity),
+            )
             if args.parity
             else None
         )
