@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
     parser.add_argument("--strategy", default="cpu fp32", help="e.g. 'cpu fp32', 'cuda fp16'")
     parser.add_argument(
-        "--greedy", action="store_true", help="greedy decoding (default: the chat preset's top-p)"
+        "--greedy",
+        action="store_true",
+        help="greedy decoding, without penalties (default: the chat preset's top-p and penalties)",
     )
     parser.add_argument(
         "--reference-max", type=int, help="run the reference engine only up to this concurrency"
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with tempfile.TemporaryDirectory(prefix="rwkv-bench-") as tmp:
-            path = args.model or _random_model(Path(tmp), args)
+            # written on a thread that ends: the main thread starts no OpenMP team of its own
+            path = args.model or call_in_new_thread(functools.partial(_random_model, Path(tmp), args))
             report = asyncio.run(_bench(path, levels, args))
     except EngineError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -166,7 +169,9 @@ def _random_model(folder: Path, args: argparse.Namespace) -> Path:
 async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dict[str, Any]:
 
     spec = await asyncio.to_thread(inspect_model, path)
-    sampling = SamplingParams(top_p=0.0) if args.greedy else SamplingParams()
+    # greedy: the most likely token, nothing else (no presence or frequency penalties)
+    greedy = SamplingParams(top_p=0.0, presence_penalty=0.0, frequency_penalty=0.0)
+    sampling = greedy if args.greedy else SamplingParams()
     rng = random.Random(1234)
     top = max(levels)
     prompts = [[rng.randrange(1, spec.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(top)]

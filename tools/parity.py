@@ -66,7 +66,7 @@ def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
                 want, state = ref_model.forward([token], [t.clone() for t in states[slot]])
                 decode_err = max(decode_err, _rel(got[slot], want))
                 states[slot] = list(state)
-    limit = 1e-5 if exact else 2e-2
+    limit = fp32_limit(model.model.n_layer) if exact else 2e-2
     return {
         "decode_rel_err": decode_err,
         "prefill_rel_err": prefill_err,
@@ -74,6 +74,18 @@ def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
         "ok": decode_err < limit and prefill_err < limit,
         "kernels": model.describe_kernels(),
     }
+
+
+def fp32_limit(n_layer: int) -> float:
+    """The largest relative logits difference two correct fp32 implementations may show.
+
+    Rounding grows with depth: against a float64 evaluation of the same random model, the rwkv
+    package's own fp32 logits are off by up to 5.7e-5 at 12 layers (D768, prompts of 2 to 8
+    tokens; this engine's by up to 7.8e-5, the two apart by up to 4.3e-5), so a fixed 1e-5 failed
+    the 0.1B shape on rounding alone. 2e-5 per 4 layers holds both with room, and still catches a
+    wrong operation (those show as 1e-3 and up).
+    """
+    return 2e-5 * max(1.0, n_layer / 4)
 
 
 def _graph_parity(path: Path, strategy: str) -> float:

@@ -9,6 +9,7 @@ import pytest
 
 from engine.tokenizer import world_tokenizer
 from tools.bench import _token_gaps, main
+from tools.parity import fp32_limit
 
 
 def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,3 +78,18 @@ def test_token_gaps_share_a_piece_s_gap_among_its_tokens() -> None:
     gaps = _token_gaps([0.0, 1.0, 1.5], pieces, tokens, tok)
     assert gaps == pytest.approx([0.5, 0.5, 0.25, 0.25])
     assert _token_gaps([0.0, 1.0], ["one", " two!"], tokens, tok) == pytest.approx([1.0])
+
+
+def test_greedy_means_no_penalties(tmp_path: Path) -> None:
+    """--greedy: top-p 0 and neither penalty, as the report's sampling says."""
+    out = tmp_path / "bench.json"
+    argv = ["--layers", "1", "--embd", "64", "--concurrency", "1", "--tokens", "2", "--prompt-tokens", "3"]
+    assert main([*argv, "--greedy", "--reference-max", "1", "--json", str(out)]) == 0
+    sampling = json.loads(out.read_text())["sampling"]
+    assert sampling["top_p"] == 0 and sampling["presence_penalty"] == 0 and sampling["frequency_penalty"] == 0
+
+
+def test_the_fp32_parity_limit_grows_with_depth() -> None:
+    """1e-5-class at a few layers; at 12 above the 4.3e-5 two correct fp32 implementations show."""
+    assert fp32_limit(2) == fp32_limit(4) == pytest.approx(2e-5)
+    assert 4.3e-5 < fp32_limit(12) < 1e-4 and fp32_limit(24) > fp32_limit(12)
