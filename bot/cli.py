@@ -90,7 +90,7 @@ def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "run",
         help="run the Discord bot",
         description="Connect to Discord with RWKV_DISCORD_TOKEN and answer in the channels that "
-        "moderators enabled with /rwkv enable. SIGTERM or Ctrl-C stops it cleanly.",
+        "moderators enabled with /rwkv-mod enable. SIGTERM or Ctrl-C stops it cleanly.",
     )
     run.add_argument("--model", type=Path, help="RWKV .pth file (default: RWKV_DISCORD_MODEL)")
     run.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
