@@ -279,22 +279,10 @@ class TurnCommands:
         stored token log rebuilds it exactly (see :mod:`chat.states`).
         """
         channel_id, preset = ctx.channel_id, ctx.preset
-        values: dict[str, Any] = {**ctx.sampling_overrides(), **overrides.items()}
-        sampling = replace(preset.sampling, **values)
-        limit = self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens
-        if "max_tokens" in ctx.settings:
-            limit = min(limit, int(ctx.settings["max_tokens"]))
-        request = GenerationRequest(
-            start=start.snapshot,
-            prompt=prompt,
-            sampling=sampling,
-            mode=mode,
-            max_tokens=limit,
-            cancel=self._cancel.get(channel_id) or threading.Event(),
-            newline_bias=newline_bias,
-            thinking=preset.thinking,
-            seed=self._seeds.randrange(2**63),
+        request = self._request(
+            ctx, start=start, prompt=prompt, overrides=overrides, mode=mode, newline_bias=newline_bias
         )
+        sampling = request.sampling
         if start.snapshot is None and not prompt:
             raise ValueError("nothing to generate from")
         before: Snapshot | None = start.snapshot
@@ -321,26 +309,20 @@ class TurnCommands:
                 OutcomeKind.NOTICE, "Stopped before the reply began; nothing was changed.", tuple(notices)
             )
             return
-        reply = list(finished.tokens)
         if finished.reason is StopReason.CANCELLED:
             notices.append("The reply was stopped; what was written so far is kept.")
-            if mode is ReplyMode.CHAT and not finished.text.endswith("\n\n"):
-                # Close the cut reply with a blank line, so the next message starts a new turn
-                # as the chat template expects.
-                reply += await self._encode("\n\n")
-        steps: list[Step] = []
-        if prompt:
-            steps.append(Step(prompt, before))
-        after_prompt = len(steps) - 1
-        if reply:
-            final = await self.engine.read(before, reply)
-            steps.append(Step(reply, replace(final, meta=dict(before.meta))))
-        heads = {targets[1]: len(steps) - 1}
-        if targets[0] is not None:
-            heads[targets[0]] = after_prompt
         text = finished.text.strip() if mode is ReplyMode.CHAT else finished.text
         turn = replace(turn, reply_text=text, reply_tokens=len(finished.tokens))
-        await self.states.commit(channel_id, start, steps, heads, turn)
+        await self._store_turn(
+            channel_id,
+            start=start,
+            prompt=prompt,
+            before=before,
+            finished=finished,
+            mode=mode,
+            targets=targets,
+            turn=turn,
+        )
         yield Outcome(
             kind,
             text,
@@ -351,3 +333,62 @@ class TurnCommands:
             stop_reason=finished.reason.value,
             thinking=split_thinking(text) if preset.thinking else None,
         )
+
+    def _request(
+        self,
+        ctx: ChannelContext,
+        *,
+        start: Loaded,
+        prompt: list[int],
+        overrides: Overrides,
+        mode: ReplyMode,
+        newline_bias: float,
+    ) -> GenerationRequest:
+        """The engine request of a turn: the channel's sampling under the message's overrides,
+        the reply's length cap, the channel's stop event and a fresh seed."""
+        values: dict[str, Any] = {**ctx.sampling_overrides(), **overrides.items()}
+        limit = self.config.chat_max_tokens if mode is ReplyMode.CHAT else self.config.gen_max_tokens
+        if "max_tokens" in ctx.settings:
+            limit = min(limit, int(ctx.settings["max_tokens"]))
+        return GenerationRequest(
+            start=start.snapshot,
+            prompt=prompt,
+            sampling=replace(ctx.preset.sampling, **values),
+            mode=mode,
+            max_tokens=limit,
+            cancel=self._cancel.get(ctx.channel_id) or threading.Event(),
+            newline_bias=newline_bias,
+            thinking=ctx.preset.thinking,
+            seed=self._seeds.randrange(2**63),
+        )
+
+    async def _store_turn(
+        self,
+        channel_id: str,
+        *,
+        start: Loaded,
+        prompt: list[int],
+        before: Snapshot,
+        finished: Finished,
+        mode: ReplyMode,
+        targets: tuple[HeadName | None, HeadName],
+        turn: Turn,
+    ) -> None:
+        """Store the turn's states (after the prompt, after the reply) and its transcript line in
+        one transaction. A cut chat reply is closed with a blank line, so the next message starts
+        a new turn as the chat template expects."""
+        reply = list(finished.tokens)
+        cut = finished.reason is StopReason.CANCELLED and mode is ReplyMode.CHAT
+        if cut and not finished.text.endswith("\n\n"):
+            reply += await self._encode("\n\n")
+        steps: list[Step] = []
+        if prompt:
+            steps.append(Step(prompt, before))
+        after_prompt = len(steps) - 1
+        if reply:
+            final = await self.engine.read(before, reply)
+            steps.append(Step(reply, replace(final, meta=dict(before.meta))))
+        heads = {targets[1]: len(steps) - 1}
+        if targets[0] is not None:
+            heads[targets[0]] = after_prompt
+        await self.states.commit(channel_id, start, steps, heads, turn)
