@@ -26,6 +26,7 @@ from engine.cuda_graphs import DecodeGraph, bucket_of, graph_buckets
 from engine.errors import EngineError, ModelFileError, StateMismatchError
 from engine.formats import ModelSpec, inspect_weights, load_weights
 from engine.gpu import to_device
+from engine.kernels import cpu_features
 from engine.models import describe_families, has_family, model_class
 from engine.models.base import BatchedModel, StateTensor
 from engine.strategy import parse_strategy
@@ -154,6 +155,8 @@ class ModelRunner:
         parts = self.model.kernels()
         if self.cuda_graphs:
             parts.append("CUDA graphs")
+        if self.device.type == "cpu":
+            parts.append(f"CPU {cpu_features()}")
         return ", ".join(parts) or "plain PyTorch"
 
     # ----------------------------------------------------------------------------------- slots
