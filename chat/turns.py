@@ -43,6 +43,9 @@ class FaqLookup(Protocol):
     def answer(self, query: str) -> str | None:
         """The answer text, or None when no topic matches well enough."""
 
+    def miss(self, query: str) -> str:
+        """The reply when nothing answers: the closest topics to ask again with."""
+
 
 class TurnCommands:
     """The grammar's commands, on the service's engine, states and store."""
@@ -125,11 +128,8 @@ class TurnCommands:
         elif command is Command.FAQ:
             answer = self.faq.answer(parsed.text) if self.faq is not None else None
             if answer is None:
-                text = (
-                    f"No FAQ entry matches {parsed.text!r}."
-                    if self.faq is not None
-                    else "The FAQ is not available here."
-                )
+                unavailable = "The FAQ is not available here."
+                text = self.faq.miss(parsed.text) if self.faq is not None else unavailable
                 yield Outcome(OutcomeKind.NOTICE, text, tuple(notices))
             else:
                 yield Outcome(OutcomeKind.FAQ, answer, tuple(notices))

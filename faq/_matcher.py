@@ -32,6 +32,7 @@ from rapidfuzz import fuzz, process
 
 from faq._lexicon import DOMAIN_WORDS, OTHER_PRODUCTS
 from faq._render import render_answer
+from faq._replies import render_miss
 from faq._text import SYNONYMS, canonical, raw_tokens, terms
 from faq._topics import Topic
 
@@ -199,6 +200,11 @@ class FaqIndex:
         """
         found = self.best(query)
         return render_answer(found.topic) if found is not None else None
+
+    def miss(self, query: str) -> str:
+        """The reply to a question without an answer: the tied or closest topics to ask again
+        with, or a pointer to the list (for the chat's ``+faq``, as ``/faq ask`` does)."""
+        return render_miss(query, self.lookup(query))
 
     def autocomplete(self, prefix: str, limit: int = 25) -> list[Topic]:
         """Return topics for a slash-command autocomplete, at most `limit` (Discord allows 25).

@@ -6,9 +6,12 @@ Plain text within Discord's 2000 characters of a message; nothing here imports d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from faq._matcher import Lookup
 from faq._topics import Topic
+
+if TYPE_CHECKING:  # the matcher builds its misses with render_miss
+    from faq._matcher import Lookup
 
 MESSAGE_LIMIT = 2000
 """Discord's limit on a message's text."""

@@ -548,3 +548,17 @@ async def test_a_state_file_for_another_model_is_an_answer(engine7: ReferenceEng
         assert outcome.kind == "error" and "tuned for another model" in outcome.text
     finally:
         await store.close()
+
+
+async def test_faq_miss_in_the_chat_offers_topics_to_ask_again(service: ChatService) -> None:
+    """``+faq`` without an answer offers the closest topics (or the list), as ``/faq ask`` does."""
+    from faq import FaqIndex, bundled_topics_dir, load_topics
+
+    service.faq = FaqIndex(load_topics([bundled_topics_dir()]).topics.values())
+    close = await service.respond("c", "+faq how many tokens can rwkv remember")
+    assert close.kind == "notice" and "No FAQ entry matches" in close.text
+    assert "- " in close.text and "/faq ask" in close.text  # topics, one a line
+    unrelated = await service.respond("c", "+faq how do I bake bread")
+    assert "`/faq list` shows every topic" in unrelated.text
+    answered = await service.respond("c", "+faq what licence is rwkv under")
+    assert answered.kind == "faq" and "Apache" in answered.text
