@@ -140,7 +140,7 @@ def _add_db_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """``db`` and its actions."""
     db = sub.add_parser(
         "db",
-        help="look after the database: stats, vacuum, export a transcript, back up, purge",
+        help="look after the database: stats, check, vacuum, export a transcript, back up, purge",
         description="Housekeeping of the SQLite database (RWKV_DISCORD_DB or --db). Safe while "
         "the bot runs, except vacuum, which waits for exclusive access, and purge, which is for a "
         "stopped bot (the running bot purges deleted channels itself).",
