@@ -112,10 +112,12 @@ class BatchedEngine(EngineCore, Engine):
         return engine
 
     def describe(self) -> str:
-        """The model, the strategy, and the batch limits."""
+        """The model, the strategy, the batch limits, the fast paths and (after a start-up
+        self-test) which configuration serves and why."""
+        checked = f", {self.path.describe()}" if self.path.checked is not None else ""
         return (
             f"{self.spec.describe()} ({self.strategy}, batched engine: max batch {self.max_batch}, "
-            f"{self.max_resident} resident, {self.runner.describe_kernels()})"
+            f"{self.max_resident} resident, {self.runner.describe_kernels()}{checked})"
         )
 
     async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:
@@ -176,7 +178,10 @@ class BatchedEngine(EngineCore, Engine):
         await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
 
     def metrics(self) -> dict[str, float]:
-        """Recent numbers: queue, batch, resident states, tokens/s, time to first token, steps."""
+        """Recent numbers: queue, batch, resident states, tokens/s, time to first token, steps;
+        ``path_level`` the configuration that serves (0 CUDA graphs and the fused kernel, 1 no
+        graphs, 2 no fused kernel, 3 plain PyTorch) and ``path_fallback`` 1 when the start-up
+        self-test turned a faster one down."""
         recent = self._stats.summary()
         with self._cond:
             queued = len(self._queue)
@@ -187,6 +192,8 @@ class BatchedEngine(EngineCore, Engine):
             "max_batch": self.max_batch,
             "max_resident": self.max_resident,
             **{key: value for key, value in recent.items() if key != "batch"},
+            "path_level": self.path.level,
+            "path_fallback": float(self.path.fallback_reason is not None),
         }
 
     def _poster(self, queue: asyncio.Queue[object], job: Job) -> Callable[[object], None]:

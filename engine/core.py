@@ -33,6 +33,7 @@ from engine.metrics import StepStats
 from engine.output import OutputProcessor
 from engine.runner import ModelRunner
 from engine.scheduler import PrefillGroup, Scheduler, by_slot
+from engine.selftest import PLAIN, PathReport, choose_path
 from engine.state import Snapshot
 from engine.threads import WorkerThread
 from engine.tokenizer import Tokenizer
@@ -123,6 +124,7 @@ class EngineCore:
             runner.max_slots, max_batch=max_batch, prefill_chunk=prefill_chunk, prefill_budget=prefill_budget
         )
         self._stats = StepStats()
+        self.path = PathReport(PLAIN, 3)  # the configuration that serves: set by the start-up self-test
         self._ready = threading.Event()  # set once the worker has bound its device (or died)
         # the thread that decodes; best the one that loaded the weights (engine.threads)
         self._thread = worker or WorkerThread(f"rwkv-batch-{runner.device}")
@@ -171,10 +173,14 @@ class EngineCore:
 
     def _bind(self) -> None:
         """Prepare the worker thread: its GPU, and the decode step's CUDA graphs for every batch
-        bucket up to ``max_batch`` (captured now rather than in the middle of someone's reply)."""
+        bucket up to ``max_batch`` (captured now rather than in the middle of someone's reply),
+        checked with the fused kernel against plain PyTorch before anything is served
+        (:mod:`engine.selftest`)."""
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
-            self.runner.capture_graphs(self.max_batch)
+        self.path = choose_path(self.runner, self.max_batch, chunk=min(self.prefill_chunk, 16))
+        if self.path.checked is not None:
+            log.info("%s on %s: %s", "batched engine", self.runner.device, self.path.describe())
 
     def _work(self) -> None:
         try:

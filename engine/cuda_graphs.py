@@ -9,13 +9,20 @@ padding rows write either free slots after the batch (the in-place kind, for the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 # The decode step with device-side slot indices (gathered), and in place on the slots 0..n-1.
 IndexedStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RunStep = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StepGraph(Protocol):
+    """A captured decode step of one bucket (a :class:`DecodeGraph`, or a test's stand-in)."""
+
+    def run(self, slots: torch.Tensor | None, tokens: torch.Tensor, scratch: int) -> torch.Tensor:
+        """Replay the step for ``tokens`` (and ``slots``, gathered kind); the batch's logits."""
 
 
 class DecodeGraph:

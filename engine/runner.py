@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.cuda_graphs import DecodeGraph, bucket_of, graph_buckets
+from engine.cuda_graphs import DecodeGraph, IndexedStep, RunStep, StepGraph, bucket_of, graph_buckets
 from engine.errors import EngineError, ModelFileError, StateMismatchError
 from engine.formats import ModelSpec, inspect_weights, load_weights
 from engine.gpu import to_device
@@ -32,6 +33,10 @@ from engine.models.base import BatchedModel, StateTensor
 from engine.strategy import parse_strategy
 
 log = logging.getLogger(__name__)
+
+# Captures the decode step of a bucket: (steps, bucket, in place) -> a graph to replay. The default
+# captures a CUDA graph; tests pass one that runs on the CPU (engine.selftest checks either).
+GraphFactory = Callable[[tuple[IndexedStep, RunStep], int, bool], StepGraph]
 
 
 class _InPlace:
@@ -68,7 +73,14 @@ class _Gathered:
 class ModelRunner:
     """A model with ``max_slots`` resident sequence states on its device, and CUDA graphs."""
 
-    def __init__(self, model: BatchedModel, *, max_slots: int = 32, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        model: BatchedModel,
+        *,
+        max_slots: int = 32,
+        cuda_graphs: bool = True,
+        graph_factory: GraphFactory | None = None,
+    ) -> None:
         if max_slots < 1:
             raise ValueError("max_slots must be at least 1")
         self.model = model
@@ -93,8 +105,12 @@ class ModelRunner:
         # which slots hold a sequence (set by load_slot/zero_slot, cleared by release_slot): the
         # in-place CUDA graphs pad a batch with the slots after it only when those are free
         self._live = [False] * max_slots
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, bool], DecodeGraph] = {}
+        self._factory = graph_factory
+        # whether graphs may be used at all (CUDA, or a factory given), and whether they are now
+        self.graphs_wanted = cuda_graphs and (self.device.type == "cuda" or graph_factory is not None)
+        self.cuda_graphs = self.graphs_wanted
+        self.graph_failure: str | None = None  # why a capture failed, when one did
+        self._graphs: dict[tuple[int, bool], StepGraph] = {}
         self._graph_pool: Any = None
 
     @classmethod
@@ -257,24 +273,53 @@ class ModelRunner:
                         return
                     self._graph(bucket, in_place)
 
-    def _graph(self, bucket: int, in_place: bool) -> DecodeGraph | None:
+    def _graph(self, bucket: int, in_place: bool) -> StepGraph | None:
         """The captured decode step of a bucket (captured on first use); None: run eagerly."""
         graph = self._graphs.get((bucket, in_place))
         if graph is None:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            steps = (self._decode_indexed, self._decode_run)
             try:
-                graph = DecodeGraph(
-                    self.device, self.scratch_slot, steps, bucket, self._graph_pool, in_place=in_place
-                )
-            except RuntimeError as exc:  # e.g. an op that syncs with the host: stay eager
+                graph = self._capture(bucket, in_place)
+            except Exception as exc:  # e.g. an op that syncs with the host: stay eager
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 self.cuda_graphs = False
-                torch.cuda.synchronize(self.device)
+                self.graph_failure = f"capture failed ({type(exc).__name__}: {exc})"
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 return None
             self._graphs[bucket, in_place] = graph
         return graph
+
+    def _capture(self, bucket: int, in_place: bool) -> StepGraph:
+        steps = (self._decode_indexed, self._decode_run)
+        if self._factory is not None:
+            return self._factory(steps, bucket, in_place)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return DecodeGraph(self.device, self.scratch_slot, steps, bucket, self._graph_pool, in_place=in_place)
+
+    def configure(self, *, graphs: bool, fused: bool) -> None:
+        """Serve with or without CUDA graphs (where wanted) and the fused kernel (where loaded);
+        graphs captured under another configuration are dropped (capture again after this)."""
+        graphs = graphs and self.graphs_wanted
+        if (graphs, fused) == (self.cuda_graphs, self.model.fused_recurrence) and self.graph_failure is None:
+            return
+        self.model.set_fused(fused)
+        self._graphs.clear()
+        self._graph_pool = None
+        self.cuda_graphs, self.graph_failure = graphs, None
+
+    @contextmanager
+    def plain(self) -> Iterator[None]:
+        """Within: decode and read prompts eagerly in plain PyTorch (no graphs, no fused kernel);
+        the configuration, and the captured graphs, come back after."""
+        graphs, fused = self.cuda_graphs, self.model.fused_recurrence
+        self.cuda_graphs = False
+        self.model.set_fused(False)
+        try:
+            yield
+        finally:
+            self.cuda_graphs = graphs
+            self.model.set_fused(fused)
 
     def _decode_indexed(self, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The decode step with device-side slot indices only: what a CUDA graph captures."""

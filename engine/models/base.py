@@ -86,6 +86,15 @@ class BatchedModel(ABC):
     def fused_recurrence(self) -> bool:
         """Whether a fused kernel runs the recurrence (else the plain path, token by token)."""
 
+    @property
+    def fused_available(self) -> bool:
+        """Whether a fused kernel loaded (and passed its own self-check); none by default."""
+        return False
+
+    def set_fused(self, on: bool) -> None:
+        """Run the recurrence with the fused kernel (when one loaded) or with the plain path."""
+        del on  # a family without a fused kernel always runs the plain path
+
     @abstractmethod
     def kernels(self) -> list[str]:
         """The optional fast paths in use, for logs."""

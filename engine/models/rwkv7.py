@@ -90,14 +90,30 @@ class RWKV7(BatchedModel):
             self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
             self.head = lin("head.weight")
 
-        self._fla: Recurrence | None = None
+        self._fla: Recurrence | None = None  # the recurrence in use: None is the plain path
+        self._fla_kernel: Recurrence | None = None  # the fused one installed, in use or not
         self._fla_in_place = False  # whether fla-core's kernel updates the slots in place
         if device.type == "cuda" and use_fla is not False:
             loaded = load_fla(
                 device, self.n_head, self.head_size, plain=recurrent_plain, log_decay_scale=DECAY_SCALE
             )
             if loaded is not None:
-                self._fla, self._fla_in_place = loaded
+                self.install_fused(*loaded)
+
+    def install_fused(self, recurrence: Recurrence, in_place: bool) -> None:
+        """Run the recurrence with ``recurrence`` (fla-core's, or a test's stand-in on the CPU);
+        ``in_place``: it updates the slots where they are."""
+        self._fla_kernel = recurrence
+        self._fla, self._fla_in_place = recurrence, in_place
+
+    @property
+    def fused_available(self) -> bool:
+        """Whether a fused kernel is installed (in use or not)."""
+        return self._fla_kernel is not None
+
+    def set_fused(self, on: bool) -> None:
+        """Use the installed fused kernel, or the plain recurrence."""
+        self._fla = self._fla_kernel if on else None
 
     def state_layout(self) -> list[StateTensor]:
         """att_x_prev, att_kv, ffn_x_prev (see the module's docstring)."""
