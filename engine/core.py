@@ -102,6 +102,7 @@ class EngineCore:
     ) -> None:
         if not runner.matches(spec):
             raise EngineError(f"the loaded weights do not match {spec.describe()}")
+        self._budget_chosen = prefill_budget is not None
         if prefill_budget is None:  # a GPU with the fused kernel reads thousands of tokens in the
             # time of a decode step; the plain recurrence launches kernels token by token
             fast = runner.device.type == "cuda" and runner.fused_recurrence
@@ -179,6 +180,10 @@ class EngineCore:
         if self.runner.device.type == "cuda":
             torch.cuda.set_device(self.runner.device)
         self.path = choose_path(self.runner, self.max_batch, chunk=min(self.prefill_chunk, 16))
+        if not (self._budget_chosen or self.runner.fused_recurrence):  # the fused kernel stepped aside
+            self.prefill_budget = self._scheduler.prefill_budget = min(
+                self.prefill_budget, PREFILL_BUDGET_CPU
+            )
         if self.path.checked is not None:
             log.info("%s on %s: %s", "batched engine", self.runner.device, self.path.describe())
 

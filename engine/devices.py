@@ -95,14 +95,23 @@ class DeviceEngines(Engine):
         return (
             f"{self.spec.describe()} ({precision_of(first.strategy)}, batched engine on {len(self.engines)} "
             f"devices: {where}; per device max batch {first.max_batch}, {first.max_resident} resident, "
-            f"{first.runner.describe_kernels()})"
+            f"{first.runner.describe_kernels()}{self._paths()})"
         )
+
+    def _paths(self) -> str:
+        """What the start-up self-tests chose: once when every device agrees, else per device."""
+        paths = [engine.path.describe() for engine in self.engines if engine.path.checked is not None]
+        if not paths:
+            return ""
+        if len(set(paths)) == 1 and len(paths) == len(self.engines):
+            return f", {paths[0]}"
+        return "; " + "; ".join(f"{e.runner.device} {e.path.describe()}" for e in self.engines)
 
     def metrics(self) -> dict[str, float]:
         """The devices' numbers together: sums of counts and rates, the slowest device's times."""
         each = [engine.metrics() for engine in self.engines]
         total = {key: float(sum(m[key] for m in each)) for key in each[0]}
-        for key in ("ttft_p50_s", "step_p50_ms", "step_p99_ms"):
+        for key in ("ttft_p50_s", "step_p50_ms", "step_p99_ms", "path_level", "path_fallback"):
             total[key] = max(m[key] for m in each)
         total["devices"] = float(len(self.engines))
         return total

@@ -68,6 +68,7 @@ async def test_requests_spread_over_the_devices_and_give_the_same_replies(
         await single.close()
     metrics = two.metrics()
     assert metrics["devices"] == 2 and metrics["max_resident"] == 8
+    assert (metrics["path_level"], metrics["path_fallback"]) == (3, 0)  # the worst device, not a sum
     assert "on 2 devices" in two.describe()
     each = two.device_metrics()
     assert sorted(each) == ["cpu#0", "cpu#1"]
