@@ -32,6 +32,7 @@ from chat.grammar import Command, GrammarError, Parsed, parse_message
 from chat.outcome import Outcome, OutcomeKind
 from chat.session import ChatService
 from chat.settings import ChannelContext
+from chat.storage import StoreError
 from engine.interface import TextDelta
 from faq import FaqIndex, is_question
 
@@ -182,10 +183,14 @@ class ReplyingBot(commands.Bot):
         if refusal or interaction.message is None:
             await interaction.response.send_message(refusal, ephemeral=True)
             return
+        # The press is taken before it joins the line: a failed acknowledgement (Discord's
+        # 3-second deadline) then leaves nothing behind in the line.
+        await interaction.response.defer()
         accepted = self.lines.length(key)
         generation = self.lines.join(key, interaction.user.id)
-        await interaction.response.defer()  # the press is taken; the reply is the answer
-        await self._take_turn(interaction.message, COMMANDS[action], generation, queued=accepted > 0)
+        await self._take_turn(
+            interaction.message, COMMANDS[action], generation, queued=accepted > 0, roles_checked=True
+        )
 
     def _press_refusal(self, interaction: discord.Interaction, channel_id: int) -> str:
         """Why a Retry or Continue press is not taken ("" when it is)."""
@@ -204,16 +209,32 @@ class ReplyingBot(commands.Bot):
         return ""
 
     async def _take_turn(
-        self, message: discord.Message, text: str, generation: Generation, *, queued: bool
+        self,
+        message: discord.Message,
+        text: str,
+        generation: Generation,
+        *,
+        queued: bool,
+        roles_checked: bool = False,
     ) -> None:
-        """Answer in the message's line (it has joined), keeping the task for a clean shutdown."""
+        """Answer in the message's line (it has joined), keeping the task for a clean shutdown.
+        ``roles_checked``: a button press, whose presser (not the message's author, the bot) was
+        checked already."""
         task = asyncio.current_task()
         if task is not None:
             self._reply_tasks.add(task)
         try:
-            await self._serve(message, text, generation, queued=queued)
+            await self._serve(message, text, generation, queued=queued, roles_checked=roles_checked)
         except discord.HTTPException as exc:
             log.warning("could not answer message %s: %s", message.id, exc)
+        except StoreError as exc:  # the database failed before the reply began (context, roles)
+            log.error("could not answer message %s: %s", message.id, exc)
+            with contextlib.suppress(discord.HTTPException):
+                await message.reply(
+                    "Sorry, my database failed, so I could not answer this; nothing was changed. "
+                    "The bot's log says why.",
+                    mention_author=False,
+                )
         finally:
             self.lines.leave(generation)
             if task is not None:
@@ -283,7 +304,13 @@ class ReplyingBot(commands.Bot):
         task.add_done_callback(done)
 
     async def _serve(
-        self, message: discord.Message, text: str, generation: Generation, *, queued: bool
+        self,
+        message: discord.Message,
+        text: str,
+        generation: Generation,
+        *,
+        queued: bool,
+        roles_checked: bool = False,
     ) -> None:
         # The message took its place in the line on arrival (asyncio's lock serves its waiters in
         # order), so messages sent together are answered and stored in the order they arrived;
@@ -302,7 +329,7 @@ class ReplyingBot(commands.Bot):
                     f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
                 )
                 return
-            if not await self._may_talk(message, generation.channel_key):
+            if not roles_checked and not await self._may_talk(message, generation.channel_key):
                 return
             parsed = parse_message(text)
             context = await self.service.context(generation.channel_key)

@@ -101,3 +101,18 @@ async def test_buttons_follow_the_roles_too(harness: Harness) -> None:
     await harness.press(f"rwkv:retry:{GENERAL}", int(reply["id"]), author=TALKER)
     assert harness.adapter.texts()[-1] == ROLE_REFUSED
     assert len(await harness.bot.service.store.transcripts.turns(str(GENERAL))) == 1
+
+
+async def test_an_allowed_member_may_press_retry_under_an_allow_rule(harness: Harness) -> None:
+    """Under an allow rule, Retry by a member of the allowed role is answered: the presser's
+    roles count, not those of the reply's author (the bot)."""
+    await harness.slash("rwkv-mod", "roles", author=MOD, role=RoleOption(TALKER_ROLE), rule="allow")
+    await harness.say("-top_p=0 Hello", author=TALKER)
+    reply = harness.http.posted_to(GENERAL)[-1]
+    await harness.press(f"rwkv:retry:{GENERAL}", int(reply["id"]), author=TALKER)
+    await harness.settle()
+    assert ROLE_REFUSED not in harness.http.sent()
+    assert [t.command for t in await harness.bot.service.store.transcripts.turns(str(GENERAL))] == [
+        "chat",
+        "+",
+    ]
