@@ -10,7 +10,9 @@
 #   2. a random RWKV-7 of the 1.5B shape (L24 D2048) written in fp16, then the bench at
 #      concurrency 1, 8, 32 and 128 in 'cuda fp16' against the reference engine (measured up to 8:
 #      it runs one sequence at a time, so higher levels repeat its c=8 number, marked so), with
-#      parity checked one step at a time in fp16 (limit 2e-2);
+#      parity checked one step at a time in fp16 (limit 2e-2); then the engine's description, whose
+#      "path: ..." names the configuration the start-up self-test (engine/selftest.py) chose, what
+#      it checked and how long it took, and why a faster one fell back, if one did;
 #   3. the same bench on a model too small to matter: what the host's per-token work allows.
 # Usage, from the repository root: bash bench/gpu.sh      (PYTHON=... to pick the interpreter,
 # OUT=... for where the JSON goes; default bench-out/). Exit status 0 only if every step passed.
@@ -74,6 +76,8 @@ else
 fi
 step timeout "$(limit 130 40)" "$PY" -m tools.bench "${MODEL[@]}" --strategy "cuda fp16" --concurrency 1,8,32,128 \
     --tokens 64 --prompt-tokens 64 --reference-max 8 --parity --json "$OUT/bench-1.5B-cuda-fp16.json"
+"$PY" -c 'import json, sys; print("engine:", json.load(open(sys.argv[1])).get("batched_engine"))' \
+    "$OUT/bench-1.5B-cuda-fp16.json" 2>/dev/null || echo "!! no engine description (the bench did not finish)"
 
 echo "== 3/3 host work per token: a 1-layer model with a 1,024-token head, so the GPU idles =="
 step timeout "$(limit 40 0)" "$PY" -m tools.bench --layers 1 --embd 64 --vocab 1024 --strategy "cuda fp16" \
