@@ -94,8 +94,9 @@ def clean_text(raw: str) -> str:
 
 
 def normalise_chat(text: str) -> str:
-    """Chat text: a blank line ends a turn in the template, so runs of newlines become one."""
-    return re.sub(r"\n{2,}", "\n", text.strip())
+    """Chat text: a blank line ends a turn in the template, so runs of newlines become one,
+    lines of only spaces included (a member could otherwise open a turn with "\\n \\n")."""
+    return re.sub(r"\n(?:\s*\n)+", "\n", text.strip())
 
 
 def _format(value: float) -> str:

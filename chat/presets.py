@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chat.errors import PresetError
+from chat.grammar import normalise_chat
 from engine.sampling import SAMPLING_RANGES, SamplingParams
 
 __all__ = [
@@ -59,7 +60,7 @@ class Preset:
         """This preset with a channel's system prompt (a persona): the G1 template's
         ``System:`` turn before the opening prompt. Its key differs, so its opening state is
         its own, computed once and shared by every channel with the same prompt."""
-        system = normalise_init_prompt(f"System{self.separator} {prompt}").strip("\n")
+        system = normalise_init_prompt(f"System{self.separator} {normalise_chat(prompt)}").strip("\n")
         return replace(self, init_prompt=normalise_init_prompt(f"{system}\n\n{self.init_prompt.strip()}"))
 
     def chat_turn(self, message: str, speaker: str | None = None) -> str:
