@@ -365,7 +365,12 @@ def _main(argv: list[str]) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ConfigError, EngineError, StoreError, PresetError) as exc:
+    except StoreError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        # A full disk, a lock held by another program or a disk error may pass: a restart can
+        # help (exit 1); a damaged, unreadable or newer database needs the owner (exit 78).
+        return 1 if exc.problem in ("full", "locked", "disk") else EXIT_CONFIG
+    except (ConfigError, EngineError, PresetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

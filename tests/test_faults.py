@@ -470,3 +470,22 @@ def test_a_damaged_database_is_said_before_the_model_loads(
     monkeypatch.setattr("bot.app.load_engine", loads.append)
     assert main(["chat", "--model", str(model), "--db", str(db)]) == EXIT_CONFIG
     assert "damaged" in capsys.readouterr().err and loads == []
+
+
+@pytest.mark.parametrize(
+    ("problem", "status"),
+    [("full", 1), ("locked", 1), ("disk", 1), ("damaged", EXIT_CONFIG), ("read-only", EXIT_CONFIG)],
+)
+def test_database_trouble_that_may_pass_is_not_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], problem: str, status: int
+) -> None:
+    """A full disk, a lock held by another program or a disk error exit 1 (Docker's policy
+    restarts the bot, and it goes on once the trouble passed); a damaged or read-only database
+    exits 78, which the image holds until the owner fixes it."""
+
+    def failing(args: object) -> int:
+        raise StoreError(f"the database is {problem}", problem)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("bot.cli._db", failing)
+    assert main(["db", "stats"]) == status
+    assert capsys.readouterr().err.strip() == f"rwkv-discord: error: the database is {problem}"

@@ -56,6 +56,9 @@ class Database:
         await asyncio.to_thread(migrate, path, check)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise sqlite_error(exc, path, "opening it") from exc
+        try:
             await db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process kill loses nothing
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
@@ -63,6 +66,7 @@ class Database:
             # default) would double what a checkpoint writes. A purge zeroes what it deletes.
             await db.execute("PRAGMA secure_delete = FAST")
         except sqlite3.Error as exc:
+            await db.close()
             raise sqlite_error(exc, path, "opening it") from exc
         return cls(db, path)
 
@@ -85,6 +89,8 @@ class Database:
             await self.db.close()
         except sqlite3.Error as exc:
             log.warning("%s", sqlite_error(exc, self.path, "closing it"))
+        except (ValueError, RuntimeError) as exc:  # closed already, or its thread is gone
+            log.warning("closing the database %s: %s", self.path, exc)
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         """The first row of a query, or None."""

@@ -151,13 +151,11 @@ def migrate(path: Path, check: bool = True) -> None:
                     conn.execute(f"PRAGMA user_version = {version}")
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    conn.execute("ROLLBACK")
                 raise sqlite_error(exc, path, f"migration {name}") from exc
     except sqlite3.Error as exc:
-        error = sqlite_error(exc, path, "opening it")
-        if error.problem == "other" and isinstance(exc, sqlite3.DatabaseError):
-            error = StoreError(f"{path} is not a usable rwkv-discord database: {exc}", "damaged")
-        raise error from exc
+        raise sqlite_error(exc, path, "opening it") from exc
     finally:
         conn.close()
 
