@@ -74,13 +74,13 @@ def choose_path(runner: ModelRunner, max_batch: int, *, chunk: int = 16) -> Path
         runner.configure(graphs=graphs, fused=fused)
         checked, problem = _check(runner, max_batch, graphs=graphs, chunk=chunk)
         if problem is None:
-            took = time.perf_counter() - started
-            return PathReport(name, index, f"{checked}, {took:.2f} s", "; ".join(reasons) or None)
+            took = time.perf_counter() - started  # captures included: the check's own time is in it
+            return PathReport(name, index, f"{checked}; {took:.2f} s in all", "; ".join(reasons) or None)
         log.warning("start-up self-test: %s %s; serving with %s instead", name, problem, after[3])
         reasons.append(f"{name} {problem}")
     runner.configure(graphs=False, fused=False)
     took = time.perf_counter() - started
-    return PathReport(PLAIN, len(LEVELS) - 1, f"{took:.2f} s", "; ".join(reasons))
+    return PathReport(PLAIN, len(LEVELS) - 1, f"{took:.2f} s in all", "; ".join(reasons))
 
 
 def limit_for(runner: ModelRunner) -> float:
@@ -98,11 +98,15 @@ def _check(runner: ModelRunner, max_batch: int, *, graphs: bool, chunk: int) -> 
         if not runner.cuda_graphs:
             return "", runner.graph_failure or "could not be captured"
     names: list[str] = []
+    started = time.perf_counter()
     try:
         for kind, slots in decode_cases(runner, max_batch):
             bucket, in_place = runner.graph_plan(slots)
             padding = set(range(len(slots), bucket)) if graphs and in_place else set()
-            label = f"decode {kind} (bucket {bucket})" if graphs else f"decode {kind}"
+            count = f"{len(slots)} row" + "s" * (len(slots) > 1)  # no padding without graphs
+            label = (
+                f"decode {kind} (bucket {bucket})" if graphs else f"decode {kind.split(' with')[0]} ({count})"
+            )
             names.append(label)
             problem = _compare(runner, partial(_decode, runner, slots), slots, padding)
             if problem is not None:
@@ -116,7 +120,8 @@ def _check(runner: ModelRunner, max_batch: int, *, graphs: bool, chunk: int) -> 
     finally:
         for t in runner.states:
             t.zero_()
-    return f"{', '.join(names)} and a {chunk}-token prompt chunk agree with {PLAIN}", None
+    took = time.perf_counter() - started
+    return f"{', '.join(names)} and a {chunk}-token prompt chunk agree with {PLAIN} ({took:.2f} s)", None
 
 
 def decode_cases(runner: ModelRunner, max_batch: int) -> list[tuple[str, list[int]]]:
