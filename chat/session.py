@@ -241,17 +241,18 @@ class ChatService(TurnCommands):
         for name, value in values.items():
             if value is None:
                 continue
-            if name in SETTING_RANGES:
-                low, high = SETTING_RANGES[name]
+            if name in self.limits.ranges:
                 number = float(value)
-                if not low <= number <= high:
+                if not self.limits.check(name, number):
+                    low, high = self.limits.ranges[name]
                     raise ValueError(f"{name} must be between {low:g} and {high:g}, not {number:g}")
                 current[name] = number
                 changes.append(f"{name} {number:g}")
             elif name == "max_tokens":
-                cap = self.limits.max_tokens
-                if not 1 <= int(value) <= cap:
-                    raise ValueError(f"max_tokens must be between 1 and {cap}, not {value}")
+                if not self.limits.check(name, int(value)):
+                    raise ValueError(
+                        f"max_tokens must be between 1 and {self.limits.max_tokens}, not {value}"
+                    )
                 current[name] = int(value)
                 changes.append(f"max_tokens {int(value)}")
             elif name == "preset":
@@ -265,7 +266,7 @@ class ChatService(TurnCommands):
                 current[name] = bool(value)
                 changes.append(f"{name} {'on' if value else 'off'}")
             elif name == "thinking":
-                if value not in self.limits.thinking:
+                if not self.limits.check(name, value):
                     raise ValueError(f"thinking must be one of {', '.join(self.limits.thinking)}")
                 current[name] = value
                 changes.append(f"thinking {value}")
