@@ -8,7 +8,7 @@ changes how the topics read. Keep each list about how people ask, never about on
 from __future__ import annotations
 
 # Multi-word spellings, folded into one word before the question is split into words, so that
-# "clear the chat" counts as one idea ("reset") and not as "clear" plus "chat". Keys are the word
+# "clear the chat" counts as one idea ("reset") and not as "clear" plus "chat". Keys are the words
 # they become; values are regular expressions matched at word boundaries on lowercase text.
 PHRASES: dict[str, tuple[str, ...]] = {
     "opensource": (r"open[ -]?sourced?", r"open[ -]weights?"),
@@ -18,14 +18,19 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "release": (r"(?:come|comes|coming|came) out", r"be out", r"is out"),
     "multigpu": (
         r"multi(?:ple)?[ -]gpus?",
-        r"(?:many|several|more|two|2|8|multiple) gpus",
-        r"across gpus",
+        r"(?:many|several|more|multiple|lots of|a lot of|(?:a )?bunch of|tons of|a few|\d+|two|eight)"
+        r" (?:gpus|graphics cards|cards|a100s|h100s|nodes|machines|servers|computers)",
+        r"across (?:the )?gpus",
         r"multi(?:ple)?[ -]nodes?",
-        r"(?:many|several|more) (?:nodes|machines)",
         r"gpu (?:cluster|farm)s?",
     ),
     "selfcensor": (r"self[ -]censor(?:ed|ing|s|ship)?",),
-    "refusal": (r"as an ai", r"as an llm", r"i can ?not answer", r"i cant answer"),
+    "refusal": (
+        r"as an (?:ai|llm)(?: (?:language )?model| assistant)?",
+        r"as a (?:large )?language model",
+        r"i can ?not (?:answer|help|do|write)",
+        r"i cant (?:answer|help|do|write)",
+    ),
     "huggingface": (r"hugging ?face",),
     "guardrails": (r"guard[ -]rails?", r"safety (?:filters?|rails?)"),
     "reset": (
@@ -38,8 +43,33 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "continue": (r"keep going", r"go on"),
     "+i": (r"instruct(?:ion)?s? (?:mode|template|prompt)",),
     "+qa": (r"(?:qa|q ?& ?a|question[ -]answer(?:ing)?) (?:mode|template)",),
-    "internals": (r"under the hood", r"how (?:does )?(?:it|rwkv) works?"),
+    "internals": (
+        r"under the hood",
+        r"how (?:does |do )?(?:it|rwkv|the model|they)(?: \w+ly)? works?(?: inside| internally)?",
+        r"inner workings",
+    ),
     "trainingcost": (r"(?:gpu|a100) hours", r"from scratch"),
+    # How long a prompt may be is a question about the context length.
+    "context length": (
+        r"(?:prompts?|inputs?|messages?|conversations?|convos?) (?:length|size|limit)s?",
+        r"how (?:long|big|large) (?:can|could|may|should|is|are) (?:a |an |my |the |your )?"
+        r"(?:prompts?|inputs?|messages?|texts?)",
+        r"how (?:many|much) (?:tokens|text) (?:can|could|does|will) "
+        r"(?:it|rwkv|the model|a model|the bot|they|you|u)",
+    ),
+    "long context": (
+        r"(?:long|longer|longest|big|bigger|huge|large|larger) "
+        r"(?:prompts?|inputs?|texts?|documents?|docs|chats?|conversations?|convos?)",
+    ),
+    # What a model "was trained on" is its data, not how it was trained.
+    "train dataset": (
+        r"(?:trained|pretrained|tuned|finetuned|finetune)\s+(?:on|with)"
+        r"(?!\s+(?:multigpu|single|one|two|a single|my|\d|gpus?|cpus?|nodes?|machines?|computers?|pcs?"
+        r"|hardware|a100s?))",
+    ),
+    "single gpu": (r"(?:one|1|a single|single|my own) (?:gpus?|graphics cards?|machines?|computers?|pcs?)",),
+    # "How long until" is "when".
+    "eta": (r"how (?:long|soon) (?:till|until|til|untill|before)",),
     "filename": (
         r"file ?names?",
         r"model names?",
@@ -83,9 +113,20 @@ SYNONYM_GROUPS: dict[str, tuple[str, ...]] = {
         "selling",
         "monetize",
         "monetise",
+        "monetization",
+        "monetisation",
         "profit",
+        "startup",
+        "startups",
+        "paid",
+        "revenue",
+        "commercialize",
+        "commercialise",
+        "saas",
     ),
     "huggingface": ("hf",),
+    "gpu": ("gpus", "graphics", "cards"),
+    "next": ("nxt", "upcoming", "eta", "soon"),
     "operatingsystem": ("windows", "linux", "macos", "mac", "ubuntu", "os"),
     "download": ("link", "links", "url", "downloads", "downloading"),
     "context": ("ctx",),
@@ -94,7 +135,33 @@ SYNONYM_GROUPS: dict[str, tuple[str, ...]] = {
     "command": ("cmd", "cmds", "commands"),
     "temperature": ("temp",),
     "raccoon": ("racoon", "raccon", "racon"),
-    "censor": ("uncensored", "censorship", "nsfw", "censord", "filtered", "woke", "moderated"),
+    "censor": (
+        "uncensored",
+        "censorship",
+        "censord",
+        "censured",
+        "nsfw",
+        "filter",
+        "filters",
+        "filtered",
+        "filtering",
+        "unfiltered",
+        "woke",
+        "moderated",
+        "moderation",
+        "safety",
+        "aligned",
+        "alignment",
+        "restricted",
+        "unrestricted",
+        "restrictions",
+        "jailbreak",
+        "lewd",
+        "spicy",
+        "explicit",
+        "erotic",
+        "smut",
+    ),
     "refusal": ("refuse", "refuses", "refused", "refusing", "refusals", "decline", "declines"),
     "opensource": ("oss", "foss"),
     "dataset": ("data", "corpus", "corpora"),
@@ -115,7 +182,6 @@ SYNONYM_GROUPS: dict[str, tuple[str, ...]] = {
     "multigpu": ("multigpus", "multinode", "cluster", "clusters"),
     "cost": ("expensive", "costly", "pricey", "price", "pricing", "money", "cheap", "cheaper", "afford"),
     "release": ("launch", "launched", "drop", "dropping", "ship", "released", "releasing"),
-    "next": ("upcoming", "eta", "soon"),
     "pretraining": ("pretrain", "pretrained"),
     "throughput": ("speed", "speeds", "fast", "faster", "fastest", "slow", "slower", "quicker"),
     "use": ("used", "using"),
@@ -123,7 +189,9 @@ SYNONYM_GROUPS: dict[str, tuple[str, ...]] = {
     "retry": ("regenerate", "regen", "reroll", "redo", "retries", "retrying"),
     "continue": ("continuation", "proceed"),
     "chat": ("conversation", "convo", "history"),
-    "architecture": ("paper", "arch", "design", "rnn", "recurrent"),
+    "architecture": ("paper", "papers", "arch", "design", "rnn", "recurrent"),
+    "page": ("docs", "doc", "documentation", "article", "writeup", "explainer", "blog"),
+    "quality": ("performance", "worse", "degrade", "degrades", "degradation", "dumb", "dumber", "accuracy"),
     "internals": ("internal", "internally", "inner", "workings"),
     "languages": ("language", "english", "multilingual", "chinese", "japanese"),
 }
@@ -143,7 +211,15 @@ bro dude sir mate im ive id youre dont doesnt didnt cant isnt arent wont wasnt w
 wheres whos much many go going keep say said help make made makes making vs versus difference
 between compared nah yeah yea yep nope rn tho though btw idk imo tbh pls plz thx ty hmm uh um
 folks everyone yall ya sup wat wut wen u ur r y plus also still already anyway rly really
-currently right now today guess think work works part
+currently right now today guess think work works part lot lots bunch ton tons
+across through throughout via within without till until til during before after since while
+past per toward towards around among against beyond upon
+sometimes often always usually occasionally maybe perhaps probably exactly literally seriously
+honestly generally overall mostly kinda sorta somehow anymore yet
+happen happens happened happening mean means meant seem seems seemed good bad great nice cool
+fine sure true false real big bigger small smaller large larger huge tiny little
+come comes came try tried trying see look looking find found give gave
+put take took takes taking
 """
 
 # Words that say a question is about RWKV or this bot. A question naming another product is
@@ -151,7 +227,16 @@ currently right now today guess think work works part
 # censored like chatgpt" may).
 DOMAIN_WORDS = frozenset(
     """
-    rwkv bot model models raven raccoon racoon blinkdl wkv
+    rwkv bot bots model models raven raccoon racoon blinkdl wkv
+    """.split()  # noqa: SIM905 (a word list reads better as text than as quoted strings)
+)
+
+# Names of RWKV model families. Beside other words, they say which model a question is about more
+# than what it asks ("is the raven model uncensored" asks about censorship); alone they still
+# answer ("raccoon?"). "world" is one, though a question naming it is not thereby about RWKV.
+MODEL_NAMES = frozenset(
+    """
+    raven world raccoon racoon
     """.split()  # noqa: SIM905 (a word list reads better as text than as quoted strings)
 )
 

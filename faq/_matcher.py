@@ -5,13 +5,16 @@ weight, its inverse document frequency over the topics (a word found in one topi
 one found in all of them); a term the topic has as a keyword counts fully, one from its title or
 aliases counts less, one only in its answer text counts little, and a term no topic knows counts
 against every topic. A question made of words the FAQ does not know therefore scores low for all
-topics and gets no answer rather than a guess. Typos are caught by fuzzy-matching unknown words
-against the words the topics use (rapidfuzz).
+topics and gets no answer rather than a guess. A word the topics have only in answer text counts
+half in that share, a model name ("raven") beside other words too, an unknown word of one or two
+letters ("rp") half against. Typos are caught by fuzzy-matching unknown words against the words
+the topics use (rapidfuzz).
 
 On top of the score, `FaqIndex.lookup` decides what to say:
 
 - an answer needs real evidence: a keyword, or a title word that only one topic has; a single
-  word that several topics share ("bot", "gpu") is not enough;
+  word that several topics share ("bot", "gpu") is not enough; a question that names neither
+  RWKV, its models nor the bot needs a keyword, or three words of the topic's title and aliases;
 - a question that names another product ("is claude censored", "when does the new iphone come
   out") is answered only when it also names RWKV, one of its models or the bot;
 - two topics that score alike are told apart by their keyword evidence (a keyword is stronger than
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 from rapidfuzz import fuzz, process
 
-from faq._lexicon import DOMAIN_WORDS, OTHER_PRODUCTS
+from faq._lexicon import DOMAIN_WORDS, MODEL_NAMES, OTHER_PRODUCTS
 from faq._render import render_answer
 from faq._replies import render_miss
 from faq._text import SYNONYMS, canonical, raw_tokens, terms
@@ -47,11 +50,22 @@ _BODY_WEIGHT = 0.3  # answer text and link titles
 _UNKNOWN_NUMBER_FACTOR = 0.3
 # Unknown words count this much less in a question that names RWKV or the bot.
 _DOMAIN_UNKNOWN_FACTOR = 0.5
+# Unknown words of one or two letters ("rp", "gf") are mostly chat abbreviations.
+_SHORT_UNKNOWN_FACTOR = 0.5
+# A word the FAQ has only in answer text says little about what a question asks: it counts this
+# much of its weight in the share a topic has to explain (a keyword, title or alias word counts
+# fully, an unknown word too).
+_BODY_ONLY_FACTOR = 0.5
+# Model names (`faq._lexicon.MODEL_NAMES`) count this much beside other words.
+_MODEL_NAME_FACTOR = 0.5
 # Evidence an answer needs: the sum of idf * weight over the question's terms that the topic has
 # as a keyword, title or alias word, as a share of the idf of a word only one topic uses. With the
 # ten bundled topics, one keyword that at most three topics use, or one title word that only this
 # topic uses, is enough; a word shared by several topics is not.
 _MIN_EVIDENCE = 0.6
+# Without RWKV or the bot named and without a keyword, a topic needs this many of the question's
+# words in its title or aliases ("how long would training take on one gpu").
+_MIN_TITLE_TERMS = 3
 # Two topics whose confidences are this close are compared by their keyword evidence instead.
 _TIE_MARGIN = 0.03
 # Suggestions offered when nothing answers: at most this many, each at least this confident.
@@ -102,6 +116,7 @@ class _Scored:
     match: Match
     evidence: float  # coverage by the terms the topic has as keyword, title or alias words
     keyword_evidence: float  # the same, for keywords (and complete multi-word keywords) only
+    title_terms: int  # how many of the question's terms the topic has as keyword, title or alias
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ class _Query:
     """A question split into what the matcher needs."""
 
     known: dict[str, float]  # term -> match quality (1, or less for a fuzzy match)
+    emphasis: dict[str, float]  # term -> how much it counts in the question (1, or less)
     unknown_weight: float
     names_domain: bool
     names_product: bool
@@ -138,6 +154,14 @@ class FaqIndex:
         document_frequency = Counter(term for entry in self._entries for term in entry.weights)
         count = len(self._entries)
         self._idf = {term: _idf(frequency, count) for term, frequency in document_frequency.items()}
+        # How much of its weight a term counts in the share of the question a topic must explain.
+        strongest: dict[str, float] = defaultdict(float)
+        for entry in self._entries:
+            for term, weight in entry.weights.items():
+                strongest[term] = max(strongest[term], weight)
+        self._share = {
+            term: 1.0 if weight >= _TITLE_WEIGHT else _BODY_ONLY_FACTOR for term, weight in strongest.items()
+        }
         # A word no topic knows weighs as much as one that only a single topic knows.
         self._unknown_idf = _idf(1, count)
         self._lexicon = _lexicon(self._entries, self._idf)
@@ -180,10 +204,11 @@ class FaqIndex:
         leaders = [scored for scored in close if scored.keyword_evidence >= strongest - 1e-9]
         if max(scored.evidence for scored in leaders) < _MIN_EVIDENCE * self._unknown_idf:
             return Lookup(None, suggestions)
-        # Without RWKV, a model or the bot named, only a keyword of the topic says what the
-        # question is about: "how much does a gpu cost" shares words with the training cost
-        # topic, but none of its keywords.
-        if not analysed.names_domain and strongest == 0.0:
+        # Without RWKV, a model or the bot named, a keyword of the topic, or several words of its
+        # title and aliases, say what the question is about: "how much does a gpu cost" shares
+        # two title words with the training cost topic, but none of its keywords.
+        title_terms = max(scored.title_terms for scored in leaders)
+        if not analysed.names_domain and strongest == 0.0 and title_terms < _MIN_TITLE_TERMS:
             return Lookup(None, suggestions)
         if len(leaders) > 1:
             return Lookup(None, tuple(scored.match for scored in leaders[:2]), tied=True)
@@ -241,20 +266,24 @@ class FaqIndex:
         """Score every topic that shares a term with the query, best first."""
         if not query.known:
             return []
-        total = sum(self._idf[term] for term in query.known) + query.unknown_weight
+        total = query.unknown_weight + sum(
+            self._idf[term] * self._share[term] * query.emphasis[term] for term in query.known
+        )
         title_rank = {topic.id: position for position, topic in enumerate(self._by_title)}
         scored = []
         for entry in self._entries:
-            coverage, evidence, keyword_evidence = _coverage(entry, query.known, self._idf)
+            coverage, evidence, keyword_evidence, title_terms = _coverage(entry, query, self._idf)
             if coverage > 0.0:
                 confidence = round(min(coverage / total, 1.0), 4)
-                scored.append(_Scored(Match(entry.topic, confidence), evidence, keyword_evidence))
+                found = Match(entry.topic, confidence)
+                scored.append(_Scored(found, evidence, keyword_evidence, title_terms))
         scored.sort(key=lambda s: (-s.match.confidence, -s.keyword_evidence, title_rank[s.match.topic.id]))
         return scored
 
     def _analyse(self, query: str) -> _Query:
         """Split a query into its known terms (with match quality) and the weight of the rest."""
         known: dict[str, float] = {}
+        emphasis: dict[str, float] = {}
         unknown_weight = 0.0
         tokens = raw_tokens(query)[:_MAX_QUERY_TOKENS]
         # Naming RWKV says the question is about this domain, so words the FAQ does not know
@@ -275,11 +304,15 @@ class FaqIndex:
                 if fuzzy is None:
                     has_digit = any(char.isdigit() for char in term)
                     factor = _UNKNOWN_NUMBER_FACTOR if has_digit else 1.0
+                    factor *= _SHORT_UNKNOWN_FACTOR if len(term) <= 2 else 1.0
                     unknown_weight += self._unknown_idf * factor * unknown_factor
                     continue
                 term, quality = fuzzy
             known[term] = max(known.get(term, 0.0), quality)
-        return _Query(known, unknown_weight, names_domain, names_product)
+            emphasis[term] = min(emphasis.get(term, 1.0), _MODEL_NAME_FACTOR if token in MODEL_NAMES else 1.0)
+        if len(known) == 1:
+            emphasis = dict.fromkeys(known, 1.0)
+        return _Query(known, emphasis, unknown_weight, names_domain, names_product)
 
     def _fuzzy(self, token: str, term: str) -> tuple[str, float] | None:
         """Return the known term a misspelt word most likely means, with a 0-1 quality."""
@@ -339,28 +372,30 @@ def _index_topic(topic: Topic) -> _TopicTerms:
     return _TopicTerms(topic, weights, tuple(phrases))
 
 
-def _coverage(
-    entry: _TopicTerms, known: dict[str, float], idf: dict[str, float]
-) -> tuple[float, float, float]:
-    """Return the topic's coverage of the query's known terms (idf * quality * topic weight),
-    its evidence (the same over keyword, title and alias words) and its keyword evidence (the
-    idf-weighted terms it has as keywords)."""
+def _coverage(entry: _TopicTerms, query: _Query, idf: dict[str, float]) -> tuple[float, float, float, int]:
+    """Return the topic's coverage of the query's known terms (idf * quality * emphasis * topic
+    weight), its evidence (idf * quality * weight over keyword, title and alias words), its keyword
+    evidence (the idf-weighted terms it has as keywords) and how many terms it has as keyword,
+    title or alias words."""
     weights = entry.weights
+    known = query.known
     complete = [phrase for phrase in entry.phrases if phrase <= known.keys()]
     if complete:
         weights = dict(weights)
         for phrase in complete:
             weights.update(dict.fromkeys(phrase, _KEYWORD_WEIGHT))
     coverage = evidence = keyword_evidence = 0.0
+    title_terms = 0
     for term, quality in known.items():
         weight = weights.get(term, 0.0)
         value = idf[term] * quality
-        coverage += value * weight
+        coverage += value * weight * query.emphasis[term]
         if weight >= _TITLE_WEIGHT:
             evidence += value * weight
+            title_terms += 1
         if weight >= _KEYWORD_WEIGHT:
-            keyword_evidence += value
-    return coverage, evidence, keyword_evidence
+            keyword_evidence += value * query.emphasis[term]
+    return coverage, evidence, keyword_evidence, title_terms
 
 
 def _lexicon(entries: Iterable[_TopicTerms], idf: dict[str, float]) -> dict[str, str]:

@@ -42,16 +42,23 @@ _SIZE = re.compile(r"\d+[bm]")
 _TOKEN = re.compile(r"(?<![a-z0-9+])\++[a-z]*|[a-z0-9]+")
 _APOSTROPHE_S = re.compile(r"'s\b")
 # A sampling setting given a value ("-top_p=0", "-temp=0.7") sets it for the message; it does not
-# ask about it ("-temp" alone, or "top_p", still do).
-_SETTING = re.compile(r"(?<![\w-])-[a-z_]+=\S*")
+# ask about it ("-temp", "-temp=" without a value, or "top_p", still do).
+_SETTING = re.compile(r"(?<![\w-])-[a-z_]+=[^\s=]+")
+# Links name hosts and paths, not what a text is about.
+_URL = re.compile(r"https?://\S+|www\.\S+")
+# A currency sign asks about money: "how much $ to train".
+_CURRENCY = re.compile(r"[$\u20ac\u00a3]+")
 
 
 def fold(text: str) -> str:
-    """Return `text` case-folded, accent-free and with multi-word phrases joined into one token."""
+    """Return `text` case-folded, accent-free, without links, with currency signs as "money" and
+    with multi-word phrases replaced by their words (`faq._lexicon.PHRASES`)."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(char for char in text if not unicodedata.combining(char)).casefold()
     text = text.replace("\u2019", "'")
+    text = _URL.sub(" ", text)
     text = _SETTING.sub(" ", text)
+    text = _CURRENCY.sub(" money ", text)
     text = _APOSTROPHE_S.sub("", text).replace("'", "").replace("_", " ")
     for pattern, replacement in _PHRASES:
         text = pattern.sub(replacement, text)

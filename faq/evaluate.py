@@ -1,13 +1,16 @@
-"""Score the matcher on question tables: `python -m faq.evaluate [--heldout | --cases FILE]`.
+"""Score the matcher on question tables: `python -m faq.evaluate [--tuning | --dev | --heldout |
+--cases FILE]`.
 
-Two tables, reported separately:
+Three tables, reported separately:
 
 - the tuning table, `QUESTION_CASES` in tests/faq/test_matcher.py: the questions the matcher was
   tuned on (the quality bar the tests enforce);
+- the development set, tests/faq/dev.toml: casual questions written from the RWKV wiki FAQ,
+  scored before the matcher was changed for them, and tuned on since;
 - the held-out set, tests/faq/heldout.toml: questions written from the RWKV wiki FAQ alone and
   frozen before the matcher was tuned, never used to tune it.
 
-With no option both are scored. A case is a question and the topic id that should answer it, or
+With no option all three are scored. A case is a question and the topic id that should answer it, or
 None for a message that should get no answer.
 
 - precision: of the answers given, the share that were the right topic;
@@ -33,6 +36,7 @@ from faq._topics import bundled_topics_dir, load_topics
 
 _TESTS = Path(__file__).resolve().parents[1] / "tests" / "faq"
 DEFAULT_CASES = _TESTS / "test_matcher.py"
+DEV_CASES = _TESTS / "dev.toml"
 HELDOUT_CASES = _TESTS / "heldout.toml"
 
 Case = tuple[str, str | None]
@@ -102,7 +106,8 @@ def load_cases(path: Path) -> list[Case]:
 
 
 def load_heldout(path: Path = HELDOUT_CASES) -> list[Case]:
-    """Return the cases of a held-out TOML file: `off_topic = [...]` and `[on_topic]` lists.
+    """Return the cases of a TOML question file (the held-out or the development set):
+    `off_topic = [...]` and `[on_topic]` lists.
 
     Raises ValueError when the file is not shaped like that.
     """
@@ -145,26 +150,31 @@ def main(argv: list[str] | None = None) -> int:
     """Print recall, precision, off-topic answers, speed and mistakes on the question tables."""
     parser = argparse.ArgumentParser(
         prog="python -m faq.evaluate",
-        description="Score the FAQ matcher on the tuning table and the frozen held-out set.",
+        description="Score the FAQ matcher on the tuning table, the development set and the frozen "
+        "held-out set.",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--cases", type=Path, help="only this Python file with QUESTION_CASES")
     which.add_argument("--heldout", action="store_true", help="only the held-out set")
     which.add_argument("--tuning", action="store_true", help="only the tuning table")
+    which.add_argument("--dev", action="store_true", help="only the development set")
     parser.add_argument("--quiet", action="store_true", help="leave out the list of wrong answers")
     args = parser.parse_args(argv)
+    every = not (args.tuning or args.dev or args.heldout)
     tables: list[tuple[str, Path, bool]] = []
     if args.cases is not None:
         tables.append((f"cases of {args.cases}", args.cases, False))
     else:
-        if not args.heldout:
+        if every or args.tuning:
             tables.append(("tuning table (tests/faq/test_matcher.py)", DEFAULT_CASES, False))
-        if not args.tuning:
+        if every or args.dev:
+            tables.append(("development set (tests/faq/dev.toml)", DEV_CASES, True))
+        if every or args.heldout:
             tables.append(("held-out set (tests/faq/heldout.toml)", HELDOUT_CASES, True))
     index = FaqIndex(load_topics([bundled_topics_dir()]).topics.values())
-    for name, path, heldout in tables:
+    for name, path, is_toml in tables:
         try:
-            cases = load_heldout(path) if heldout else load_cases(path)
+            cases = load_heldout(path) if is_toml else load_cases(path)
         except (OSError, ImportError, AttributeError, ValueError, tomllib.TOMLDecodeError) as error:
             print(f"cannot read the questions from {path}: {error}", file=sys.stderr)
             return 2

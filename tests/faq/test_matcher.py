@@ -218,17 +218,14 @@ QUESTION_CASES: list[tuple[str, str | None]] = [
 # honest. Their tests are strict xfails: one that starts passing must be moved out of this set.
 KNOWN_MISSES = frozenset(
     {
-        "will it write nsfw stories",
-        "how many tokens can rwkv remember",  # "tokens" is in two topics: suggestions, no answer
-        "does performance degrade past the context length",
-        "why won't you give a simple number for the training budget",
+        "will it write nsfw stories",  # "write" and "stories" weigh more than "nsfw"
         "when is the next episode coming out",  # shares "next" and "come out" with next-release
     }
 )
 
 # Levels reached on the table above (`python -m faq.evaluate`); they may only go up.
 MIN_PRECISION = 0.992
-MIN_RECALL = 0.969
+MIN_RECALL = 0.992
 
 _TABLE = [
     pytest.param(
