@@ -67,7 +67,9 @@ PHRASES: dict[str, tuple[str, ...]] = {
         r"(?!\s+(?:multigpu|single|one|two|a single|my|\d|gpus?|cpus?|nodes?|machines?|computers?|pcs?"
         r"|hardware|a100s?))",
     ),
-    "single gpu": (r"(?:one|1|a single|single|my own) (?:gpus?|graphics cards?|machines?|computers?|pcs?)",),
+    "single gpu": (
+        r"(?:one|1|a single|single|my own) (?:gpus?|a100s?|h100s?|graphics cards?|machines?|computers?|pcs?)",
+    ),
     # "How long until" is "when".
     "eta": (r"how (?:long|soon) (?:till|until|til|untill|before)",),
     "filename": (
@@ -183,7 +185,7 @@ SYNONYM_GROUPS: dict[str, tuple[str, ...]] = {
     "cost": ("expensive", "costly", "pricey", "price", "pricing", "money", "cheap", "cheaper", "afford"),
     "release": ("launch", "launched", "drop", "dropping", "ship", "released", "releasing"),
     "pretraining": ("pretrain", "pretrained"),
-    "throughput": ("speed", "speeds", "fast", "faster", "fastest", "slow", "slower", "quicker"),
+    "throughput": ("speed", "speeds", "fast", "faster", "fastest", "quicker"),
     "use": ("used", "using"),
     "reset": ("restart", "clear", "wipe"),
     "retry": ("regenerate", "regen", "reroll", "redo", "retries", "retrying"),
@@ -231,6 +233,10 @@ DOMAIN_WORDS = frozenset(
     """.split()  # noqa: SIM905 (a word list reads better as text than as quoted strings)
 )
 
+# The domain words that name RWKV or this bot themselves. Beside another product's name, only
+# these say the question is about RWKV: "model" in "is the claude model censored" is Claude's.
+OWN_NAMES = DOMAIN_WORDS - {"model", "models"}
+
 # Names of RWKV model families. Beside other words, they say which model a question is about more
 # than what it asks ("is the raven model uncensored" asks about censorship); alone they still
 # answer ("raccoon?"). "world" is one, though a question naming it is not thereby about RWKV.
@@ -248,5 +254,6 @@ OTHER_PRODUCTS = frozenset(
     mixtral gemini bard copilot bing falcon bloom vicuna alpaca stablelm qwen deepseek mamba grok
     midjourney dalle diffusion sdxl zelda nintendo playstation ps5 xbox iphone ipad android
     samsung netflix spotify youtube minecraft fortnite valorant gta tesla
+    python pytorch tensorflow ubuntu debian fedora windows macos mario pokemon
     """.split()  # noqa: SIM905 (a word list reads better as text than as quoted strings)
 )

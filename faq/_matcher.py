@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from rapidfuzz import fuzz, process
 
-from faq._lexicon import DOMAIN_WORDS, MODEL_NAMES, OTHER_PRODUCTS
+from faq._lexicon import DOMAIN_WORDS, MODEL_NAMES, OTHER_PRODUCTS, OWN_NAMES
 from faq._render import render_answer
 from faq._replies import render_miss
 from faq._text import SYNONYMS, canonical, raw_tokens, terms
@@ -76,6 +76,7 @@ _FUZZY_MIN_LENGTH = 5
 _FUZZY_CUTOFF = 80.0
 # A question is short; reading only this many words bounds the time of a 2000-character message.
 _MAX_QUERY_TOKENS = 64
+_MAX_QUERY_CHARS = 1000
 
 _QUESTION_WORDS = frozenset(
     """
@@ -128,6 +129,7 @@ class _Query:
     unknown_weight: float
     names_domain: bool
     names_product: bool
+    names_own: bool  # RWKV or the bot by name (not only "model")
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ class FaqIndex:
         )
         if not ranked or ranked[0].match.confidence < self.threshold:
             return Lookup(None, suggestions)
-        if analysed.names_product and not analysed.names_domain:
+        if analysed.names_product and not analysed.names_own:
             return Lookup(None, suggestions)
         close = [
             scored for scored in ranked if scored.match.confidence >= ranked[0].match.confidence - _TIE_MARGIN
@@ -285,11 +287,14 @@ class FaqIndex:
         known: dict[str, float] = {}
         emphasis: dict[str, float] = {}
         unknown_weight = 0.0
-        tokens = raw_tokens(query)[:_MAX_QUERY_TOKENS]
+        # A question is short: a pasted wall of text is read from its start only, and cut
+        # before the phrase patterns run over it.
+        tokens = raw_tokens(query[:_MAX_QUERY_CHARS])[:_MAX_QUERY_TOKENS]
         # Naming RWKV says the question is about this domain, so words the FAQ does not know
         # are more likely detail ("at home", "on my laptop") than a different subject.
         names_domain = any(token in DOMAIN_WORDS or token.startswith("rwkv") for token in tokens)
         names_product = any(token in OTHER_PRODUCTS for token in tokens)
+        names_own = any(token in OWN_NAMES or token.startswith("rwkv") for token in tokens)
         unknown_factor = _DOMAIN_UNKNOWN_FACTOR if names_domain else 1.0
         for token in tokens:
             # Another product's name neither helps nor hurts a topic's score: whether the
@@ -312,7 +317,7 @@ class FaqIndex:
             emphasis[term] = min(emphasis.get(term, 1.0), _MODEL_NAME_FACTOR if token in MODEL_NAMES else 1.0)
         if len(known) == 1:
             emphasis = dict.fromkeys(known, 1.0)
-        return _Query(known, emphasis, unknown_weight, names_domain, names_product)
+        return _Query(known, emphasis, unknown_weight, names_domain, names_product, names_own)
 
     def _fuzzy(self, token: str, term: str) -> tuple[str, float] | None:
         """Return the known term a misspelt word most likely means, with a 0-1 quality."""

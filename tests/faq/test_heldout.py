@@ -20,7 +20,7 @@ TARGET_PRECISION = 0.95
 TARGET_OFF_TOPIC_RATE = 0.05
 
 # Levels reached on the held-out set (README, FAQ section); they may only go up.
-REACHED_RECALL = 0.956  # 88 of 92
+REACHED_RECALL = 0.956  # 88 of 92 (precision 88 of 88, 0 of 48 off-topic answered)
 
 
 @pytest.fixture(scope="module")

@@ -380,3 +380,41 @@ def test_a_tie_on_a_shared_title_word_is_only_a_suggestion() -> None:
     found = index.lookup("disk")
     assert found.answer is None and not found.tied
     assert {m.topic.id for m in found.candidates} == {"guide", "setup"}
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "what license does the llama model use",  # "model" is Llama's here, not RWKV's
+        "is the claude model censored",
+        "what does an a100 cost",  # a GPU's price, not what training RWKV costs
+        "a100 price",
+        "when is the next ubuntu release",
+        "when is the next release of python",
+    ],
+)
+def test_other_products_get_no_answer(index: FaqIndex, question: str) -> None:
+    """A question about another product (or hardware) is not answered with an RWKV topic, even
+    when it says "model"."""
+    assert index.lookup(question).answer is None
+
+
+@pytest.mark.parametrize(
+    ("question", "topic"),
+    [
+        ("is the rwkv model censored like claude", "censorship"),
+        ("how many a100 hours to train rwkv", "training-cost"),
+        ("how long would it take on a single a100", "training-cost"),
+    ],
+)
+def test_naming_rwkv_beside_another_product_still_answers(index: FaqIndex, question: str, topic: str) -> None:
+    """Naming RWKV itself beside another product keeps the answer."""
+    found = index.lookup(question)
+    assert found.answer is not None and found.answer.topic.id == topic
+
+
+def test_a_wall_of_text_is_read_from_its_start_only(index: FaqIndex) -> None:
+    """A 20,000-character message is cut before the phrase patterns run over it (they cost
+    0.1 s a lookup on the whole text): what its start asks is answered, its far end is not read."""
+    assert index.lookup("what license is rwkv under " + "x " * 10_000).answer is not None
+    assert index.lookup("x " * 10_000 + "what license is rwkv under").answer is None
