@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-StoreProblem = Literal["full", "read-only", "cannot-open", "damaged", "locked", "disk", "schema", "other"]
+StoreProblem = Literal[
+    "full", "read-only", "cannot-open", "damaged", "locked", "disk", "schema", "fenced", "other"
+]
 
 
 class StoreError(Exception):
@@ -21,3 +23,19 @@ class StoreError(Exception):
 
 class PresetError(ValueError):
     """A preset file that cannot be used."""
+
+
+class FencedError(StoreError):
+    """A write under a lease epoch that is no longer the channel's: another replica took the
+    channel since, and nothing was stored."""
+
+    def __init__(self, channel_id: str, epoch: int, current: int | None) -> None:
+        now = "never taken" if current is None else f"at epoch {current}"
+        super().__init__(
+            f"channel {channel_id} was taken by another replica (its lease is {now}, this write was "
+            f"under epoch {epoch}): nothing was stored",
+            "fenced",
+        )
+        self.channel_id = channel_id
+        self.epoch = epoch
+        self.current = current

@@ -13,10 +13,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Whole states are written to an object store (Postgres backend) before the row that names them
+# commits; an object with no row is collected once it is this old, so that a write in flight is
+# never taken for garbage.
+OBJECT_GRACE_S = 3600.0
+
 
 async def keep_house(service: ChatService, now: float | None = None) -> dict[str, int]:
-    """Retention and the database budget; returns how many channels (or transcript lines)
-    each touched.
+    """Retention, the database budget, old transcripts and orphaned objects; returns how many
+    channels (or transcript lines, or objects) each touched.
 
     Channels idle longer than the retention keep only their chat state. Transcript lines
     older than the transcript retention are deleted: conversations go on from their stored
@@ -24,7 +29,8 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
     channel kept as transcript only) sees fewer messages. While the whole states in the
     database exceed their budget, the least recently used channels that are not in memory
     keep only their transcript (re-read at their next message). Busy channels are skipped;
-    each channel is handled under its lock.
+    each channel is handled under its lock. Stored objects that no row names (a write that
+    never committed, a state deleted since) go after :data:`OBJECT_GRACE_S`.
     """
     policy = service.config.states
     now = time.time() if now is None else now
@@ -69,12 +75,14 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
     forgotten = 0
     if policy.transcript_s > 0:
         forgotten = await service.store.transcripts.delete_before(now - policy.transcript_s)
-    if retired or frozen or forgotten:
+    collected = await service.store.admin.collect_objects(now - OBJECT_GRACE_S)
+    if retired or frozen or forgotten or collected:
         log.info(
             "housekeeping: %d idle channels trimmed, %d kept as transcript only, "
-            "%d old transcript lines deleted",
+            "%d old transcript lines deleted, %d orphaned objects collected",
             retired,
             frozen,
             forgotten,
+            collected,
         )
-    return {"retired": retired, "frozen": frozen, "transcript_lines": forgotten}
+    return {"retired": retired, "frozen": frozen, "transcript_lines": forgotten, "objects": collected}

@@ -1,19 +1,25 @@
 """Storage of the chat layer: small repositories behind protocols, one module per backend.
 
 Only :mod:`chat` uses this package. A backend is a module that implements :class:`Backend` (open a
-store; check, back up and compact one that is not open) and the four repositories a
+store; check, back up and compact one that is not open) and the five repositories a
 :class:`Storage` bundles:
 
 - :class:`ChannelConfig`: settings of channels and servers, where a conversation lives, enabling;
 - :class:`StateLog`: the conversation states (heads, the token log, checkpoints, opening states);
 - :class:`Transcripts`: the answered messages of each channel;
-- :class:`Administration`: counts, purging a channel, the queries housekeeping chooses by.
+- :class:`Administration`: counts, purging a channel, the queries housekeeping chooses by;
+- :class:`Leases`: which replica holds each channel, and under which epoch.
 
 Each answered message is one transaction: :meth:`StateLog.write_states` takes the turn and
-stores it with the states and heads, or stores nothing. The backend is chosen by the location's
-scheme (:data:`BACKENDS`); a plain path is an SQLite file (:mod:`chat.storage.sqlite`). Every
-backend passes the same suite (``tests/chat/storage/``) and raises :class:`StoreError` for a
-store that cannot be used, :class:`StateMismatchError` for a stored state that fails its checks.
+stores it with the states and heads, or stores nothing. Fencing: a replica that takes a channel
+(:meth:`Leases.take`) gets a new epoch, and a write given an ``epoch`` is stored only while it is
+still the channel's (else :class:`FencedError`, nothing stored), so a stale replica never
+overwrites a newer conversation. The backend is chosen by the location's scheme
+(:data:`BACKENDS`); a plain path is an SQLite file (:mod:`chat.storage.sqlite`),
+``postgresql://...?objects=s3://bucket/prefix`` Postgres with an object store
+(:mod:`chat.storage.postgres`). Every backend passes the same suite (``tests/chat/storage/``) and
+raises :class:`StoreError` for a store that cannot be used, :class:`StateMismatchError` for a
+stored state that fails its checks.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from chat.errors import StoreError
+from chat.errors import FencedError, StoreError
 from chat.storage.records import (
     HeadName,
     NewRef,
@@ -42,7 +48,9 @@ __all__ = [
     "Administration",
     "Backend",
     "ChannelConfig",
+    "FencedError",
     "HeadName",
+    "Leases",
     "Location",
     "NewRef",
     "NewState",
@@ -146,6 +154,8 @@ class StateLog(Protocol):
         new: Sequence[NewState],
         heads: HeadTargets,
         turn: Turn | None = None,
+        *,
+        epoch: int | None = None,
     ) -> list[int]:
         """One transaction: add states, point heads at them (None removes a head), add the turn
         to the transcript; all of it is stored, or nothing. A head named anything but a
@@ -153,15 +163,24 @@ class StateLog(Protocol):
 
         States no head needs any more (directly, or as a link of a head's log back to its
         nearest stored state) are deleted in the same transaction. Pointing ``chat`` at a state
-        ends a pending rebuild. Returns the new states' ids."""
+        ends a pending rebuild. With ``epoch``, the transaction first checks that it is still the
+        epoch of the channel's lease (else :class:`FencedError`, nothing stored). Returns the
+        new states' ids."""
         ...
 
     async def drop_states(
-        self, channel_id: str, keep: tuple[str, ...] = (), *, unused_since: float, rebuild: bool = False
+        self,
+        channel_id: str,
+        keep: tuple[str, ...] = (),
+        *,
+        unused_since: float,
+        rebuild: bool = False,
+        epoch: int | None = None,
     ) -> bool:
         """Remove every head but ``keep`` and the states only they needed, if the channel was not
         used after ``unused_since``; ``rebuild`` marks the conversation to be re-read from its
-        transcript at its next message. Returns whether anything was done."""
+        transcript at its next message. ``epoch`` fences it as in :meth:`write_states`. Returns
+        whether anything was done."""
         ...
 
     async def load_opening(self, preset_key: str, fingerprint: str) -> Snapshot | None:
@@ -201,9 +220,10 @@ class Administration(Protocol):
         """The migration the store is at."""
         ...
 
-    async def purge_channel(self, channel_id: str) -> bool:
+    async def purge_channel(self, channel_id: str, *, epoch: int | None = None) -> bool:
         """Delete everything stored for a channel (states, transcript, settings, enabling), so
-        that nothing of it stays readable; False when nothing was stored."""
+        that nothing of it stays readable; False when nothing was stored. Its lease stays (the
+        epochs go on from it). ``epoch`` fences it as in :meth:`StateLog.write_states`."""
         ...
 
     async def idle_channels(self, before: float, limit: int) -> list[str]:
@@ -225,9 +245,27 @@ class Administration(Protocol):
         write-ahead log into the database file)."""
         ...
 
+    async def collect_objects(self, written_before: float) -> int:
+        """Delete the stored objects that no row points to and that were written before
+        ``written_before`` (a time): whole states whose row never committed or was deleted.
+        Returns how many went (0 for a backend that keeps its states in its rows, as SQLite)."""
+        ...
+
+
+class Leases(Protocol):
+    """Which replica holds each channel, and the epoch of its lease (see :class:`FencedError`)."""
+
+    async def take(self, channel_id: str, owner: str) -> int:
+        """Make `owner` the channel's holder and bump its epoch (one transaction); returns the new epoch."""
+        ...
+
+    async def holder(self, channel_id: str) -> tuple[str, int] | None:
+        """(owner, epoch) of the channel's lease; None when never taken."""
+        ...
+
 
 class Storage(Protocol):
-    """An open store: its four repositories, closed once with :meth:`close`."""
+    """An open store: its five repositories, closed once with :meth:`close`."""
 
     @property
     def channels(self) -> ChannelConfig:
@@ -247,6 +285,11 @@ class Storage(Protocol):
     @property
     def admin(self) -> Administration:
         """Counts, purging and housekeeping queries."""
+        ...
+
+    @property
+    def leases(self) -> Leases:
+        """The channels' leases and their epochs."""
         ...
 
     async def close(self) -> None:
@@ -276,7 +319,11 @@ class Backend(Protocol):
 
 
 # Location scheme -> the module whose ``BACKEND`` serves it. A path is an SQLite file.
-BACKENDS: dict[str, str] = {"sqlite": "chat.storage.sqlite"}
+BACKENDS: dict[str, str] = {
+    "sqlite": "chat.storage.sqlite",
+    "postgresql": "chat.storage.postgres",
+    "postgres": "chat.storage.postgres",
+}
 
 
 def backend_for(location: Location) -> Backend:

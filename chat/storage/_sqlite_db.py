@@ -13,7 +13,7 @@ from typing import Any
 
 import aiosqlite
 
-from chat.errors import StoreError
+from chat.errors import FencedError, StoreError
 from chat.storage._sqlite_errors import sqlite_error
 from chat.storage._sqlite_files import migrate, nearest_existing
 from engine.errors import process_user
@@ -153,6 +153,16 @@ class Database:
             await self.wal_checkpoint()
         except sqlite3.Error as exc:  # a long reader blocks it: the next checkpoint does it
             log.warning("after %s, the write-ahead log could not be emptied yet: %s", after, exc)
+
+    async def check_epoch(self, channel_id: str, epoch: int | None) -> None:
+        """Inside a write transaction: raise :class:`FencedError` unless ``epoch`` (when given) is
+        the epoch of the channel's lease."""
+        if epoch is None:
+            return
+        row = await self.fetchone("SELECT epoch FROM leases WHERE channel_id = ?", (channel_id,))
+        current = None if row is None else int(row[0])
+        if current != epoch:
+            raise FencedError(channel_id, epoch, current)
 
     async def ensure_channel(self, channel_id: str) -> None:
         """The channel's row (inside a write transaction): every other row of a channel needs it."""

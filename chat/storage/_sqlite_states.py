@@ -144,11 +144,14 @@ class SqliteStateLog(Repository):
         new: Sequence[NewState],
         heads: Mapping[str, int | NewRef | None],
         turn: Turn | None = None,
+        *,
+        epoch: int | None = None,
     ) -> list[int]:
         """One transaction: add states, point heads at them (None removes a head), add the turn.
 
         States no head needs any more (directly, or as a link of a head's log back to its
-        nearest stored state) are deleted in the same transaction. Returns the new states' ids.
+        nearest stored state) are deleted in the same transaction. With ``epoch``, nothing is
+        stored unless it is the epoch of the channel's lease. Returns the new states' ids.
         """
         encoded = await asyncio.to_thread(
             lambda: [_encode(n.checkpoint) if n.checkpoint is not None else None for n in new]
@@ -158,6 +161,7 @@ class SqliteStateLog(Repository):
 
         async def work() -> None:
             ids.clear()
+            await self._db.check_epoch(channel_id, epoch)
             await self._db.ensure_channel(channel_id)
             for item, blob in zip(new, encoded, strict=True):
                 ids.append(await self._insert_state(channel_id, item, blob, ids, now))
@@ -248,15 +252,22 @@ class SqliteStateLog(Repository):
         )
 
     async def drop_states(
-        self, channel_id: str, keep: tuple[str, ...] = (), *, unused_since: float, rebuild: bool = False
+        self,
+        channel_id: str,
+        keep: tuple[str, ...] = (),
+        *,
+        unused_since: float,
+        rebuild: bool = False,
+        epoch: int | None = None,
     ) -> bool:
         """Remove every head but ``keep`` and the states only they needed, if the channel was not
         used after ``unused_since``; ``rebuild`` marks the conversation to be re-read from its
-        transcript at its next message. Returns whether anything was done."""
+        transcript at its next message; ``epoch`` fences it. Returns whether anything was done."""
         done = False
 
         async def work() -> None:
             nonlocal done
+            await self._db.check_epoch(channel_id, epoch)
             row = await self._db.fetchone(
                 "SELECT updated_at FROM channels WHERE channel_id = ?", (channel_id,)
             )

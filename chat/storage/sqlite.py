@@ -39,6 +39,7 @@ __all__ = [
     "SqliteAdmin",
     "SqliteBackend",
     "SqliteChannels",
+    "SqliteLeases",
     "SqliteStateLog",
     "SqliteStorage",
     "SqliteTranscripts",
@@ -248,13 +249,15 @@ class SqliteAdmin(Repository):
         row = await self._db.fetchone("PRAGMA user_version")
         return int(row[0]) if row else 0
 
-    async def purge_channel(self, channel_id: str) -> bool:
+    async def purge_channel(self, channel_id: str, *, epoch: int | None = None) -> bool:
         """Delete everything stored for a channel (its states, transcript, settings, enabling);
-        the freed pages are zeroed, so nothing of it stays readable in the file."""
+        the freed pages are zeroed, so nothing of it stays readable in the file. Its lease stays;
+        ``epoch`` fences the purge."""
         found = False
 
         async def work() -> None:
             nonlocal found
+            await self._db.check_epoch(channel_id, epoch)
             await self._db.db.execute("DELETE FROM heads WHERE channel_id = ?", (channel_id,))
             await self._db.db.execute("DELETE FROM states WHERE channel_id = ?", (channel_id,))
             cursor = await self._db.db.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
@@ -299,6 +302,37 @@ class SqliteAdmin(Repository):
         """Copy the write-ahead log into the database file and empty it."""
         await self._db.wal_checkpoint()
 
+    async def collect_objects(self, written_before: float) -> int:
+        """Nothing to collect: whole states live in their rows, deleted with them."""
+        return 0
+
+
+@guard_sqlite_errors
+class SqliteLeases(Repository):
+    """:class:`chat.storage.Leases` in the ``leases`` table."""
+
+    async def take(self, channel_id: str, owner: str) -> int:
+        """Make ``owner`` the channel's holder and bump its epoch; returns the new epoch."""
+        epoch = 0
+
+        async def work() -> None:
+            nonlocal epoch
+            row = await self._db.fetchone(
+                "INSERT INTO leases (channel_id, owner, epoch, taken_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT (channel_id) DO UPDATE SET owner = excluded.owner, epoch = epoch + 1, "
+                "taken_at = excluded.taken_at RETURNING epoch",
+                (channel_id, owner, time.time()),
+            )
+            epoch = int(row[0])
+
+        await self._db.write(work)
+        return epoch
+
+    async def holder(self, channel_id: str) -> tuple[str, int] | None:
+        """(owner, epoch) of the channel's lease; None when never taken."""
+        row = await self._db.fetchone("SELECT owner, epoch FROM leases WHERE channel_id = ?", (channel_id,))
+        return None if row is None else (str(row[0]), int(row[1]))
+
 
 class SqliteStorage:
     """An open SQLite store (:class:`chat.storage.Storage`). Create with :meth:`open`."""
@@ -310,6 +344,7 @@ class SqliteStorage:
         self.states = SqliteStateLog(db)
         self.transcripts = SqliteTranscripts(db)
         self.admin = SqliteAdmin(db)
+        self.leases = SqliteLeases(db)
 
     @classmethod
     async def open(cls, path: Path, *, check: bool = True) -> SqliteStorage:
