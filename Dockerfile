@@ -50,9 +50,14 @@ RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
 
 FROM torch-${VARIANT} AS app
 # The other dependencies, from pyproject.toml alone: this layer is kept while only code changes.
+# EXTRAS names optional dependency groups to add, e.g. --build-arg EXTRAS=cluster (Ray Serve,
+# Postgres, the object store: the deployment across machines in the README).
+ARG EXTRAS=""
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    EXTRAS="$EXTRAS" python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [e for e in os.environ['EXTRAS'].replace(',', ' ').split() if e]; \
+print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
         > /tmp/requirements.txt \
     && pip-build install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 # Then the code: everything .dockerignore lets through (the packages listed in pyproject.toml).
