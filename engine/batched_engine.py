@@ -19,6 +19,7 @@ from engine.interface import Engine, Finished, GenerationEvent, GenerationReques
 from engine.models import describe_families, has_family
 from engine.runner import ModelRunner
 from engine.state import Snapshot
+from engine.strategy import Resolved, resolve_strategy
 from engine.threads import WorkerThread
 from engine.tokenizer import Tokenizer, load_tokenizer
 
@@ -51,6 +52,7 @@ class BatchedEngine(EngineCore, Engine):
             worker=worker,
         )
         self.strategy = strategy
+        self.resolved = Resolved(strategy)  # how it was chosen (load sets it for an ``auto`` one)
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[object], Job, object]] = []
         self._start()
 
@@ -72,8 +74,11 @@ class BatchedEngine(EngineCore, Engine):
 
         ``max_resident`` (default ``max_batch``) is the number of state slots: requests beyond
         it wait in a FIFO queue; with more resident than ``max_batch``, decoding takes turns (a
-        batch never exceeds the resident states).
+        batch never exceeds the resident states). An ``auto`` strategy is resolved for the device
+        at hand (:func:`engine.strategy.resolve_strategy`).
         """
+        resolved = resolve_strategy(strategy)
+        strategy = resolved.strategy
         spec = inspect_model(path)
         if not has_family(spec.family):
             raise EngineError(
@@ -101,6 +106,7 @@ class BatchedEngine(EngineCore, Engine):
                 prefill_budget=prefill_budget,
                 worker=worker,
             )
+            engine.resolved = resolved
         except BaseException:
             worker.stop()
             raise
@@ -116,8 +122,8 @@ class BatchedEngine(EngineCore, Engine):
         self-test) which configuration serves and why."""
         checked = f", {self.path.describe()}" if self.path.checked is not None else ""
         return (
-            f"{self.spec.describe()} ({self.strategy}, batched engine: max batch {self.max_batch}, "
-            f"{self.max_resident} resident, {self.runner.describe_kernels()}{checked})"
+            f"{self.spec.describe()} ({self.resolved.describe()}, batched engine: max batch "
+            f"{self.max_batch}, {self.max_resident} resident, {self.runner.describe_kernels()}{checked})"
         )
 
     async def read(self, start: Snapshot | None, tokens: list[int]) -> Snapshot:

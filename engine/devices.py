@@ -23,7 +23,7 @@ from engine.device_names import parse_devices
 from engine.errors import EngineError
 from engine.interface import Engine, GenerationEvent, GenerationRequest
 from engine.state import Snapshot, move_snapshot
-from engine.strategy import on_device, parse_strategy, precision_of
+from engine.strategy import Resolved, on_device, parse_strategy, precision_of
 from engine.tokenizer import Tokenizer
 
 __all__ = ["DeviceEngines", "parse_devices"]
@@ -42,12 +42,21 @@ class DeviceEngines(Engine):
         self.spec = engines[0].spec
         self.tokenizer: Tokenizer = engines[0].tokenizer
         self.devices = [_canonical(e.runner.device) for e in self.engines]
+        self.reason: str | None = None  # why an ``auto`` strategy resolved to this precision
 
     @classmethod
     def load(
-        cls, path: Path, strategy: str, devices: Sequence[str], tokenizer: str = "auto", **options: Any
+        cls,
+        path: Path,
+        strategy: str,
+        devices: Sequence[str],
+        tokenizer: str = "auto",
+        *,
+        reason: str | None = None,
+        **options: Any,
     ) -> DeviceEngines:
-        """Load the model once per device, with the precision of ``strategy`` (slow: use a thread)."""
+        """Load the model once per device, with the precision of ``strategy`` (slow: use a thread);
+        ``reason``: why ``auto`` resolved to it, for the start-up line."""
         strategies = [on_device(strategy, device) for device in devices]
         for device, each in zip(devices, strategies, strict=True):  # refuse a missing device first
             try:
@@ -62,7 +71,9 @@ class DeviceEngines(Engine):
             for engine in loaded:  # no event loop needed: this runs in a loading thread
                 engine.shutdown()
             raise
-        return cls(loaded)
+        engines = cls(loaded)
+        engines.reason = reason
+        return engines
 
     def pick(self, start: Snapshot | None) -> BatchedEngine:
         """The engine for a request: where its start state is, else the least loaded one."""
@@ -93,7 +104,8 @@ class DeviceEngines(Engine):
         first = self.engines[0]
         where = ", ".join(str(d) for d in self.devices)
         return (
-            f"{self.spec.describe()} ({precision_of(first.strategy)}, batched engine on {len(self.engines)} "
+            f"{self.spec.describe()} ({Resolved(precision_of(first.strategy), self.reason).describe()}, "
+            f"batched engine on {len(self.engines)} "
             f"devices: {where}; per device max batch {first.max_batch}, {first.max_resident} resident, "
             f"{first.runner.describe_kernels()}{self._paths()})"
         )

@@ -20,6 +20,7 @@ from engine.generation import SequenceRunner
 from engine.interface import Engine, GenerationEvent, GenerationRequest
 from engine.reference import load_reference_model
 from engine.state import Snapshot
+from engine.strategy import Resolved, resolve_strategy
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 _DONE = object()
@@ -45,6 +46,7 @@ class ReferenceEngine(Engine):
         self.spec = spec
         self.tokenizer = tokenizer
         self.strategy = strategy
+        self.resolved = Resolved(strategy)  # how it was chosen (load sets it for an ``auto`` one)
         _, zero = self._forward([0], None)
         layout = [(t.dtype, t.device) for t in zero]
         self._runner = SequenceRunner(self._forward, tokenizer, spec.fingerprint, layout=layout)
@@ -57,23 +59,28 @@ class ReferenceEngine(Engine):
     ) -> ReferenceEngine:
         """Check and load a model file (slow: call it from a thread in async code).
 
-        ``tokenizer`` is a setting (see :func:`engine.tokenizer.load_tokenizer`) or a tokenizer.
+        ``tokenizer`` is a setting (see :func:`engine.tokenizer.load_tokenizer`) or a tokenizer;
+        an ``auto`` strategy is resolved for the device at hand.
         """
+        resolved = resolve_strategy(strategy)
+        strategy = resolved.strategy
         spec = inspect_model(path)
         tok = load_tokenizer(tokenizer, spec) if isinstance(tokenizer, str) else tokenizer
         # loaded on the thread that runs the model: one OpenMP team (engine.threads)
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rwkv-model")
         try:
-            return executor.submit(
+            engine = executor.submit(
                 lambda: cls(load_reference_model(spec, strategy), spec, tok, strategy, executor)
             ).result()
+            engine.resolved = resolved
+            return engine
         except BaseException:
             executor.shutdown(wait=True)
             raise
 
     def describe(self) -> str:
         """The model and the strategy it runs with."""
-        return f"{self.spec.describe()} ({self.strategy}, reference engine)"
+        return f"{self.spec.describe()} ({self.resolved.describe()}, reference engine)"
 
     def _forward(
         self, tokens: list[int], state: list[torch.Tensor] | None

@@ -2,7 +2,13 @@
 
 - :class:`Linear`: ``x @ W`` for a weight stored ``[out, in]``; on the CPU in float32 the large
   ones use oneDNN with prepacked weights (plain ``x @ W`` repacks the weight on every call, which
-  costs more than the product at batch 32);
+  costs more than the product at batch 32), or, asked for (``'cpu int8'``), fbgemm's dynamic int8
+  product: the weight in int8 with one scale per output row, the input quantized to 8 bits with
+  one scale per call (over the whole batch, so a sequence's outputs depend slightly on the others
+  in its batch), int32 accumulation, float32 out; each matrix is checked on loading against
+  fp32 (random inputs, and inputs at the ends of their range, which saturate fbgemm's 16-bit sums
+  of pairs where 8-bit inputs meet its AVX2 / AVX-512 kernels): one that fails with 8-bit inputs
+  is retried with 7-bit ones, then left in fp32 (:func:`int8_report` sums that up in one line);
 - :func:`load_fla`: ``fla-core``'s fused recurrent RWKV-7 kernel, when it can be imported and
   agrees with the model's plain recurrence on a self-check (run in place on the slots where
   fla-core 0.6's kernel can be called directly). The plain path is always the fallback.
@@ -12,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +30,12 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 _PACK_MIN_NUMEL = 1 << 19  # oneDNN-prepack CPU fp32 weights at least this large (the head always is)
+# An int8 product's relative error (of the largest output of a probe) beyond which its self-check
+# refuses it. Measured on Gaussian weights of the engine's shapes ([3072, 768], [768, 3072],
+# [768, 768], [65536, 768]): 0.4% to 2.2% where nothing saturates (with 7-bit or 8-bit inputs,
+# 3.9% for a cubed-Gaussian weight with 7-bit inputs); 13% to 21% on the saturation probe with
+# 8-bit inputs under FBGEMM_ENABLE_INSTRUCTIONS=AVX2.
+INT8_SELF_CHECK = 0.05
 
 # The recurrence of RWKV-7 over a batch of states: (states, r=, log_w=, k=, v=, kk=, a=[, packed=])
 # -> (outputs, final states).
@@ -28,18 +43,39 @@ Recurrence = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear:
-    """``x @ W`` for a weight stored ``[out, in]`` in the file (the package transposes it too)."""
+    """``x @ W`` for a weight stored ``[out, in]`` in the file (the package transposes it too);
+    ``int8``: a large one on the CPU in float32 runs as an int8 product (``reduce_range``: 7-bit
+    inputs, for CPUs without VNNI, whose 16-bit sums of pairs could saturate)."""
 
-    def __init__(self, weight: torch.Tensor, device: torch.device, dtype: torch.dtype, batch_hint: int):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_hint: int,
+        *,
+        int8: bool = False,
+        reduce_range: bool = True,
+    ):
         w = weight.to(device=device, dtype=dtype)
         self.packed: torch.Tensor | None = None
         self.weight_t: torch.Tensor | None = None
+        self.int8: Any = None  # fbgemm's packed int8 weight
+        self.int8_check: Int8Check | None = None  # how the int8 product asked for came out
+        self.reduce_range = reduce_range
         if device.type == "cpu" and dtype == torch.float32 and w.numel() >= _PACK_MIN_NUMEL:
-            self.packed = _onednn_pack(w.contiguous(), batch_hint)
-        if self.packed is None:
+            if int8:
+                self.int8, self.int8_check = _int8_pack(w.contiguous(), reduce_range)
+                self.reduce_range = self.int8_check.reduce_range
+            if self.int8 is None:
+                self.packed = _onednn_pack(w.contiguous(), batch_hint)
+        if self.packed is None and self.int8 is None:
             self.weight_t = w.t().contiguous()  # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            out_q: torch.Tensor = torch.ops.quantized.linear_dynamic(x, self.int8, self.reduce_range)
+            return out_q
         if self.packed is not None:
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
             return out
@@ -47,18 +83,91 @@ class Linear:
         return x @ self.weight_t
 
 
-def cpu_features() -> str:
-    """What this CPU offers the matrix products, for the start-up line: torch's vector level and
-    whether bf16 runs in hardware (AMX tiles, AVX-512 BF16); without either, bf16 weights only
-    pay at batch 1 (half the bytes to read) and cost several times fp32 at batch 32."""
-    parts = [torch.backends.cpu.get_cpu_capability()]
-    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported")):
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            parts.append(name)
-    if len(parts) == 1:
-        parts.append("no bf16 hardware")
-    return " ".join(parts[:1]) + (", " + ", ".join(parts[1:]) if len(parts) > 1 else "")
+@dataclass(frozen=True)
+class Int8Check:
+    """How one matrix's int8 product came out on loading."""
+
+    used: bool  # False: it runs in fp32
+    reduce_range: bool  # 7-bit inputs
+    error: float  # the worst relative error of its self-check (nan: not run)
+    problem: str | None = None  # why it runs in fp32, or why 7-bit inputs replaced 8-bit ones
+
+
+def _int8_pack(weight: torch.Tensor, reduce_range: bool) -> tuple[Any, Int8Check]:
+    """fbgemm's packed int8 copy of an ``[out, in]`` float32 weight (symmetric, one scale per
+    output row), or None where the quantized ops are missing or fail their self-check; with 8-bit
+    inputs (``reduce_range`` False) that fail it, 7-bit ones are tried before giving up. Logs
+    nothing: the model sums its matrices up in one line (:func:`int8_report`)."""
+    try:
+        scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+            packed = torch.ops.quantized.linear_prepack(qweight, None)
+        error = int8_self_check(weight, packed, reduce_range)
+        if error <= INT8_SELF_CHECK:
+            return packed, Int8Check(True, reduce_range, error)
+        if not reduce_range:
+            error7 = int8_self_check(weight, packed, True)
+            if error7 <= INT8_SELF_CHECK:
+                return packed, Int8Check(True, True, error, "8-bit inputs saturated")
+            error = max(error, error7)
+        return None, Int8Check(False, reduce_range, error, "self-check")
+    except (RuntimeError, AttributeError) as exc:  # a build without fbgemm, or a later torch
+        return None, Int8Check(False, reduce_range, math.nan, f"not available in this torch ({exc})")
+
+
+def int8_self_check(weight: torch.Tensor, packed: Any, reduce_range: bool) -> float:
+    """The worst relative error (of each probe's largest output) of an int8 product against fp32
+    on two probes, each quantized on its own (the input's range is per call): random inputs, and
+    inputs all at the top of their range but one at the bottom. The second makes every 8-bit input
+    255, the worst case for the 16-bit sums of pairs of products in fbgemm's AVX2 and AVX-512
+    kernels (255 * 127 * 2 > 32767): where they saturate it shows as 10% and more; 7-bit inputs
+    and the AVX-512 VNNI kernels (32-bit sums) do not saturate."""
+    n_in = weight.shape[1]
+    random = torch.randn(4, n_in, generator=torch.Generator().manual_seed(0))
+    ends = torch.ones(2, n_in)
+    ends[0, 0] = ends[1, -1] = -1.0
+    worst = 0.0
+    for probe in (random, ends):
+        got = torch.ops.quantized.linear_dynamic(probe, packed, reduce_range)
+        want = probe @ weight.t()
+        worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def int8_report(checks: Sequence[Int8Check]) -> tuple[str | None, str | None]:
+    """A model's int8 matrices summed up: the part of the kernels line (None: no matrix was large
+    enough to be asked), and the one warning to log (None: every matrix runs as asked)."""
+    if not checks:
+        return None, None
+    total, used = len(checks), [c for c in checks if c.used]
+    refused = [c for c in checks if not c.used]
+    retried = [c for c in used if c.problem is not None]
+    notes = []
+    if refused:
+        why = sorted({c.problem for c in refused if c.problem})
+        errors = [c.error for c in refused if not math.isnan(c.error)]
+        if errors:
+            why.append(f"worst error {max(errors):.2f}, limit {INT8_SELF_CHECK}")
+        notes.append(f"{len(refused)} of {total} matrices fell back to fp32 ({'; '.join(why)})")
+    if retried:
+        worst8 = max(c.error for c in retried)
+        notes.append(
+            f"{len(retried)} of {total} saturated with 8-bit inputs (worst error {worst8:.2f}) "
+            "and run with 7-bit ones"
+        )
+    seven = sum(c.reduce_range for c in used)
+    if not used:
+        line = f"int8 asked for, but {notes[0]}"
+    else:
+        bits = ", 7-bit inputs" if seven == len(used) else f", {seven} with 7-bit inputs" if seven else ""
+        line = f"int8 products (fbgemm, {len(used)} of {total} matrices{bits}"
+        line += f"; {notes[0]})" if refused else ")"
+    warning = "int8 self-check: " + "; ".join(notes) if notes else None
+    return line, warning
 
 
 def _onednn_pack(weight: torch.Tensor, batch_hint: int) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from engine.formats import inspect_model
 from engine.inprocess import ReferenceEngine
 from engine.interface import Engine
 from engine.models import describe_families, has_family
+from engine.strategy import resolve_strategy
 
 EngineChoice = Literal["auto", "batched", "reference"]
 
@@ -32,7 +33,8 @@ def load_engine(
     max_resident: int | None = None,
 ) -> Engine:
     """Load ``path`` (seconds to minutes: call it off the event loop). ``devices``: GPUs for the
-    batched engine, a model copy and a worker on each; the reference engine uses one device."""
+    batched engine, a model copy and a worker on each; the reference engine uses one device.
+    ``strategy`` may be ``auto`` (:func:`engine.strategy.resolve_strategy`)."""
     choice = engine
     if choice == "auto":
         choice = "batched" if has_family(inspect_model(path).family) else "reference"
@@ -43,8 +45,15 @@ def load_engine(
                 f"list unset (the strategy names the device), or use a {describe_families()} model"
             )
         return ReferenceEngine.load(path, strategy, tokenizer)
-    if devices:
+    if devices:  # each device's strategy takes the resolved precision; the reason goes along
+        resolved = resolve_strategy(strategy)
         return DeviceEngines.load(
-            path, strategy, list(devices), tokenizer, max_batch=max_batch, max_resident=max_resident
+            path,
+            resolved.strategy,
+            list(devices),
+            tokenizer,
+            reason=resolved.reason,
+            max_batch=max_batch,
+            max_resident=max_resident,
         )
     return BatchedEngine.load(path, strategy, tokenizer, max_batch=max_batch, max_resident=max_resident)

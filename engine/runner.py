@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
+from engine.cpu_features import this_cpu
 from engine.cuda_graphs import DecodeGraph, IndexedStep, RunStep, StepGraph, bucket_of, graph_buckets
 from engine.errors import EngineError, ModelFileError, StateMismatchError
 from engine.formats import ModelSpec, inspect_weights, load_weights
 from engine.gpu import to_device
-from engine.kernels import cpu_features
 from engine.models import describe_families, has_family, model_class
 from engine.models.base import BatchedModel, StateTensor
-from engine.strategy import parse_strategy
+from engine.strategy import int8_products, parse_strategy
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class ModelRunner:
         cuda_graphs: bool = True,
         use_fla: bool | None = None,
     ) -> ModelRunner:
-        """Load a ``.pth`` file under a strategy (``'cpu fp32'``, ``'cuda fp16'``, ...)."""
+        """Load a ``.pth`` file under a strategy (``'cpu fp32'``, ``'cpu int8'``, ``'cuda fp16'``,
+        ...; ``auto`` resolved first, :func:`engine.strategy.resolve_strategy`)."""
         device, dtype = parse_strategy(strategy)
         if device.type == "cuda" and device.index is None:  # set_device needs an index
             device = torch.device("cuda", torch.cuda.current_device())
@@ -136,7 +137,12 @@ class ModelRunner:
             )
         try:
             model = model_class(spec.family)(
-                weights, device=device, dtype=dtype, batch_hint=max(1, min(max_slots, 256)), use_fla=use_fla
+                weights,
+                device=device,
+                dtype=dtype,
+                batch_hint=max(1, min(max_slots, 256)),
+                use_fla=use_fla,
+                int8=int8_products(strategy),
             )
             return cls(model, max_slots=max_slots, cuda_graphs=cuda_graphs)
         except torch.cuda.OutOfMemoryError as exc:
@@ -172,7 +178,7 @@ class ModelRunner:
         if self.cuda_graphs:
             parts.append("CUDA graphs")
         if self.device.type == "cpu":
-            parts.append(f"CPU {cpu_features()}")
+            parts.append(f"CPU {this_cpu().describe()}")
         return ", ".join(parts) or "plain PyTorch"
 
     # ----------------------------------------------------------------------------------- slots

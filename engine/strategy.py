@@ -2,13 +2,25 @@
 
 A strategy names a device and a precision, as the ``rwkv`` package's strategies do; the package's
 may say more (``'cuda fp16 *10 -> cpu fp32'``, ``'cuda fp16i8'``), which only the reference engine
-runs. This module imports no torch when it is loaded, so that the settings can check a strategy
+runs. Two are the batched engine's own:
+
+- ``'cpu int8'``: fp32 weights and activations, with the large matrix products in int8 (decode
+  measured 1.8x to 2.3x fp32 on one AVX-512 VNNI CPU, never without VNNI; the logits move by
+  5% to 26% of their largest value on the random 0.1B shape, more after a short prompt: see
+  :mod:`engine.cpu_features` and tools/parity.py);
+- the precision ``auto`` (``'cpu auto'``, ``'cuda auto'``, or ``'auto'`` alone: a GPU when there
+  is one): :func:`resolve_strategy` turns it into an accepted precision for the device at hand
+  (one the rwkv package runs too, never int8): fp16 on a GPU, bf16 on a CPU with AMX (chosen on a
+  single-product measurement, not measured on the engine), fp32 on other CPUs.
+
+This module imports no torch when it is loaded, so that the settings can check a strategy
 without it (``--help`` and ``health`` start in a fraction of a second); the functions that need a
 device or a dtype import torch when they are called.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
@@ -16,21 +28,70 @@ from engine.errors import EngineError
 if TYPE_CHECKING:
     import torch
 
+    from engine.cpu_features import CpuFeatures
+
 DEVICE_KINDS = ("cpu", "cuda")
 # The precisions the batched engine and random models use, and the torch dtype each names.
 DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PRECISIONS = tuple(DTYPE_NAMES)
 # What the reference (the rwkv package) accepts on each device.
 REFERENCE_CPU_PRECISIONS = ("fp32", "bf16")
-_RWKV7_STRATEGIES = "'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp32'"
+INT8 = "int8"  # the batched engine on the CPU: fp32 with int8 matrix products
+AUTO = "auto"  # an accepted precision for the device (resolve_strategy)
+GPU_AUTO_PRECISION = "fp16"
+_RWKV7_STRATEGIES = "'cpu fp32', 'cpu bf16', 'cpu int8', 'cuda fp16', 'cuda bf16', 'cuda fp32' or 'auto'"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A strategy as it runs, and why it was chosen (None: as the settings gave it)."""
+
+    strategy: str
+    reason: str | None = None
+
+    def describe(self) -> str:
+        """``cpu fp32``, or ``cpu fp32, auto: this CPU has ...`` for a resolved one."""
+        return self.strategy if self.reason is None else f"{self.strategy}, auto: {self.reason}"
 
 
 def normalise_strategy(strategy: str) -> str:
-    """The strategy with single spaces; ValueError when it names no device and precision."""
+    """The strategy with single spaces; ValueError when it names no device and precision (or
+    is not ``auto``)."""
     parts = strategy.split()
+    if parts == [AUTO]:
+        return AUTO
     if len(parts) < 2 or _kind(parts[0]) not in DEVICE_KINDS:
         raise ValueError(f"{strategy!r} is not a strategy")
     return " ".join(parts)
+
+
+def resolve_strategy(strategy: str, features: CpuFeatures | None = None) -> Resolved:
+    """The strategy to load: ``auto`` becomes an accepted precision for the device (fp16 on a GPU;
+    on the CPU by its features, :func:`engine.cpu_features.choose_cpu_precision`; ``features``:
+    this CPU's when None), with the reason; any other strategy is returned as it is."""
+    parts = strategy.split()
+    if parts == [AUTO]:
+        import torch
+
+        if torch.cuda.is_available():
+            return Resolved(f"cuda {GPU_AUTO_PRECISION}", "a CUDA GPU is there")
+        parts = ["cpu", AUTO]
+    if len(parts) != 2 or parts[1] != AUTO:
+        return Resolved(strategy)
+    if _kind(parts[0]) == "cuda":
+        return Resolved(f"{parts[0]} {GPU_AUTO_PRECISION}", "fp16 on a GPU")
+    if parts[0] != "cpu":
+        raise EngineError(f"strategy {strategy!r}: the device must be 'cpu' or 'cuda'")
+    from engine.cpu_features import choose_cpu_precision, this_cpu
+
+    cpu = features or this_cpu()
+    precision, why = choose_cpu_precision(cpu)
+    return Resolved(f"cpu {precision}", f"this CPU has {cpu.describe()}; {why}")
+
+
+def int8_products(strategy: str) -> bool:
+    """Whether a batched-engine strategy runs its large matrix products in int8 (``'cpu int8'``)."""
+    return strategy.split()[1:] == [INT8]
 
 
 def dtype(precision: str) -> torch.dtype:
@@ -52,7 +113,10 @@ def parse_strategy(strategy: str) -> tuple[torch.device, torch.dtype]:
     from engine.gpu import no_gpu_reason
 
     parts = strategy.split()
-    if len(parts) != 2 or parts[1] not in DTYPE_NAMES or _kind(parts[0]) not in DEVICE_KINDS:
+    if parts[-1:] == [AUTO]:
+        raise EngineError(f"strategy {strategy!r} must be resolved first (resolve_strategy)")
+    known = (*DTYPE_NAMES, INT8)
+    if len(parts) != 2 or parts[1] not in known or _kind(parts[0]) not in DEVICE_KINDS:
         raise EngineError(
             f"strategy {strategy!r} is not supported by the batched engine: use {_RWKV7_STRATEGIES}"
         )
@@ -60,13 +124,17 @@ def parse_strategy(strategy: str) -> tuple[torch.device, torch.dtype]:
         device = torch.device(parts[0])
     except RuntimeError as exc:
         raise EngineError(f"strategy {strategy!r}: {parts[0]!r} is not a device") from exc
+    if parts[1] == INT8 and device.type != "cpu":
+        raise EngineError(f"strategy {strategy!r}: int8 runs on the CPU only; on a GPU use fp16")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"strategy {strategy!r} needs a CUDA GPU, and {no_gpu_reason()}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise EngineError(f"strategy {strategy!r}: there is no {device}, only {count} GPUs")
+    if parts[1] == INT8:
+        return device, dtype("fp32")
     if device.type == "cpu" and parts[1] not in REFERENCE_CPU_PRECISIONS:
-        raise EngineError(f"strategy {strategy!r}: on the CPU use fp32 or bf16")
+        raise EngineError(f"strategy {strategy!r}: on the CPU use fp32, bf16 or int8")
     return device, dtype(parts[1])
 
 
@@ -77,6 +145,16 @@ def check_reference_strategy(strategy: str, family: int) -> str:
     from engine.gpu import no_gpu_reason
 
     parts = strategy.split()
+    if parts[-1:] == [INT8]:
+        if _kind(parts[0]) != "cuda":
+            instead = "the rwkv package runs 'cpu fp32' or 'cpu bf16'"
+        elif family >= 7:
+            instead = "on a GPU use 'cuda fp16' (the rwkv package's 'cuda fp16i8' is for RWKV-4 to 6)"
+        else:
+            instead = "on a GPU the rwkv package has int8 weights as 'cuda fp16i8'"
+        raise EngineError(
+            f"strategy {strategy!r}: int8 products are the batched engine's (RWKV-7 only); {instead}"
+        )
     if len(parts) != 2 and family >= 7:
         raise EngineError(f"strategy {strategy!r} is not supported for RWKV-7: use {_RWKV7_STRATEGIES}")
     device = _kind(parts[0]) if parts else ""

@@ -46,7 +46,7 @@ from engine.output import OutputProcessor
 from engine.sampling import SamplingParams
 from engine.shapes import WORLD_VOCAB_SIZE
 from engine.state import Snapshot
-from engine.strategy import device_of, dtype, precision_of
+from engine.strategy import device_of, dtype, int8_products, precision_of, resolve_strategy
 from engine.threads import call_in_new_thread
 from engine.tokenizer import Tokenizer, world_tokenizer
 from tools.make_model import NAMED_SHAPES, ModelShape, write_random_model
@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,8,32", help="levels, comma-separated (default: 1,8,32)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default: 32)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default: 64)")
-    parser.add_argument("--strategy", default="cpu fp32", help="e.g. 'cpu fp32', 'cuda fp16'")
+    parser.add_argument(
+        "--strategy",
+        default="cpu fp32",
+        help="e.g. 'cpu fp32', 'cpu int8' (the reference then runs fp32), 'cuda fp16', 'auto'",
+    )
     parser.add_argument(
         "--greedy",
         action="store_true",
@@ -137,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 256 <= args.vocab <= WORLD_VOCAB_SIZE or (args.model and args.vocab != WORLD_VOCAB_SIZE):
         print(f"{PROG}: error: --vocab takes 256 to 65536, for random models only", file=sys.stderr)
         return 2
+    try:  # 'auto' is resolved once, here: the model file, the device and both engines follow it
+        resolved = resolve_strategy(args.strategy)
+    except EngineError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    args.requested_strategy, args.strategy_reason = args.strategy, resolved.reason
+    args.strategy = resolved.strategy
     try:
         with tempfile.TemporaryDirectory(prefix="rwkv-bench-") as tmp:
             # written on a thread that ends: the main thread starts no OpenMP team of its own
@@ -179,6 +190,8 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
     report: dict[str, Any] = {
         "model": {"path": str(path), "description": spec.describe()},
         "strategy": args.strategy,
+        "requested_strategy": args.requested_strategy,
+        "strategy_reason": args.strategy_reason,
         "device": _device_name(device),
         "tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens,
@@ -192,7 +205,12 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
     tokenizer: str | Tokenizer = "auto"
     if args.model is None and spec.vocab_size < WORLD_VOCAB_SIZE:
         tokenizer = world_tokenizer()
-    reference = await asyncio.to_thread(ReferenceEngine.load, path, args.strategy, tokenizer)
+    # 'cpu int8' is the batched engine's own: the reference runs the same weights in fp32
+    resolved = ref_strategy = args.strategy  # resolved by main
+    if int8_products(resolved):
+        ref_strategy = f"{device_of(ref_strategy)} fp32"
+        report["reference_strategy"] = ref_strategy
+    reference = await asyncio.to_thread(ReferenceEngine.load, path, ref_strategy, tokenizer)
     ref: dict[int, Measure] = {}
     try:
         await _warm_up(reference, prompts[:1], sampling)
@@ -207,7 +225,7 @@ async def _bench(path: Path, levels: list[int], args: argparse.Namespace) -> dic
         parity = (
             await asyncio.to_thread(  # on a thread that ends, with its OpenMP team (engine.threads)
                 call_in_new_thread,
-                functools.partial(check_parity, reference, path, args.strategy, graphs=args.graph_parity),
+                functools.partial(check_parity, reference, path, resolved, graphs=args.graph_parity),
             )
             if args.parity
             else None
@@ -404,6 +422,13 @@ def _print_table(report: dict[str, Any]) -> None:
     model = report["model"]
     where = "random" if model["random"] else model["path"]
     print(f"{model['description']} ({where}), {report['strategy']} on {report['device']}")
+    if report["requested_strategy"] != report["strategy"]:
+        print(
+            f"strategy: {report['requested_strategy']!r} resolved to {report['strategy']!r}: "
+            f"{report['strategy_reason']}"
+        )
+    if "reference_strategy" in report:
+        print(f"reference: {report['reference_strategy']} (the same weights; the rwkv package has no int8)")
     print(f"prompt {report['prompt_tokens']} tokens, {report['tokens']} new tokens per request, {how}")
     print(f"batched: {report.get('batched_engine', '')}")
     head = (
@@ -432,13 +457,19 @@ def _print_table(report: dict[str, Any]) -> None:
         verdict = "ok" if p["ok"] else "FAILED"
         print(
             f"logits parity vs the rwkv package: decode {p['decode_rel_err']:.2e}, "
-            f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.0e}): {verdict} "
+            f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.2g}): {verdict} "
             f"[{p['kernels']}]"
         )
+        if "short_prefill_rel_err" in p:
+            print(
+                f"int8: prefill judged over prompts of {p['prefill_tokens']}+ tokens; after "
+                f"{p['short_prefill_tokens']} tokens from a blank state {p['short_prefill_rel_err']:.2e} "
+                "(not judged: see tools/parity.py)"
+            )
         if "graphs_rel_err" in p:
             print(
                 f"CUDA graphs vs the same model run eagerly: {p['graphs_rel_err']:.2e} "
-                f"(limit {p['graphs_limit']:.0e})"
+                f"(limit {p['graphs_limit']:.2g})"
             )
         if "graphs_error" in p:
             print(f"CUDA graphs vs the same model run eagerly: FAILED ({p['graphs_error']})")

@@ -59,10 +59,12 @@ class BatchedModel(ABC):
         dtype: torch.dtype,
         batch_hint: int,
         use_fla: bool | None,
+        int8: bool = False,
     ) -> None:
         """Take the weights of a ``.pth`` file onto ``device`` in ``dtype`` (``batch_hint``: the
         usual batch size, for kernels that prepare for one; ``use_fla``: False turns fused
-        kernels off, None uses them when they pass their self-check)."""
+        kernels off, None uses them when they pass their self-check; ``int8``: the large matrix
+        products in int8, on the CPU in float32)."""
 
     @abstractmethod
     def state_layout(self) -> list[StateTensor]:

@@ -17,14 +17,18 @@ State of one sequence, per layer (the snapshot layout, which is the package's):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_features import this_cpu
 from engine.errors import EngineError
-from engine.kernels import Linear, Recurrence, load_fla
+from engine.kernels import Linear, Recurrence, int8_report, load_fla
 from engine.models.base import BatchedModel, LayerStates, StateTensor
+
+log = logging.getLogger(__name__)
 
 DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is DECAY_SCALE * sigmoid(w0 + lora(x))
 
@@ -52,6 +56,10 @@ class _Layer:
         self.ffn_x_k = get(ffn + "x_k")
         self.ffn_key, self.ffn_value = lin(ffn + "key.weight"), lin(ffn + "value.weight")
 
+    def linears(self) -> list[Linear]:
+        """The block's six large matrices."""
+        return [self.receptance, self.key, self.value, self.output, self.ffn_key, self.ffn_value]
+
 
 class RWKV7(BatchedModel):
     """An RWKV-7 model's weights on one device, and its forward pass over a batch."""
@@ -66,6 +74,7 @@ class RWKV7(BatchedModel):
         dtype: torch.dtype,
         batch_hint: int,
         use_fla: bool | None,
+        int8: bool = False,
     ) -> None:
         if any(".s_emb" in k or ".s1" in k for k in weights):
             raise EngineError("DeepEmbed RWKV-7 checkpoints are not supported by the batched engine")
@@ -78,8 +87,13 @@ class RWKV7(BatchedModel):
         def get(key: str) -> torch.Tensor:
             return weights[key].squeeze().to(device=device, dtype=dtype).contiguous()
 
+        # int8: the large products (the block's six, the head) in int8; the small LoRA ones stay.
+        # 8-bit inputs only where fbgemm runs its AVX-512 VNNI kernels (32-bit sums); elsewhere its
+        # 16-bit sums of pairs saturate on them (engine.cpu_features)
+        reduce_range = not this_cpu().vnni if int8 else True
+
         def lin(key: str) -> Linear:
-            return Linear(weights[key], device, dtype, batch_hint)
+            return Linear(weights[key], device, dtype, batch_hint, int8=int8, reduce_range=reduce_range)
 
         with torch.no_grad():
             emb = weights["emb.weight"].to(device=device, dtype=dtype)
@@ -89,6 +103,10 @@ class RWKV7(BatchedModel):
             self.layers = [_Layer(get, lin, i) for i in range(self.n_layer)]
             self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
             self.head = lin("head.weight")
+        if int8:
+            warning = self._int8_report()[1]
+            if warning is not None:  # one line for the model, not one per matrix
+                log.warning("%s", warning)
 
         self._fla: Recurrence | None = None  # the recurrence in use: None is the plain path
         self._fla_kernel: Recurrence | None = None  # the fused one installed, in use or not
@@ -132,11 +150,21 @@ class RWKV7(BatchedModel):
     def kernels(self) -> list[str]:
         """oneDNN prepacking (CPU) and fla-core's kernel (CUDA), where in use."""
         parts = []
-        if self.head.packed is not None:
+        int8 = self._int8_report()[0]
+        if int8 is not None:
+            parts.append(int8)
+        if any(m.packed is not None for m in self._linears()):
             parts.append("oneDNN prepacked")
         if self._fla is not None:
             parts.append("fla fused recurrent" + (" in place" if self._fla_in_place else ""))
         return parts
+
+    def _linears(self) -> list[Linear]:
+        return [self.head, *(m for p in self.layers for m in p.linears())]
+
+    def _int8_report(self) -> tuple[str | None, str | None]:
+        """The int8 part of the kernels line and the load-time warning (:func:`int8_report`)."""
+        return int8_report([m.int8_check for m in self._linears() if m.int8_check is not None])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The (ln0-normalised) embedding of token ids."""
