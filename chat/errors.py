@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Literal
 
 StoreProblem = Literal[
-    "full", "read-only", "cannot-open", "damaged", "locked", "disk", "schema", "fenced", "other"
+    "full",
+    "read-only",
+    "cannot-open",
+    "unreachable",
+    "damaged",
+    "locked",
+    "disk",
+    "schema",
+    "fenced",
+    "other",
 ]
 
 

@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 OBJECT_GRACE_S = 3600.0
 
 
+async def _ours_or_nobodys(service: ChatService, channel: str) -> bool:
+    """Whether this service may trim the channel: it shares its store with no other (no owner),
+    holds the channel's lease, or nobody does."""
+    if service.owner is None:
+        return True
+    holder = await service.store.leases.holder(channel)
+    return holder is None or holder == (service.owner, service.states.fence(channel))
+
+
 async def keep_house(service: ChatService, now: float | None = None) -> dict[str, int]:
     """Retention, the database budget, old transcripts and orphaned objects; returns how many
     channels (or transcript lines, or objects) each touched.
@@ -29,8 +38,10 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
     channel kept as transcript only) sees fewer messages. While the whole states in the
     database exceed their budget, the least recently used channels that are not in memory
     keep only their transcript (re-read at their next message). Busy channels are skipped;
-    each channel is handled under its lock. Stored objects that no row names (a write that
-    never committed, a state deleted since) go after :data:`OBJECT_GRACE_S`.
+    each channel is handled under its lock. A service that shares its store with others (an
+    ``owner``: replicas) trims an idle channel under the channel's lease, which it takes, and
+    keeps the budget only with channels it holds or nobody holds. Stored objects that no row
+    names (a write that never committed, a state deleted since) go after :data:`OBJECT_GRACE_S`.
     """
     policy = service.config.states
     now = time.time() if now is None else now
@@ -44,6 +55,10 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
                 break
             for channel in batch:
                 async with service._channel(channel):  # re-checked inside: it may have woken up
+                    # Idle for the whole retention, the channel is served by no replica: this
+                    # one takes its lease (a replica that still remembers it takes it back, and
+                    # re-reads the durable head, at its next message).
+                    await service._lease(channel)
                     if await service.states.retire(channel, unused_since=cutoff):
                         retired += 1
                     else:
@@ -68,7 +83,10 @@ async def keep_house(service: ChatService, now: float | None = None) -> dict[str
                 if usage <= policy.db_bytes:
                     break
                 tried.add(channel)
+                if not await _ours_or_nobodys(service, channel):
+                    continue  # another replica serves it (and keeps its own budget)
                 async with service._channel(channel):  # re-checked inside: it may be in use now
+                    await service._lease(channel)
                     if await service.states.freeze(channel, unused_since=used):
                         usage -= size
                         frozen += 1

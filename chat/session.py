@@ -8,6 +8,12 @@ Snapshots per channel, as in the reference: ``chat`` (after the last reply), ``c
 the last user message, before the reply; read by ``+``), ``gen_0`` (after a free-generation
 prompt; read by ``++``), ``gen_1`` (after a free generation; read by ``+++``). ``chat_init`` is
 the state after a preset's opening prompt, shared by all channels.
+
+Several services may share one store (replicas of a cluster, each serving some channels): each
+then has an ``owner`` name, takes a channel's lease at its first message there, and writes the
+channel's states only under the lease's epoch (see :mod:`chat.states`). A service that lost a
+channel to another forgets it and answers the message with one line; the next one goes to the
+new owner.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from chat.errors import FencedError
 from chat.grammar import GrammarError, Parsed, clean_text, normalise_chat, parse_message
 from chat.housekeeping import keep_house
 from chat.outcome import ChatEvent, Outcome, OutcomeKind
@@ -49,6 +56,11 @@ from engine.state import Snapshot
 __all__ = ["INSTRUCTION_TEMPLATE", "ChatConfig", "ChatService", "FaqLookup"]
 
 log = logging.getLogger(__name__)
+
+MOVED = (
+    "Sorry, another server took over this conversation while I was answering, so this reply was "
+    "not kept. Please send your message again."
+)
 
 
 @dataclass
@@ -94,6 +106,9 @@ class ChatService(TurnCommands):
         self.presets = presets
         self.config = config
         self.faq = faq
+        # the lease holder name of this service among those sharing the store (set before the
+        # first message); None: the only service of its store, no leases
+        self.owner = config.owner
         self._locks: dict[str, _ChannelLock] = {}  # only channels with a message in hand
         self._cancel: dict[str, threading.Event] = {}
         # recent channels' servers and parent channels
@@ -160,6 +175,7 @@ class ChatService(TurnCommands):
         async with self._channel(channel_id):
             self._cancel[channel_id] = cancel or threading.Event()
             try:
+                await self._lease(channel_id)
                 if guild_id is not None:
                     await self.record_place(channel_id, guild_id, parent_id)
                 ctx = context or await self.context(channel_id)
@@ -172,6 +188,10 @@ class ChatService(TurnCommands):
                 yield Outcome(
                     OutcomeKind.ERROR, f"Sorry, the model failed ({exc}). The conversation is unchanged."
                 )
+            except FencedError as exc:
+                log.warning("channel %s: %s; this service forgets it", channel_id, exc)
+                self.states.forget(channel_id)
+                yield Outcome(OutcomeKind.ERROR, MOVED)
             except StoreError as exc:
                 log.error("channel %s: the database failed: %s", channel_id, exc)
                 yield Outcome(
@@ -205,21 +225,24 @@ class ChatService(TurnCommands):
 
     async def reset(self, channel_id: str) -> None:
         """Reset a channel's conversation (undoable with :meth:`undo_reset`)."""
-        async with self._channel(channel_id):
+        async with self._channel(channel_id), self._fenced(channel_id):
+            await self._lease(channel_id)
             await self._reset(channel_id, (await self.context(channel_id)).preset)
 
     async def undo_reset(self, channel_id: str) -> bool:
         """Bring back the conversation of before the last reset; False when there is none."""
-        async with self._channel(channel_id):
+        async with self._channel(channel_id), self._fenced(channel_id):
+            await self._lease(channel_id)
             return await self.states.undo_reset(channel_id, Turn("undo-reset", "", "", 0))
 
     async def purge(self, channel_id: str) -> bool:
         """Forget a deleted channel: its states, transcript and settings. False if none were kept."""
         self.stop(channel_id)
-        async with self._channel(channel_id):
+        async with self._channel(channel_id), self._fenced(channel_id):
+            await self._lease(channel_id)
             self.states.tiers.drop(channel_id)
             self._known_places.pop(channel_id, None)
-            return await self.store.admin.purge_channel(channel_id)
+            return await self.store.admin.purge_channel(channel_id, epoch=self.states.fence(channel_id))
 
     async def housekeeping(self, now: float | None = None) -> dict[str, int]:
         """Retention and the database budget (see :func:`chat.housekeeping.keep_house`)."""
@@ -385,6 +408,21 @@ class ChatService(TurnCommands):
     def device_state_bytes(self) -> dict[str, int]:
         """Bytes of conversation states on each device."""
         return self.states.tiers.device_usage()
+
+    async def _lease(self, channel_id: str) -> None:
+        """Hold the channel's lease when this service shares its store (see :attr:`owner`)."""
+        if self.owner is not None:
+            await self.states.lease(channel_id, self.owner)
+
+    @asynccontextmanager
+    async def _fenced(self, channel_id: str) -> AsyncIterator[None]:
+        """Forget the channel when another service took it meanwhile (the error goes on)."""
+        try:
+            yield
+        except FencedError as exc:
+            log.warning("channel %s: %s; this service forgets it", channel_id, exc)
+            self.states.forget(channel_id)
+            raise
 
     @asynccontextmanager
     async def _channel(self, channel_id: str) -> AsyncIterator[None]:

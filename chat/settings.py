@@ -68,6 +68,9 @@ class ChatConfig:
     chat_max_tokens: int = 999  # hard cap of a chat reply
     seed: int | None = None
     states: StatePolicy = field(default_factory=StatePolicy)
+    # the lease holder name of this service when several share one store (cluster replicas);
+    # None: the only service of its store
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ from the state before it (a prefill, cheap next to the decoding): the decoding s
 the reply round differently from a read. A whole state (checkpoint) is stored when the tokens to
 re-read since the last one would exceed ``checkpoint_tokens``, which bounds both the bytes written
 per turn and the time to restore a cold channel.
+
+Several services may share one store (replicas, each serving some channels). Each then has an
+owner name, and takes a channel's lease (:class:`chat.storage.Leases`) before it serves it: the
+lease's epoch fences every write of the channel's states, so a replica that lost a channel to
+another can never overwrite the newer conversation (:class:`chat.errors.FencedError`), and a
+state in memory is used only while it is the durable head.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from chat.errors import FencedError
 from chat.storage import HeadName, NewRef, NewState, StateBase, Storage, StoredState, Turn
 from chat.tiers import StateTiers
 from engine.errors import StateMismatchError
@@ -111,6 +118,8 @@ class ChannelStates:
         ``opening(preset_key)`` gives a preset's opening state; ``encode`` tokenizes a text."""
         self.state_log = storage.states
         self._transcripts = storage.transcripts
+        self._storage = storage
+        self.epochs: dict[str, int] = {}  # the lease epochs of the channels this service holds
         self.fingerprint = fingerprint
         self._engine_read = read
         self.policy = policy
@@ -119,6 +128,30 @@ class ChannelStates:
         self._encode = encode
         self.restore_tokens = 0  # tokens re-read to restore states (monitoring)
         self.checkpoints_written = 0
+
+    # ------------------------------------------------------------------------ leases
+
+    async def lease(self, channel: str, owner: str) -> None:
+        """Hold the channel's lease as ``owner``: kept while the store still names this service
+        under its epoch, else taken (a new epoch). Taking it drops the channel's states in memory:
+        another service may have written since, so only the durable head counts."""
+        epoch = self.epochs.get(channel)
+        leases = self._storage.leases
+        if epoch is not None and await leases.holder(channel) == (owner, epoch):
+            return
+        if epoch is not None:
+            log.info("channel %s: another replica served it since epoch %d; taking it back", channel, epoch)
+        self.forget(channel)
+        self.epochs[channel] = await leases.take(channel, owner)
+
+    def forget(self, channel: str) -> None:
+        """Forget the channel's lease and its states in memory (another service holds it)."""
+        self.epochs.pop(channel, None)
+        self.tiers.drop(channel)
+
+    def fence(self, channel: str) -> int | None:
+        """The epoch the channel's writes are fenced with: None when no lease is held."""
+        return self.epochs.get(channel)
 
     # ------------------------------------------------------------------------ reading
 
@@ -250,7 +283,7 @@ class ChannelStates:
                 targets[name] = start.ref
             else:
                 targets[name] = NewRef(index)
-        ids = await self.state_log.write_states(channel, new, targets, turn)
+        ids = await self.state_log.write_states(channel, new, targets, turn, epoch=self.fence(channel))
         if steps:
             self.tiers.learn(steps[-1].snapshot)
         made = {state_id: step.snapshot for state_id, step in zip(ids, steps, strict=True)}
@@ -275,7 +308,7 @@ class ChannelStates:
             targets[HeadName.UNDO_CHAT] = heads[HeadName.CHAT]
             targets[HeadName.UNDO_CHAT_PRE] = heads.get(HeadName.CHAT_PRE)
         opening = NewState(StateBase.INIT, preset_key, [], 0, self.fingerprint)
-        await self.state_log.write_states(channel, [opening], targets, turn)
+        await self.state_log.write_states(channel, [opening], targets, turn, epoch=self.fence(channel))
         self.tiers.drop(channel)
 
     async def undo_reset(self, channel: str, turn: Turn) -> bool:
@@ -289,7 +322,7 @@ class ChannelStates:
             HeadName.UNDO_CHAT: None,
             HeadName.UNDO_CHAT_PRE: None,
         }
-        await self.state_log.write_states(channel, [], targets, turn)
+        await self.state_log.write_states(channel, [], targets, turn, epoch=self.fence(channel))
         self.tiers.drop(channel)
         return True
 
@@ -316,7 +349,7 @@ class ChannelStates:
         state = NewState(StateBase.INIT, preset_key, tokens, len(tokens), self.fingerprint)
         heads: dict[str, int | NewRef | None] = {name: None for name in HeadName if name != HeadName.CHAT}
         heads[HeadName.CHAT] = NewRef(0)
-        (state_id,) = await self.state_log.write_states(channel, [state], heads)
+        (state_id,) = await self.state_log.write_states(channel, [state], heads, epoch=self.fence(channel))
         self.tiers.put(channel, {state_id: snapshot})
         if pairs:
             notices.append(
@@ -332,8 +365,16 @@ class ChannelStates:
 
     async def retire(self, channel: str, unused_since: float) -> bool:
         """A channel not used since ``unused_since`` keeps only its chat state (and what
-        rebuilding it needs); False when it was used in the meantime."""
-        if not await self.state_log.drop_states(channel, keep=(HeadName.CHAT,), unused_since=unused_since):
+        rebuilding it needs); False when it was used in the meantime (or another service holds
+        it now)."""
+        try:
+            dropped = await self.state_log.drop_states(
+                channel, keep=(HeadName.CHAT,), unused_since=unused_since, epoch=self.fence(channel)
+            )
+        except FencedError:
+            self.forget(channel)
+            return False
+        if not dropped:
             return False
         heads = await self.state_log.heads(channel)
         self.tiers.keep_only(channel, set(heads.values()))
@@ -341,10 +382,17 @@ class ChannelStates:
 
     async def freeze(self, channel: str, unused_since: float) -> bool:
         """Drop the stored states of a channel not used since ``unused_since`` and not in memory;
-        its next message re-reads the transcript. False when it was used in the meantime."""
+        its next message re-reads the transcript. False when it was used in the meantime (or
+        another service holds it now)."""
         if self.tiers.where(channel) is not None:
             return False
-        return await self.state_log.drop_states(channel, unused_since=unused_since, rebuild=True)
+        try:
+            return await self.state_log.drop_states(
+                channel, unused_since=unused_since, rebuild=True, epoch=self.fence(channel)
+            )
+        except FencedError:
+            self.forget(channel)
+            return False
 
     def metrics(self) -> dict[str, Any]:
         """Tier occupancy and moves, for status and monitoring."""

@@ -555,7 +555,7 @@ async def test_faq_miss_in_the_chat_offers_topics_to_ask_again(service: ChatServ
     from faq import FaqIndex, bundled_topics_dir, load_topics
 
     service.faq = FaqIndex(load_topics([bundled_topics_dir()]).topics.values())
-    close = await service.respond("c", "+faq how many tokens can rwkv remember")
+    close = await service.respond("c", "+faq tell me about tokens")
     assert close.kind == "notice" and "No FAQ entry matches" in close.text
     assert "- " in close.text and "/faq ask" in close.text  # topics, one a line
     unrelated = await service.respond("c", "+faq how do I bake bread")

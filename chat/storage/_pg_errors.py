@@ -48,7 +48,7 @@ def pg_error(exc: BaseException, server: _Server, doing: str) -> StoreError:
         return StoreError(
             f"cannot connect to Postgres at {where} ({detail}): is the server running there, and does "
             "RWKV_DISCORD_DB name the right host and port?",
-            "cannot-open",
+            "unreachable",  # a server starting or restarting: may pass
         )
     if state in ("28000", "28P01"):
         return StoreError(

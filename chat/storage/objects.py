@@ -167,7 +167,7 @@ def _object_error(exc: Exception, url: str, doing: str) -> StoreError:
         return StoreError(
             f"cannot reach the object store at {endpoint} ({doing} failed): is it running, and does "
             "AWS_ENDPOINT_URL name it?",
-            "cannot-open",
+            "unreachable",  # a store starting or restarting: may pass
         )
     if code == "NoCredentialsError" or type(exc).__name__ == "NoCredentialsError":
         return StoreError(

@@ -47,7 +47,7 @@ async def test_a_wrong_port_is_one_line_naming_host_and_port() -> None:
         await BACKEND.open(f"postgresql://bot@127.0.0.1:{port}/rwkv?objects=s3://bucket/p")
     message = str(caught.value)
     assert f"cannot connect to Postgres at 127.0.0.1:{port}" in message and "\n" not in message
-    assert caught.value.problem == "cannot-open"
+    assert caught.value.problem == "unreachable"  # may pass: exit 1, restarted
 
 
 @pytest.fixture
