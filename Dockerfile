@@ -36,7 +36,7 @@ WORKDIR /app
 FROM base AS torch-cpu
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV RWKV_DISCORD_STRATEGY="cpu fp32"
+ENV RWKV_DISCORD_STRATEGY="auto"
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
     pip-build install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from bot.settings import ConfigError, heartbeat_path, load_settings
+from bot.settings import ConfigError, database_location, heartbeat_path, load_settings
 from chat.errors import PresetError, StoreError
 from engine.errors import EngineError
 from engine.shapes import NAMED_SHAPES, SUPPORTED_VERSIONS, ModelShape
@@ -33,6 +33,10 @@ from engine.strategy import PRECISIONS
 PROG = "rwkv-discord"
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: fix the configuration, a restart alone will not help
+DB_HELP = (
+    "the database: an SQLite file, or postgresql://user@host/db?objects=s3://bucket/prefix "
+    "(default: RWKV_DISCORD_DB)"
+)
 # Subcommands with a parser of their own: name -> (module with main(argv), help line).
 PASSTHROUGH = {
     "faq": ("faq.cli", "answer a question from the bundled RWKV FAQ (faq --help for options)"),
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
 
     _add_db_command(sub)
+    _add_replicas_command(sub)
 
     make = sub.add_parser(
         "make-model",
@@ -90,16 +95,33 @@ def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "run",
         help="run the Discord bot",
         description="Connect to Discord with RWKV_DISCORD_TOKEN and answer in the channels that "
-        "moderators enabled with /rwkv-mod enable. SIGTERM or Ctrl-C stops it cleanly.",
+        "moderators enabled with /rwkv-mod enable. SIGTERM or Ctrl-C stops it cleanly. Across "
+        "processes: give each its --shards of one --shard-count, and RWKV_DISCORD_CLUSTER (a Ray "
+        "address) so that they share the gateway's identify slots and the REST budget.",
     )
     run.add_argument("--model", type=Path, help="RWKV .pth file (default: RWKV_DISCORD_MODEL)")
-    run.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
-    run.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)")
+    run.add_argument("--db", type=database_location, help=DB_HELP)
+    run.add_argument(
+        "--strategy", help="e.g. 'auto', 'cpu fp32', 'cpu int8', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)"
+    )
     run.add_argument(
         "--sync-commands",
         action="store_true",
         default=None,
         help="register the slash commands with Discord (after an upgrade)",
+    )
+    run.add_argument(
+        "--shards",
+        metavar="IDS",
+        help="this process's shards of a sharded bot, e.g. 0-3 or 0,2,5 (default: RWKV_DISCORD_SHARD_IDS, "
+        "or all of --shard-count)",
+    )
+    run.add_argument(
+        "--shard-count",
+        type=int,
+        metavar="N",
+        help="the bot's total shards over all its processes (default: RWKV_DISCORD_SHARD_COUNT; "
+        "unset: one connection, unsharded)",
     )
 
     health = sub.add_parser(
@@ -107,7 +129,7 @@ def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="exit 0 when a running bot is connected (for Docker's health check)",
         description="Checks the heartbeat file the running bot writes next to its database.",
     )
-    health.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    health.add_argument("--db", type=database_location, help=DB_HELP)
     health.add_argument("--max-age", type=float, default=120.0, help="seconds (default: 120)")
 
     chat = sub.add_parser(
@@ -118,9 +140,11 @@ def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "per message on stdout.",
     )
     chat.add_argument("--model", type=Path, help="RWKV .pth file (default: RWKV_DISCORD_MODEL)")
-    chat.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    chat.add_argument("--db", type=database_location, help=DB_HELP)
     chat.add_argument("--channel", default="console", help="conversation name (default: console)")
-    chat.add_argument("--strategy", help="e.g. 'cpu fp32', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)")
+    chat.add_argument(
+        "--strategy", help="e.g. 'auto', 'cpu fp32', 'cpu int8', 'cuda fp16' (default: RWKV_DISCORD_STRATEGY)"
+    )
     chat.add_argument(
         "--engine",
         choices=("auto", "batched", "reference"),
@@ -141,11 +165,11 @@ def _add_db_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     db = sub.add_parser(
         "db",
         help="look after the database: stats, check, vacuum, export a transcript, back up, purge",
-        description="Housekeeping of the SQLite database (RWKV_DISCORD_DB or --db). Safe while "
+        description="Housekeeping of the database (RWKV_DISCORD_DB or --db). Safe while "
         "the bot runs, except vacuum, which waits for exclusive access, and purge, which is for a "
         "stopped bot (the running bot purges deleted channels itself).",
     )
-    db.add_argument("--db", type=Path, help="database file (default: RWKV_DISCORD_DB)")
+    db.add_argument("--db", type=database_location, help=DB_HELP)
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     stats = db_sub.add_parser("stats", help="sizes and counts")
     stats.add_argument("--json", action="store_true", help="one JSON object")
@@ -158,6 +182,19 @@ def _add_db_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     backup_parser.add_argument("destination", type=Path, help="the backup file to write")
     purge = db_sub.add_parser("purge", help="delete everything stored for a channel")
     purge.add_argument("--channel", required=True, help="the channel (or thread) id, or 'console'")
+
+
+def _add_replicas_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bot.replicas import add_command
+
+    add_command(sub)
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    from bot.replicas import run
+
+    _logging("WARNING")
+    return run(args, load_settings())
 
 
 def _make_model(args: argparse.Namespace) -> int:
@@ -226,7 +263,12 @@ def _run(args: argparse.Namespace) -> int:
     from bot.runner import run_bot
 
     settings = load_settings(
-        model=args.model, db=args.db, strategy=args.strategy, sync_commands=args.sync_commands
+        model=args.model,
+        db=args.db,
+        strategy=args.strategy,
+        sync_commands=args.sync_commands,
+        shard_ids=args.shards,
+        shard_count=args.shard_count,
     )
     if settings.token is None:
         raise ConfigError(
@@ -260,7 +302,7 @@ def _db(args: argparse.Namespace) -> int:
         before, after = backend.vacuum(path)
         print(f"vacuumed {path}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         return 0
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise ConfigError(f"RWKV_DISCORD_DB is wrong (no database at {path}): give the bot's database file")
 
     async def read() -> int:
@@ -361,15 +403,18 @@ def _main(argv: list[str]) -> int:
             return _health(args)
         if args.command == "db":
             return _db(args)
+        if args.command == "replicas":
+            return _replicas(args)
         return _chat(args)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        # A full disk, a lock held by another program or a disk error may pass: a restart can
-        # help (exit 1); a damaged, unreadable or newer database needs the owner (exit 78).
-        return 1 if exc.problem in ("full", "locked", "disk") else EXIT_CONFIG
+        # A full disk, a lock held by another program, a disk error, a database server not
+        # reachable yet or a channel taken by another replica may pass: a restart can help
+        # (exit 1); a damaged, unreadable or newer database needs the owner (exit 78).
+        return 1 if exc.problem in ("full", "locked", "disk", "unreachable", "fenced") else EXIT_CONFIG
     except (ConfigError, EngineError, PresetError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import discord
+from discord.ext import commands
 
 from bot.app import load_faq
 from bot.buttons import ReplyButton
 from bot.replies import ReplyingBot
 from bot.settings import Settings
 from chat.session import ChatService
-from engine.interface import Engine
 from faq import FaqIndex
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY = 3600.0  # seconds between retention / database budget passes
+
+
+class EngineNumbers(Protocol):
+    """What the bot shows of the model: an engine in this process (:class:`engine.interface.Engine`)
+    or the chat tier's replicas."""
+
+    def describe(self) -> str: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def device_metrics(self) -> dict[str, dict[str, float]]: ...
 
 
 class RwkvBot(ReplyingBot):
@@ -36,7 +47,7 @@ class RwkvBot(ReplyingBot):
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: EngineNumbers,
         service: ChatService,
         faq: FaqIndex,
         **options: Any,
@@ -46,6 +57,7 @@ class RwkvBot(ReplyingBot):
         self.engine = engine
         self._housekeeping: asyncio.Task[None] | None = None
         self._closed_once: asyncio.Future[None] | None = None
+        self._max_concurrency: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -62,6 +74,25 @@ class RwkvBot(ReplyingBot):
                 self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("synced %d slash commands %s", len(synced), "to the dev server" if guild else "globally")
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Wait for this shard's IDENTIFY slot, shared with the bot's other processes (in place of
+        discord.py's 5-second pause before every IDENTIFY but the first)."""
+        await self.limits.identify(shard_id or 0, await self.max_concurrency())
+
+    async def max_concurrency(self) -> int:
+        """The IDENTIFYs Discord allows at once (``session_start_limit.max_concurrency`` of
+        GET /gateway/bot), asked once; 1 for an unsharded bot, or when Discord does not say."""
+        if self._max_concurrency is None:
+            if self.shard_count is None:
+                return 1
+            try:
+                _, _, limits = await self.http.get_bot_gateway()
+                self._max_concurrency = max(1, int(limits["max_concurrency"]))
+            except (discord.DiscordException, KeyError, TypeError, ValueError) as exc:
+                log.warning("the gateway's session start limit is unknown (%s): one IDENTIFY at a time", exc)
+                self._max_concurrency = 1
+        return self._max_concurrency
 
     async def on_ready(self) -> None:
         """Log the connection (this runs again after reconnects: no set-up here)."""
@@ -109,6 +140,10 @@ class RwkvBot(ReplyingBot):
         self.faq, problems = await asyncio.to_thread(load_faq, self.settings)
         self.service.faq = self.faq
         return problems
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        """Log each shard's connection (a sharded bot)."""
+        log.info("shard %d of %s connected", shard_id, self.shard_count)
 
     # ------------------------------------------------------------------ deleted channels
 
@@ -167,11 +202,16 @@ class RwkvBot(ReplyingBot):
         return values
 
     def device_metrics(self) -> dict[str, dict[str, float]]:
-        """With several GPUs, each one's engine numbers and the bytes of conversation states on it
-        (``states_bytes``); empty otherwise."""
+        """With several GPUs (or replicas), each one's engine numbers and the bytes of conversation
+        states on it (``states_bytes``); empty otherwise."""
         devices = {name: dict(numbers) for name, numbers in self.engine.device_metrics().items()}
         if devices:
             used = self.service.device_state_bytes()
             for name, numbers in devices.items():
-                numbers["states_bytes"] = float(used.get(name, 0))
+                numbers.setdefault("states_bytes", float(used.get(name, 0)))
         return devices
+
+
+class ShardedRwkvBot(RwkvBot, commands.AutoShardedBot):
+    """The bot as some shards (``shard_ids`` of ``shard_count``) of a sharded bot: one gateway
+    connection per shard in this process, the other shards in other processes."""

@@ -23,6 +23,7 @@ from discord.ext import commands
 from bot.buttons import COMMANDS, ended_view, writing_view
 from bot.checks import is_moderator
 from bot.embeds import DISCORD_HELP, faq_embed, faq_text_embed
+from bot.limits import Limits, LocalLimits
 from bot.lines import ChannelLines, Generation
 from bot.settings import Settings
 from bot.splitting import split_message
@@ -65,7 +66,11 @@ class ReplyingBot(commands.Bot):
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        limits: Limits | None = None,
+        **shards: Any,
     ) -> None:
+        """``limits``: the identify slots and the REST budget (by default this process's own);
+        ``shards``: ``shard_ids`` and ``shard_count`` for a sharded bot."""
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal too
         super().__init__(
@@ -74,8 +79,10 @@ class ReplyingBot(commands.Bot):
             tree_cls=BotTree,
             intents=intents,
             allowed_mentions=NO_MENTIONS,
+            **shards,
         )
         self.settings = settings
+        self.limits: Limits = limits or LocalLimits(settings.rest_rate, clock=clock, sleep=sleep)
         self.service = service
         self.faq = faq
         self.clock = clock
@@ -158,7 +165,7 @@ class ReplyingBot(commands.Bot):
             return
         accepted = self.lines.length(key)
         if accepted > self.settings.max_queue:
-            self._spawn(message.reply(QUEUE_FULL, mention_author=False))
+            self._spawn(self._write(lambda: message.reply(QUEUE_FULL, mention_author=False)))
             return
         generation = self.lines.join(key, message.author.id)
         await self._take_turn(message, text, generation, queued=accepted > 0)
@@ -230,6 +237,7 @@ class ReplyingBot(commands.Bot):
         except StoreError as exc:  # the database failed before the reply began (context, roles)
             log.error("could not answer message %s: %s", message.id, exc)
             with contextlib.suppress(discord.HTTPException):
+                await self.limits.take()
                 await message.reply(
                     "Sorry, my database failed, so I could not answer this; nothing was changed. "
                     "The bot's log says why.",
@@ -248,7 +256,9 @@ class ReplyingBot(commands.Bot):
         self.hinted[key] = now
         if len(self.hinted) > 10_000:
             self.hinted = {k: t for k, t in self.hinted.items() if now - t < HINT_EVERY}
-        self._spawn(message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS))
+        self._spawn(
+            self._write(lambda: message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS))
+        )
 
     async def _may_talk(self, message: discord.Message, channel_key: str) -> bool:
         """Whether the author's roles let them talk to the bot here (a hint now and then if not)."""
@@ -275,7 +285,8 @@ class ReplyingBot(commands.Bot):
             return True
         if self.warned_at.get(author, float("-inf")) < self.last_message_at[author]:
             self.warned_at[author] = self.clock()
-            self._spawn(message.reply(cooldown_notice(left), mention_author=False, delete_after=10))
+            notice = cooldown_notice(left)
+            self._spawn(self._write(lambda: message.reply(notice, mention_author=False, delete_after=10)))
         return False
 
     def _cooldown_left(self, author: int) -> float:
@@ -290,6 +301,11 @@ class ReplyingBot(commands.Bot):
             self.last_message_at = {a: t for a, t in self.last_message_at.items() if now - t < cooldown}
             self.warned_at = {a: t for a, t in self.warned_at.items() if a in self.last_message_at}
         return 0.0
+
+    async def _write(self, write: Callable[[], Awaitable[Any]]) -> None:
+        """A REST write that must go out (a new message), when the REST budget allows it."""
+        await self.limits.take()
+        await write()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a small Discord call in the background, keeping a reference and logging failures."""
@@ -322,9 +338,11 @@ class ReplyingBot(commands.Bot):
             if marked is not None:
                 await marked
                 with contextlib.suppress(discord.HTTPException):
+                    await self.limits.take()
                     await message.remove_reaction(QUEUED_EMOJI, self.user)  # type: ignore[arg-type]
             if self._closing or generation.cancel.is_set():
                 why = "the bot is restarting" if self._closing else "it was stopped"
+                await self.limits.take()
                 await message.reply(
                     f"Sorry, I did not answer this: {why}. Please send it again.", mention_author=False
                 )
@@ -335,6 +353,7 @@ class ReplyingBot(commands.Bot):
             context = await self.service.context(generation.channel_key)
             command = parsed.command if isinstance(parsed, Parsed) else None
             if command is Command.RESET and not await self._may_reset(message):
+                await self.limits.take()
                 await message.reply("Only moderators can reset the conversation here.", mention_author=False)
                 return
             if command is Command.CHAT and context.faq_auto and await self._faq_answer(message, text):
@@ -344,6 +363,7 @@ class ReplyingBot(commands.Bot):
 
     async def _mark_queued(self, message: discord.Message) -> None:
         with contextlib.suppress(discord.HTTPException):
+            await self.limits.take()
             await message.add_reaction(QUEUED_EMOJI)
 
     async def _faq_answer(self, message: discord.Message, text: str) -> bool:
@@ -353,6 +373,7 @@ class ReplyingBot(commands.Bot):
         found = self.faq.best(text)
         if found is None or found.confidence < FAQ_AUTO_CONFIDENCE:
             return False
+        await self.limits.take()
         await message.reply(embed=faq_embed(found.topic), mention_author=False, allowed_mentions=NO_MENTIONS)
         return True
 
@@ -382,9 +403,10 @@ class ReplyingBot(commands.Bot):
         parent = message.channel.parent_id if isinstance(message.channel, discord.Thread) else None
         typing = message.channel.typing()
         typing_on = False
-        with contextlib.suppress(discord.HTTPException):
-            await typing.__aenter__()  # shown while the prompt is read, until the first text
-            typing_on = True
+        if await self.limits.try_take():  # cosmetic: skipped when the REST budget runs low
+            with contextlib.suppress(discord.HTTPException):
+                await typing.__aenter__()  # shown while the prompt is read, until the first text
+                typing_on = True
         started = self.clock()
         outcome: Outcome | None = None
         events = self.service.handle(
@@ -445,11 +467,13 @@ class ReplyingBot(commands.Bot):
             outcome = Outcome(outcome.kind, "*(no text)*")
         if outcome.kind is OutcomeKind.FAQ:
             embed = faq_text_embed(outcome.text)
+            await self.limits.take()
             await message.reply(embed=embed, mention_author=False, allowed_mentions=NO_MENTIONS)
             return
         text = f"{outcome.text}\n\n{DISCORD_HELP}" if outcome.kind is OutcomeKind.HELP else outcome.text
         body = "\n".join([*(f"*{n}*" for n in outcome.notices), text])
         for index, piece in enumerate(split_message(body)):
+            await self.limits.take()
             if index == 0:
                 await message.reply(piece, mention_author=False, allowed_mentions=NO_MENTIONS)
             else:
@@ -472,14 +496,15 @@ class ReplyingBot(commands.Bot):
         await message.edit(view=None)
 
     def pacer(self, channel_id: int) -> ChannelPacer:
-        """The pace of writes in a channel, shared by all its replies (idle ones are dropped)."""
+        """The pace of writes in a channel, shared by all its replies (idle ones are dropped),
+        within the REST budget of the whole bot."""
         pacer = self.pacers.get(channel_id)
         if pacer is None:
             now = self.clock()
             if len(self.pacers) > 1000:
                 self.pacers = {c: p for c, p in self.pacers.items() if not p.idle(now)}
             pacer = self.pacers[channel_id] = ChannelPacer(
-                self.settings.edit_interval, clock=self.clock, sleep=self.sleep
+                self.settings.edit_interval, clock=self.clock, sleep=self.sleep, budget=self.limits
             )
         return pacer
 

@@ -12,20 +12,26 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import discord
+from discord.http import Route
 
 from bot.app import check_database, load_engine, load_faq, open_service
-from bot.client import RwkvBot
+from bot.client import EngineNumbers, RwkvBot, ShardedRwkvBot
 from bot.cogs import add_cogs
+from bot.limits import Limits, LocalLimits, token_key
 from bot.metrics import serve_metrics
-from bot.settings import ConfigError, Settings, heartbeat_path, require_model
+from bot.settings import ConfigError, Settings, heartbeat_path, require_model, shard_list
 from chat.session import ChatService
 from engine.interface import Engine
 from faq import FaqIndex
+
+if TYPE_CHECKING:
+    from cluster.client import RemoteChat
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY = 30.0
@@ -35,15 +41,41 @@ PORTAL = "https://discord.com/developers/applications"
 
 
 async def create_bot(
-    settings: Settings, engine: Engine, service: ChatService, faq: FaqIndex, **options: Any
+    settings: Settings, engine: EngineNumbers, service: ChatService, faq: FaqIndex, **options: Any
 ) -> RwkvBot:
     """Build the bot on a ready chat service, with its slash commands, without connecting
-    (``await bot.start(token)`` connects). ``options``: ``clock`` and ``sleep``, for tests."""
+    (``await bot.start(token)`` connects): a sharded bot (discord.py's ``AutoShardedBot``) when
+    ``shard_count`` is set. ``options``: ``limits`` (shared by the bot's processes; by default
+    this process's own), ``clock`` and ``sleep``, for tests."""
     # The bot never joins voice: no warnings at every start about voice libraries it lacks.
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-    bot = RwkvBot(settings, engine, service, faq, **options)
+    shards = shard_list(settings)
+    if shards is None:
+        bot = RwkvBot(settings, engine, service, faq, **options)
+    else:
+        bot = ShardedRwkvBot(
+            settings, engine, service, faq, shard_ids=shards, shard_count=settings.shard_count, **options
+        )
     await add_cogs(bot)
     return bot
+
+
+def open_limits(settings: Settings) -> Limits:
+    """The identify slots and the REST budget: this process's own, or with ``cluster`` set, the
+    Ray actor that every process of the bot's token shares."""
+    if settings.cluster is None:
+        return LocalLimits(settings.rest_rate)
+    assert settings.token is not None
+    from bot.ray_limits import RayLimits
+
+    try:
+        limits = RayLimits.connect(
+            settings.cluster, token_key(settings.token.get_secret_value()), settings.rest_rate
+        )
+    except ConnectionError as exc:
+        raise _no_cluster(settings, exc) from exc
+    log.info("identify slots and the REST budget are shared through the Ray cluster at %s", settings.cluster)
+    return limits
 
 
 async def _heartbeat(bot: RwkvBot, path: Path) -> None:
@@ -87,9 +119,73 @@ async def _log_in(bot: RwkvBot, token: str, stopping: asyncio.Event) -> bool:
     return False
 
 
+@contextlib.asynccontextmanager
+async def chat_service(
+    settings: Settings, engine: Engine | None, faq: FaqIndex
+) -> AsyncIterator[tuple[EngineNumbers, ChatService]]:
+    """The chat service the bot talks to, and what it shows of the model: a service on
+    ``engine``, loaded in this process; or, with ``cluster`` set (``engine`` None), the chat
+    tier's replicas on Ray Serve (:class:`cluster.client.RemoteChat`, which has the service's
+    methods that front ends call)."""
+    if engine is not None:
+        async with open_service(settings, engine, faq, check=False) as service:
+            yield engine, service
+        return
+    from cluster.client import RemoteChat
+
+    try:
+        remote = await RemoteChat.connect(settings.cluster, app=settings.cluster_app)
+    except ConnectionError as exc:
+        raise _no_cluster(settings, exc) from exc
+    except LookupError as exc:
+        raise ConfigError(
+            f"RWKV_DISCORD_CLUSTER_APP is wrong ({exc}): start it with `rwkv-discord replicas start`, "
+            "or name the one that runs"
+        ) from exc
+    try:
+        await remote.prepare()
+        log.info("chat tier: %s, on the Ray cluster at %s", remote.describe(), settings.cluster)
+        yield ReplicaNumbers(remote), cast(ChatService, remote)
+    finally:
+        await remote.close()
+
+
+class ReplicaNumbers:
+    """What the bot shows of the model when the chat tier's replicas hold it: their numbers as
+    last gathered, summed, and each replica's as a device of its own."""
+
+    def __init__(self, remote: RemoteChat) -> None:
+        self.remote = remote
+
+    def describe(self) -> str:
+        return self.remote.describe()
+
+    def metrics(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for numbers in self.remote.replica_numbers().values():
+            for name, value in numbers["engine"].items():
+                total[name] = total.get(name, 0.0) + float(value)
+        return total
+
+    def device_metrics(self) -> dict[str, dict[str, float]]:
+        devices: dict[str, dict[str, float]] = {}
+        for replica, numbers in self.remote.replica_numbers().items():
+            devices[replica] = {name: float(value) for name, value in numbers["engine"].items()}
+            devices[replica]["states_bytes"] = float(sum(numbers["device_state_bytes"].values()))
+        return devices
+
+
+def _no_cluster(settings: Settings, exc: BaseException) -> ConfigError:
+    return ConfigError(
+        f"RWKV_DISCORD_CLUSTER is wrong (no Ray cluster answers at {settings.cluster}: {exc}): "
+        "give the address of a running Ray cluster (`ray status` on its head says it)"
+    )
+
+
 async def run_bot(settings: Settings) -> int:
-    """Load the model, open the chat service, connect, serve until SIGTERM or Ctrl-C, then close
-    cleanly (the bot, then the service, then the engine). Returns 0."""
+    """Load the model and open the chat service (or join the chat tier of a cluster), connect,
+    serve until SIGTERM or Ctrl-C, then close cleanly (the bot, then the service, then the
+    engine). Returns 0."""
     assert settings.token is not None
     loop = asyncio.get_running_loop()
     holder: dict[str, Any] = {}
@@ -112,24 +208,31 @@ async def run_bot(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shut_down, sig.name)
+    if settings.rest_url is not None:  # a REST proxy (nirn-proxy) in front of Discord's API
+        Route.BASE = settings.rest_url
     try:
-        require_model(settings)
-        await check_database(settings)  # a database fault is said before minutes of loading
-        holder["engine"] = engine = await load_engine(settings)
+        engine: Engine | None = None  # with a cluster, the chat tier's replicas hold the model
+        if settings.cluster is None:
+            require_model(settings)
+            await check_database(settings)  # a database fault is said before minutes of loading
+            engine = await load_engine(settings)
+        holder["engine"] = engine
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         raise
     try:
         faq, _ = load_faq(settings)
-        async with open_service(settings, engine, faq, check=False) as service:
+        async with chat_service(settings, engine, faq) as (numbers, service):
             if not stopping.is_set():  # a SIGTERM while the database opened: nothing to serve
-                bot = holder["bot"] = await create_bot(settings, engine, service, faq)
+                limits = open_limits(settings)
+                bot = holder["bot"] = await create_bot(settings, numbers, service, faq, limits=limits)
                 await _serve(bot, settings, stopping)
             if closing:
                 await asyncio.wait(closing, timeout=10)
     finally:
-        await engine.close()
+        if engine is not None:
+            await engine.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     log.info("stopped")

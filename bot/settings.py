@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.device_names import parse_devices
@@ -16,7 +19,7 @@ ENV_PREFIX = "RWKV_DISCORD_"
 # How to fix each setting, for the one-line start-up error.
 FIXES: dict[str, str] = {
     "model": "point it at an RWKV .pth file, e.g. RWKV_DISCORD_MODEL=/models/rwkv7-g1-1.5b.pth",
-    "strategy": "use 'cpu fp32', 'cpu bf16', 'cuda fp16', 'cuda bf16' or 'cuda fp16i8'",
+    "strategy": "use 'auto', 'cpu fp32', 'cpu bf16', 'cpu int8', 'cuda fp16', 'cuda bf16' or 'cuda fp16i8'",
     "tokenizer": "use 'auto', 'world', or the path of a tokenizer.json",
     "engine": "use auto, batched (RWKV-7 only) or reference",
     "max_batch": "use a whole number from 1 to 1024",
@@ -48,6 +51,14 @@ FIXES: dict[str, str] = {
     "carry_over_tokens": "use a whole number from 0 to 1000000, e.g. 2048",
     "retention_days": "use a number of days, or 0 to keep everything",
     "transcript_days": "use a number of days, or 0 to keep transcripts for good",
+    "shard_count": "use the total number of shards of the bot, a whole number from 1, or leave it unset",
+    "shard_ids": "list this process's shards as a range or with commas, e.g. 0-3 or 0,2,5, "
+    "each below RWKV_DISCORD_SHARD_COUNT, or leave it unset",
+    "cluster": "give the Ray cluster's address, e.g. ray://head:10001 or auto, or leave it unset",
+    "cluster_app": "give the name of the Ray Serve application of the chat tier, e.g. rwkv-chat",
+    "rest_rate": "use a whole number of requests a second from 1 to 10000, e.g. 45",
+    "rest_url": "give the REST proxy's address with the API version, e.g. http://nirn-proxy:8080/api/v10, "
+    "or leave it unset",
 }
 
 
@@ -67,7 +78,9 @@ class Settings(BaseSettings):
     )
 
     model: Path | None = Field(None, description="RWKV .pth model file")
-    strategy: str = Field("cpu fp32", description="device and precision, as the rwkv package")
+    strategy: str = Field(
+        "auto", description="device and precision, as the rwkv package; auto picks by the hardware"
+    )
     engine: Literal["auto", "batched", "reference"] = Field(
         "auto", description="auto: the batched engine for RWKV-7, the rwkv package for RWKV-4 to 6"
     )
@@ -77,7 +90,10 @@ class Settings(BaseSettings):
         None, description="GPUs for the batched engine, e.g. cuda:0,cuda:1: a model copy and worker on each"
     )
     tokenizer: str = Field("auto", description="auto, world, or a tokenizer.json path")
-    db: Path = Field(Path("data/rwkv-discord.sqlite3"), description="SQLite database file")
+    db: Path | str = Field(
+        Path("data/rwkv-discord.sqlite3"),
+        description="SQLite database file, or postgresql://user@host/db?objects=s3://bucket/prefix",
+    )
     preset: str = Field("auto", description="default prompt preset")
     presets_dir: Path | None = Field(None, description="folder of extra .toml presets")
     faq_dir: Path | None = Field(None, description="folder of extra or overriding FAQ topics")
@@ -107,6 +123,14 @@ class Settings(BaseSettings):
     )
     retention_days: float = Field(30.0, ge=0, description="idle channels then keep only their chat state")
     transcript_days: float = Field(0.0, ge=0, description="transcript lines older than this are deleted")
+    shard_count: int | None = Field(None, ge=1, le=100_000, description="total shards of the bot (sharded)")
+    shard_ids: str | None = Field(None, description="this process's shards, e.g. 0-3 or 0,2,5")
+    cluster: str | None = Field(None, description="Ray cluster address (ray://host:10001 or auto)")
+    cluster_app: str = Field("rwkv-chat", description="Ray Serve application of the chat tier")
+    rest_rate: int = Field(
+        45, ge=1, le=10_000, description="Discord REST requests a second, shared by all processes"
+    )
+    rest_url: str | None = Field(None, description="REST API base, e.g. a nirn-proxy's /api/v10")
 
     @field_validator("strategy")
     @classmethod
@@ -127,12 +151,88 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level")
         return value.upper()
 
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if "shard_count" not in info.data:
+            return value  # the count is wrong: that is the error to show
+        count = info.data["shard_count"]
+        if count is None:
+            raise ValueError("shards are listed but RWKV_DISCORD_SHARD_COUNT is not set")
+        return ",".join(str(shard) for shard in parse_shards(value, count))
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if value != "auto" and not re.fullmatch(r"(ray://)?[\w.\-]+:\d{1,5}", value):
+            raise ValueError(f"{value!r} is not a Ray address")
+        return value
+
+    @field_validator("rest_url")
+    @classmethod
+    def _rest_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.fullmatch(r"https?://[\w.\-]+(:\d{1,5})?(/[\w.\-]+)*/api/v\d+", value):
+            raise ValueError(f"{value!r} is not an http(s) address ending in /api/v10")
+        return value
+
+    @field_validator("cluster_app")
+    @classmethod
+    def _app_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.\-]+", value):
+            raise ValueError(f"{value!r} is not an application name")
+        return value
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _database(cls, value: object) -> Path | str:
+        return database_location(str(value))
+
     @field_validator("presets_dir", "faq_dir")
     @classmethod
     def _folder(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
             raise ValueError(f"{value} is not a folder")
         return value
+
+
+def database_location(text: str) -> Path | str:
+    """A database setting as the storage takes it: ``scheme://...`` (a server, such as
+    Postgres) stays text, anything else is an SQLite file's path."""
+    return text if "://" in text else Path(text)
+
+
+def parse_shards(text: str, count: int) -> list[int]:
+    """Shard ids written as ``0-3``, ``0,2,5`` or both (``0-3,8``), each below ``count``; sorted,
+    without repeats. Raises ValueError saying what is wrong."""
+    shards: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"{part!r} is not a shard id or a range such as 0-3")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ValueError(f"the range {part} runs backwards")
+        if last >= count:
+            raise ValueError(f"shard {last} is past the last of the {count} shards, {count - 1}")
+        shards.update(range(first, last + 1))
+    return sorted(shards)
+
+
+def shard_list(settings: Settings) -> list[int] | None:
+    """This process's shards (all of them when only the count is set); None: not sharded."""
+    if settings.shard_count is None:
+        return None
+    if settings.shard_ids is None:
+        return list(range(settings.shard_count))
+    return parse_shards(settings.shard_ids, settings.shard_count)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -152,7 +252,11 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def heartbeat_path(settings: Settings) -> Path:
-    """The file a connected bot touches regularly (read by ``rwkv-discord health``)."""
+    """The file a connected bot touches regularly (read by ``rwkv-discord health``): beside an
+    SQLite database, or in the temporary folder for a database on a server."""
+    if isinstance(settings.db, str):
+        name = hashlib.sha256(settings.db.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"rwkv-discord-{name}.heartbeat"
     return settings.db.with_name(settings.db.name + ".heartbeat")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import discord
 
+from bot.limits import Limits
 from bot.splitting import DISCORD_LIMIT, split_message
 from engine.thinking import THINK_SECTION, visible_text
 
@@ -63,8 +64,8 @@ class ChannelPacer:
 
     Writes (sends and edits) are at least ``interval`` apart and at most
     :data:`CHANNEL_WRITES` in any :data:`CHANNEL_WINDOW` seconds, across replies, final edits
-    included: a streamed update that does not fit is skipped (a later one shows the text), a
-    final one waits for its turn.
+    included, and each draws from the bot's REST ``budget`` when there is one: a streamed update
+    that does not fit is skipped (a later one shows the text), a final one waits for its turn.
     """
 
     def __init__(
@@ -73,11 +74,16 @@ class ChannelPacer:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        budget: Limits | None = None,
     ) -> None:
         self.interval = interval
         self.clock = clock
         self.sleep = sleep
+        self.budget = budget
         self.writes: collections.deque[float] = collections.deque(maxlen=CHANNEL_WRITES)
+        # held from the channel's check to the write's record, so that a write waiting for the
+        # budget keeps its place in the channel
+        self._writing = asyncio.Lock()
 
     def wait_time(self, now: float) -> float:
         """Seconds until the next write may go out (0: now)."""
@@ -89,23 +95,24 @@ class ChannelPacer:
             waits.append(self.writes[0] + CHANNEL_WINDOW + 1e-3 - now)
         return max(0.0, *waits)
 
-    def try_take(self) -> bool:
-        """Take a write now if the pace allows it."""
-        now = self.clock()
-        if self.wait_time(now) > 0:
+    async def try_take(self) -> bool:
+        """Take a write now if the pace and the budget allow a streamed update."""
+        if self._writing.locked() or self.wait_time(self.clock()) > 0:
             return False
-        self.writes.append(now)
-        return True
+        async with self._writing:
+            if self.budget is not None and not await self.budget.try_take():
+                return False
+            self.writes.append(self.clock())
+            return True
 
     async def take(self) -> None:
-        """Wait until the pace allows a write, then take it."""
-        while True:
-            now = self.clock()
-            delay = self.wait_time(now)
-            if delay <= 0:
-                self.writes.append(now)
-                return
-            await self.sleep(delay)
+        """Wait until the pace and then the budget allow a write, then take it."""
+        async with self._writing:
+            while (delay := self.wait_time(self.clock())) > 0:
+                await self.sleep(delay)
+            if self.budget is not None:
+                await self.budget.take()
+            self.writes.append(self.clock())
 
     def idle(self, now: float) -> bool:
         """True when the channel has written nothing for a whole window (the pacer can go)."""
@@ -179,7 +186,7 @@ class ReplyStream:
                     continue
                 if final:
                     await self.pacer.take()
-                elif not self.pacer.try_take():
+                elif not await self.pacer.try_take():
                     return
                 self.last_sync = self.clock()
                 extra: dict[str, Any] = {} if buttons is _UNCHANGED else {"view": buttons}

@@ -9,13 +9,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from bot.cli import EXIT_CONFIG, main
-from bot.settings import ConfigError, load_settings
+from bot.settings import ConfigError, Settings, heartbeat_path, load_settings
 from engine.formats import inspect_model
 
 CLI = [sys.executable, "-m", "bot"]
@@ -166,6 +167,107 @@ def test_wrong_setting_names_the_variable(
     assert named in message and "\n" not in message and ":" in message
 
 
+@pytest.mark.parametrize(
+    ("argv", "named", "why"),
+    [
+        (["--shards", "0-3", "--shard-count", "2"], "RWKV_DISCORD_SHARD_IDS", "shard 3 is past the last"),
+        (["--shards", "3-1", "--shard-count", "16"], "RWKV_DISCORD_SHARD_IDS", "runs backwards"),
+        (["--shards", "0-x", "--shard-count", "16"], "RWKV_DISCORD_SHARD_IDS", "'0-x' is not a shard id"),
+        (["--shards", "0-3"], "RWKV_DISCORD_SHARD_IDS", "RWKV_DISCORD_SHARD_COUNT is not set"),
+        (["--shard-count", "0"], "RWKV_DISCORD_SHARD_COUNT", "greater than or equal to 1"),
+    ],
+)
+def test_wrong_shards_are_one_configuration_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], named: str, why: str
+) -> None:
+    """Shards outside the count, a bad range or a count below 1 stop `run` with one line naming
+    the setting, exit 78, before anything loads."""
+    monkeypatch.setenv("RWKV_DISCORD_TOKEN", "a-token")
+    assert main(["run", *argv]) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and named in err and why in err
+
+
+def test_run_takes_its_shards_from_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --shards 0-3 --shard-count 16` overrides the shard settings of the environment, and
+    the other settings of the cluster come from it."""
+    from bot import runner
+
+    seen: list[Settings] = []
+
+    async def run_bot(settings: Settings) -> int:
+        seen.append(settings)
+        return 0
+
+    monkeypatch.setattr(runner, "run_bot", run_bot)
+    monkeypatch.setenv("RWKV_DISCORD_TOKEN", "a-token")
+    monkeypatch.setenv("RWKV_DISCORD_SHARD_IDS", "5")
+    monkeypatch.setenv("RWKV_DISCORD_SHARD_COUNT", "8")
+    monkeypatch.setenv("RWKV_DISCORD_CLUSTER", "ray://head:10001")
+    monkeypatch.setenv("RWKV_DISCORD_REST_RATE", "40")
+    assert main(["run", "--shards", "0-3", "--shard-count", "16"]) == 0
+    (settings,) = seen
+    assert (settings.shard_ids, settings.shard_count) == ("0,1,2,3", 16)
+    assert (settings.cluster, settings.cluster_app, settings.rest_rate) == (
+        "ray://head:10001",
+        "rwkv-chat",
+        40,
+    )
+    assert main(["run"]) == 0 and (seen[1].shard_ids, seen[1].shard_count) == ("5", 8)
+
+
+def test_a_database_server_location_stays_a_location(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A postgresql:// database (setting or --db) is not turned into a path, its heartbeat goes
+    to the temporary folder, and a server that does not answer is one line and exit 1 (it may
+    come up: a restart helps), not the configuration's 78."""
+    location = "postgresql://bot@127.0.0.1:9/rwkv?objects=s3://states/prod"
+    monkeypatch.setenv("RWKV_DISCORD_DB", location)
+    settings = load_settings()
+    assert settings.db == location
+    assert heartbeat_path(settings).parent == Path(tempfile.gettempdir())
+    assert isinstance(load_settings(db=Path("data/x.sqlite3")).db, Path)
+    pytest.importorskip("asyncpg")
+    assert main(["db", "--db", location, "stats"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rwkv-discord: error: cannot connect to Postgres at 127.0.0.1:9")
+    assert "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ({}, ["replicas", "status"], "RWKV_DISCORD_CLUSTER is not set"),
+        ({"RWKV_DISCORD_CLUSTER": "auto"}, ["replicas", "start", "0"], "give at least 1 replica, not 0"),
+        (
+            {"RWKV_DISCORD_CLUSTER": "auto", "RWKV_DISCORD_MODEL": "MODEL"},
+            ["replicas", "start", "2"],
+            "RWKV_DISCORD_DB is an SQLite file",
+        ),
+    ],
+)
+def test_replicas_settings_are_checked_before_any_cluster_is_joined(
+    case: tuple[dict[str, str], list[str], str],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``replicas`` without a cluster, with no replica, or with an SQLite database (which replicas
+    on several machines cannot share) is one configuration line, exit 78, before Ray starts."""
+    environment, argv, said = case
+    for name in [n for n in os.environ if n.startswith("RWKV_DISCORD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RWKV_DISCORD_DB", str(tmp_path / "bot.sqlite3"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(model_dir / "v7.pth") if value == "MODEL" else value)
+    assert main(argv) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert said in err and "\n" not in err
+    assert "cluster.serve" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 def test_broken_model_at_start_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A broken model file gives one error line and exit status 78, not a traceback."""
     broken = tmp_path / "broken.pth"
@@ -262,3 +364,21 @@ def test_readme_configuration_table_lists_every_setting() -> None:
     documented = set(re.findall(r"^\| (\w+) \| `RWKV_DISCORD_(\w+)` \|", readme, flags=re.MULTILINE))
     assert {(name, name.upper()) for name in Settings.model_fields} == documented
     assert set(FIXES) == set(Settings.model_fields)
+
+
+def test_replicas_get_the_object_store_and_database_credentials_of_the_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`replicas start` hands the replicas the variables they need besides the settings (the
+    object store's endpoint and keys, Postgres's password), and nothing else of its environment
+    (the Discord token stays with the command)."""
+    from bot.replicas import forwarded_environment
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://objects:8333")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("PGPASSWORD", "pg")
+    monkeypatch.setenv("RWKV_DISCORD_TOKEN", "discord-token")
+    forwarded = forwarded_environment()
+    assert forwarded["AWS_ENDPOINT_URL"] == "http://objects:8333" and forwarded["PGPASSWORD"] == "pg"
+    assert forwarded["AWS_SECRET_ACCESS_KEY"] == "secret"
+    assert "RWKV_DISCORD_TOKEN" not in forwarded and "PATH" not in forwarded

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class RecordingHTTP(HTTPClient):
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: FakeClock) -> None:
         super().__init__(loop)
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.times: list[float] = []  # when each call came, on the real clock (time.monotonic)
         self.messages: dict[int, dict[str, Any]] = {}
         self.edit_times: dict[int, list[float]] = {}
         self.clock = clock
@@ -108,6 +110,7 @@ class RecordingHTTP(HTTPClient):
     async def request(self, route: Route, *, files: Any = None, form: Any = None, **kwargs: Any) -> Any:
         payload = kwargs.get("json") or {}
         self.calls.append((route.method, route.path, payload))
+        self.times.append(time.monotonic())
         content = payload.get("content")
         if content is not None:
             assert len(content) <= 2000, f"Discord would refuse {len(content)} characters"
@@ -484,8 +487,11 @@ async def connect(bot: RwkvBot, clock: FakeClock) -> RecordingHTTP:
 
 
 @pytest.fixture
-async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Harness]:
-    """A set-up bot (setup_hook run) with #general enabled by a moderator."""
+async def harness(
+    engine7: ReferenceEngine, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Harness]:
+    """A set-up bot (setup_hook run) with #general enabled by a moderator. Indirect
+    parametrization gives settings of its own (e.g. ``{"shard_count": 2}``)."""
     settings = Settings(
         model=Path("unused.pth"),
         db=tmp_path / "bot.sqlite3",
@@ -495,6 +501,7 @@ async def harness(engine7: ReferenceEngine, tmp_path: Path) -> AsyncIterator[Har
         user_cooldown=0,
         allow_dms=True,
         max_queue=1,
+        **getattr(request, "param", {}),
     )
     clock = FakeClock()
     faq, _ = load_faq(settings)
