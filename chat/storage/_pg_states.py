@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from chat.errors import FencedError, StoreError
@@ -27,11 +27,12 @@ from chat.storage.records import (
     StateBase,
     StoredState,
     Turn,
+    decode_snapshot,
+    encode_snapshot,
     pack_tokens,
     state_checksum,
-    unpack_tokens,
+    state_from_row,
 )
-from engine.checksums import checksum
 from engine.errors import StateMismatchError
 
 if TYPE_CHECKING:
@@ -47,41 +48,6 @@ _STATE_COLUMNS = (
     "s.model_fingerprint, s.checksum"
 )
 _Blob = tuple[str, int, str] | None  # a whole state's object key, size and checksum
-
-
-def _stored_state(row: Sequence[Any]) -> StoredState:
-    raw_tokens, raw_meta = bytes(row[5]), str(row[7])
-    try:
-        meta = dict(json.loads(raw_meta))
-    except (ValueError, TypeError) as exc:
-        raise StateMismatchError(f"stored state {row[0]} has damaged metadata") from exc
-    return StoredState(
-        id=int(row[0]),
-        channel_id=str(row[1]),
-        parent_id=None if row[2] is None else int(row[2]),
-        base=StateBase(row[3]),
-        preset_key=str(row[4]),
-        tokens=unpack_tokens(raw_tokens),
-        replay=int(row[6]),
-        meta=meta,
-        fingerprint=str(row[8]),
-        checksum=None if row[9] is None else str(row[9]),
-        raw_tokens=raw_tokens,
-        raw_meta=raw_meta,
-    )
-
-
-def _encode(snapshot: Snapshot) -> tuple[bytes, str]:
-    data = snapshot.to_bytes()
-    return data, checksum(data)
-
-
-def _decode(data: bytes, digest: str, fingerprint: str) -> Snapshot:
-    from engine.state import Snapshot  # torch: only where a state is read
-
-    if checksum(data) != digest:
-        raise StateMismatchError("a stored state failed its checksum")
-    return Snapshot.from_bytes(data, fingerprint)
 
 
 def _object_key(under: str, name: str, digest: str) -> str:
@@ -145,7 +111,7 @@ class PgStateLog(PgRepository):
         row = await self._db.fetchrow(f"SELECT {_STATE_COLUMNS} FROM states s WHERE s.id = $1", state_id)
         if row is None:
             raise StateMismatchError(f"stored state {state_id} is missing")
-        state = _stored_state(row)
+        state = state_from_row(row)
         state.verify()
         return state
 
@@ -166,7 +132,7 @@ class PgStateLog(PgRepository):
         for row in rows:
             if row[0] is None:
                 raise StateMismatchError(f"stored state {state_id} lost a link of its log")
-            state = _stored_state(row)
+            state = state_from_row(row)
             state.verify()
             chain.append(state)
         if not chain or chain[0].base == StateBase.PARENT:
@@ -185,7 +151,7 @@ class PgStateLog(PgRepository):
             raise StateMismatchError(
                 f"the checkpoint of stored state {state_id} is missing from the object store"
             )
-        return await asyncio.to_thread(_decode, data, str(row[1]), fingerprint)
+        return await asyncio.to_thread(decode_snapshot, data, str(row[1]), fingerprint)
 
     async def rebuild_pending(self, channel_id: str) -> bool:
         """True when the channel's state was dropped and must be re-read from its transcript."""
@@ -217,7 +183,7 @@ class PgStateLog(PgRepository):
                 if item.checkpoint is None:
                     blobs.append(None)
                     continue
-                data, digest = await asyncio.to_thread(_encode, item.checkpoint)
+                data, digest = await asyncio.to_thread(encode_snapshot, item.checkpoint)
                 key = _object_key(CHECKPOINTS, channel_id, digest)
                 written.append(key)  # before the put: a put cut short may still have landed
                 await self._db.objects.put(key, data)
@@ -324,13 +290,13 @@ class PgStateLog(PgRepository):
         if data is None:
             return None  # recomputed by the caller and stored again
         try:
-            return await asyncio.to_thread(_decode, data, str(row[1]), fingerprint)
+            return await asyncio.to_thread(decode_snapshot, data, str(row[1]), fingerprint)
         except StateMismatchError:
             return None
 
     async def save_opening(self, preset_key: str, snapshot: Snapshot) -> None:
         """Store the shared opening state of a preset (its object first, then the row)."""
-        data, digest = await asyncio.to_thread(_encode, snapshot)
+        data, digest = await asyncio.to_thread(encode_snapshot, snapshot)
         key = _object_key(OPENINGS, preset_key, digest)
         await self._db.objects.put(key, data)
 

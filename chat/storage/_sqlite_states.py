@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chat.errors import StoreError
 from chat.storage._sqlite_db import Database, Repository
@@ -18,11 +18,12 @@ from chat.storage.records import (
     StateBase,
     StoredState,
     Turn,
+    decode_snapshot,
+    encode_snapshot,
     pack_tokens,
     state_checksum,
-    unpack_tokens,
+    state_from_row,
 )
-from engine.checksums import checksum
 from engine.errors import StateMismatchError
 
 if TYPE_CHECKING:
@@ -35,41 +36,6 @@ _STATE_COLUMNS = (
     "s.model_fingerprint, s.checksum"
 )
 _Blob = tuple[bytes, str] | None  # a checkpoint's bytes and checksum
-
-
-def _stored_state(row: Sequence[Any]) -> StoredState:
-    raw_tokens, raw_meta = bytes(row[5]), str(row[7])
-    try:
-        meta = dict(json.loads(raw_meta))
-    except (ValueError, TypeError) as exc:
-        raise StateMismatchError(f"stored state {row[0]} has damaged metadata") from exc
-    return StoredState(
-        id=int(row[0]),
-        channel_id=str(row[1]),
-        parent_id=None if row[2] is None else int(row[2]),
-        base=StateBase(row[3]),
-        preset_key=str(row[4]),
-        tokens=unpack_tokens(raw_tokens),
-        replay=int(row[6]),
-        meta=meta,
-        fingerprint=str(row[8]),
-        checksum=None if row[9] is None else str(row[9]),
-        raw_tokens=raw_tokens,
-        raw_meta=raw_meta,
-    )
-
-
-def _encode(snapshot: Snapshot) -> tuple[bytes, str]:
-    data = snapshot.to_bytes()
-    return data, checksum(data)
-
-
-def _decode(data: bytes, digest: str, fingerprint: str) -> Snapshot:
-    from engine.state import Snapshot  # torch: only where a state is read
-
-    if checksum(data) != digest:
-        raise StateMismatchError("a stored state failed its checksum")
-    return Snapshot.from_bytes(data, fingerprint)
 
 
 async def add_turn(db: Database, channel_id: str, turn: Turn, fingerprint: str, now: float) -> None:
@@ -96,7 +62,7 @@ class SqliteStateLog(Repository):
         row = await self._db.fetchone(f"SELECT {_STATE_COLUMNS} FROM states s WHERE s.id = ?", (state_id,))
         if row is None:
             raise StateMismatchError(f"stored state {state_id} is missing")
-        state = _stored_state(row)
+        state = state_from_row(row)
         state.verify()
         return state
 
@@ -117,7 +83,7 @@ class SqliteStateLog(Repository):
         for row in rows:
             if row[0] is None:
                 raise StateMismatchError(f"stored state {state_id} lost a link of its log")
-            state = _stored_state(row)
+            state = state_from_row(row)
             state.verify()
             chain.append(state)
         if not chain or chain[0].base == StateBase.PARENT:
@@ -131,7 +97,7 @@ class SqliteStateLog(Repository):
         )
         if row is None:
             raise StateMismatchError(f"the checkpoint of stored state {state_id} is missing")
-        return await asyncio.to_thread(_decode, bytes(row[0]), row[1], fingerprint)
+        return await asyncio.to_thread(decode_snapshot, bytes(row[0]), row[1], fingerprint)
 
     async def rebuild_pending(self, channel_id: str) -> bool:
         """True when the channel's state was dropped and must be re-read from its transcript."""
@@ -154,7 +120,7 @@ class SqliteStateLog(Repository):
         stored unless it is the epoch of the channel's lease. Returns the new states' ids.
         """
         encoded = await asyncio.to_thread(
-            lambda: [_encode(n.checkpoint) if n.checkpoint is not None else None for n in new]
+            lambda: [encode_snapshot(n.checkpoint) if n.checkpoint is not None else None for n in new]
         )
         now = time.time()
         ids: list[int] = []
@@ -297,13 +263,13 @@ class SqliteStateLog(Repository):
         if row is None:
             return None
         try:
-            return await asyncio.to_thread(_decode, bytes(row[0]), row[1], fingerprint)
+            return await asyncio.to_thread(decode_snapshot, bytes(row[0]), row[1], fingerprint)
         except StateMismatchError:
             return None  # recomputed by the caller and stored again
 
     async def save_opening(self, preset_key: str, snapshot: Snapshot) -> None:
         """Store the shared opening state of a preset."""
-        data, digest = await asyncio.to_thread(_encode, snapshot)
+        data, digest = await asyncio.to_thread(encode_snapshot, snapshot)
 
         async def work() -> None:
             await self._db.db.execute(

@@ -6,6 +6,7 @@ one backend verifies the same way when read back by another (a dump moved betwee
 
 from __future__ import annotations
 
+import json
 import sys
 from array import array
 from collections.abc import Sequence
@@ -26,8 +27,11 @@ __all__ = [
     "StateBase",
     "StoredState",
     "Turn",
+    "decode_snapshot",
+    "encode_snapshot",
     "pack_tokens",
     "state_checksum",
+    "state_from_row",
     "unpack_tokens",
 ]
 
@@ -153,3 +157,42 @@ def state_checksum(
     """The checksum of a state row's content."""
     head = "\x1f".join([channel_id, str(parent_id), base, preset_key, str(replay), meta, fingerprint])
     return checksum(head.encode() + b"\x1e" + tokens)
+
+
+def state_from_row(row: Sequence[Any]) -> StoredState:
+    """A state row as every backend selects it: id, channel, parent, base, preset, packed tokens,
+    replay, metadata (JSON), model fingerprint, checksum."""
+    raw_tokens, raw_meta = bytes(row[5]), str(row[7])
+    try:
+        meta = dict(json.loads(raw_meta))
+    except (ValueError, TypeError) as exc:
+        raise StateMismatchError(f"stored state {row[0]} has damaged metadata") from exc
+    return StoredState(
+        id=int(row[0]),
+        channel_id=str(row[1]),
+        parent_id=None if row[2] is None else int(row[2]),
+        base=StateBase(row[3]),
+        preset_key=str(row[4]),
+        tokens=unpack_tokens(raw_tokens),
+        replay=int(row[6]),
+        meta=meta,
+        fingerprint=str(row[8]),
+        checksum=None if row[9] is None else str(row[9]),
+        raw_tokens=raw_tokens,
+        raw_meta=raw_meta,
+    )
+
+
+def encode_snapshot(snapshot: Snapshot) -> tuple[bytes, str]:
+    """A whole state as stored, and its checksum."""
+    data = snapshot.to_bytes()
+    return data, checksum(data)
+
+
+def decode_snapshot(data: bytes, digest: str, fingerprint: str) -> Snapshot:
+    """A stored whole state, checked against its checksum and model (StateMismatchError)."""
+    from engine.state import Snapshot  # torch: only where a state is read
+
+    if checksum(data) != digest:
+        raise StateMismatchError("a stored state failed its checksum")
+    return Snapshot.from_bytes(data, fingerprint)
