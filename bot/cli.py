@@ -127,10 +127,13 @@ def _add_bot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     health = sub.add_parser(
         "health",
         help="exit 0 when a running bot is connected (for Docker's health check)",
-        description="Checks the heartbeat file the running bot writes next to its database.",
+        description="Checks the heartbeat file the running bot writes next to its database (each "
+        "process of a sharded bot its own: give its shards as run has them, or the same settings).",
     )
     health.add_argument("--db", type=database_location, help=DB_HELP)
     health.add_argument("--max-age", type=float, default=120.0, help="seconds (default: 120)")
+    health.add_argument("--shards", help="the shards of the process to check (as given to run)")
+    health.add_argument("--shard-count", type=int, help="the bot's shard count (as given to run)")
 
     chat = sub.add_parser(
         "chat",
@@ -346,7 +349,7 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    settings = load_settings(db=args.db)
+    settings = load_settings(db=args.db, shard_ids=args.shards, shard_count=args.shard_count)
     path = heartbeat_path(settings)
     try:
         age = time.time() - path.stat().st_mtime

@@ -253,11 +253,15 @@ def load_settings(**overrides: Any) -> Settings:
 
 def heartbeat_path(settings: Settings) -> Path:
     """The file a connected bot touches regularly (read by ``rwkv-discord health``): beside an
-    SQLite database, or in the temporary folder for a database on a server."""
+    SQLite database, or in the temporary folder for a database on a server. Each process of a
+    sharded bot has its own (named by its shards), so that one process's heartbeat never
+    answers for another's."""
+    shards = shard_list(settings)
+    suffix = "" if shards is None else f".shards-{shards[0]}-{shards[-1]}-of-{settings.shard_count}"
     if isinstance(settings.db, str):
         name = hashlib.sha256(settings.db.encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"rwkv-discord-{name}.heartbeat"
-    return settings.db.with_name(settings.db.name + ".heartbeat")
+        return Path(tempfile.gettempdir()) / f"rwkv-discord-{name}{suffix}.heartbeat"
+    return settings.db.with_name(settings.db.name + suffix + ".heartbeat")
 
 
 def require_model(settings: Settings) -> Path:

@@ -382,3 +382,21 @@ def test_replicas_get_the_object_store_and_database_credentials_of_the_command(
     assert forwarded["AWS_ENDPOINT_URL"] == "http://objects:8333" and forwarded["PGPASSWORD"] == "pg"
     assert forwarded["AWS_SECRET_ACCESS_KEY"] == "secret"
     assert "RWKV_DISCORD_TOKEN" not in forwarded and "PATH" not in forwarded
+
+
+def test_each_shard_process_has_a_heartbeat_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two processes of one sharded bot beside one database beat in files of their own: `health`
+    of the process whose heartbeat stopped says so while the other's is fresh."""
+    for name in [n for n in os.environ if n.startswith("RWKV_DISCORD_")]:
+        monkeypatch.delenv(name)
+    db = tmp_path / "bot.sqlite3"
+    first = load_settings(db=db, shard_ids="0-1", shard_count=4)
+    second = load_settings(db=db, shard_ids="2-3", shard_count=4)
+    paths = {heartbeat_path(first), heartbeat_path(second), heartbeat_path(load_settings(db=db))}
+    assert len(paths) == 3 and all(p.parent == tmp_path for p in paths)
+    heartbeat_path(first).touch()
+    assert main(["health", "--db", str(db), "--shards", "0-1", "--shard-count", "4"]) == 0
+    assert main(["health", "--db", str(db), "--shards", "2-3", "--shard-count", "4"]) == 1
+    assert "no heartbeat" in capsys.readouterr().err
