@@ -379,6 +379,7 @@ class RemoteChat:
         while True:
             try:
                 await self.refresh_numbers()
-            except Exception:
-                log.exception("the replicas' numbers could not be gathered; trying again later")
+            except Exception as exc:  # a replica down: one line, not a traceback every time
+                why = (str(exc).splitlines() or [type(exc).__name__])[0]
+                log.warning("the replicas' numbers could not be gathered (%s); trying again later", why)
             await asyncio.sleep(NUMBERS_EVERY)
