@@ -9,7 +9,6 @@ failed transaction in between is found by :meth:`PgAdmin.collect_objects`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -21,17 +20,17 @@ from chat.errors import FencedError, StoreError
 from chat.storage._pg_db import Connection, PgDatabase, PgRepository, check_epoch, ensure_channel
 from chat.storage._pg_errors import guard_pg_errors
 from chat.storage.records import (
+    STATE_COLUMNS,
     HeadName,
     NewRef,
     NewState,
-    StateBase,
     StoredState,
     Turn,
     decode_snapshot,
     encode_snapshot,
-    pack_tokens,
-    state_checksum,
     state_from_row,
+    state_row,
+    verified_chain,
 )
 from engine.errors import StateMismatchError
 
@@ -43,10 +42,6 @@ __all__ = ["CHECKPOINTS", "OPENINGS", "PgStateLog", "collect", "forget_objects"]
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints/"  # object keys of channels' whole states: checkpoints/<channel>/<uuid>-<sum>
 OPENINGS = "openings/"  # object keys of shared opening states: openings/<preset>/<uuid>-<sum>
-_STATE_COLUMNS = (
-    "s.id, s.channel_id, s.parent_id, s.base, s.preset_key, s.tokens, s.replay, s.meta, "
-    "s.model_fingerprint, s.checksum"
-)
 _Blob = tuple[str, int, str] | None  # a whole state's object key, size and checksum
 
 
@@ -108,7 +103,7 @@ class PgStateLog(PgRepository):
 
     async def state(self, state_id: int) -> StoredState:
         """One stored state's row (raises StateMismatchError when missing or damaged)."""
-        row = await self._db.fetchrow(f"SELECT {_STATE_COLUMNS} FROM states s WHERE s.id = $1", state_id)
+        row = await self._db.fetchrow(f"SELECT {STATE_COLUMNS} FROM states s WHERE s.id = $1", state_id)
         if row is None:
             raise StateMismatchError(f"stored state {state_id} is missing")
         state = state_from_row(row)
@@ -124,20 +119,11 @@ class PgStateLog(PgRepository):
             "WITH RECURSIVE up(id, depth) AS (SELECT $1::bigint, 0 UNION ALL "
             "SELECT s.parent_id, up.depth + 1 FROM states s JOIN up ON s.id = up.id "
             "WHERE s.base = 'parent') "
-            f"SELECT {_STATE_COLUMNS}, up.depth FROM up LEFT JOIN states s ON s.id = up.id "
+            f"SELECT {STATE_COLUMNS}, up.depth FROM up LEFT JOIN states s ON s.id = up.id "
             "ORDER BY up.depth DESC",
             state_id,
         )
-        chain = []
-        for row in rows:
-            if row[0] is None:
-                raise StateMismatchError(f"stored state {state_id} lost a link of its log")
-            state = state_from_row(row)
-            state.verify()
-            chain.append(state)
-        if not chain or chain[0].base == StateBase.PARENT:
-            raise StateMismatchError(f"stored state {state_id} is missing")
-        return chain
+        return verified_chain(state_id, rows)
 
     async def load_checkpoint(self, state_id: int, fingerprint: str) -> Snapshot:
         """The whole state stored for ``state_id`` (raises StateMismatchError if damaged or missing)."""
@@ -333,38 +319,21 @@ async def _insert_state(
     conn: Connection, channel_id: str, item: NewState, blob: _Blob, *, ids: list[int], now: float
 ) -> int:
     """Add one state row (and its checkpoint's row); ``ids`` are those added before it in the call."""
-    parent = ids[item.parent.index] if isinstance(item.parent, NewRef) else item.parent
-    base: str = StateBase.CHECKPOINT if blob is not None else item.base  # a wrong one: CHECK fails
-    if base == StateBase.PARENT and parent is None:
-        raise StoreError("a logged state needs a parent")
-    parent = parent if base == StateBase.PARENT else None
-    tokens = pack_tokens(item.tokens) if blob is None else b""
-    meta = json.dumps(item.meta, sort_keys=True)
-    replay = 0 if blob is not None else item.replay
-    digest = state_checksum(
-        channel_id=channel_id,
-        parent_id=parent,
-        base=base,
-        preset_key=item.preset_key,
-        tokens=tokens,
-        replay=replay,
-        meta=meta,
-        fingerprint=item.fingerprint,
-    )
+    row = state_row(channel_id, item, ids, whole=blob is not None)
     state_id = int(
         await conn.fetchval(
             "INSERT INTO states (channel_id, parent_id, base, preset_key, tokens, replay, meta, "
             "model_fingerprint, checksum, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
             "RETURNING id",
             channel_id,
-            parent,
-            str(base),
+            row.parent_id,
+            row.base,
             item.preset_key,
-            tokens,
-            replay,
-            meta,
+            row.tokens,
+            row.replay,
+            row.meta,
             item.fingerprint,
-            digest,
+            row.checksum,
             now,
         )
     )

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from chat.errors import StoreError
 from engine.checksums import checksum
 from engine.errors import StateMismatchError
 
@@ -21,10 +22,12 @@ if TYPE_CHECKING:
     from engine.state import Snapshot
 
 __all__ = [
+    "STATE_COLUMNS",
     "HeadName",
     "NewRef",
     "NewState",
     "StateBase",
+    "StateRow",
     "StoredState",
     "Turn",
     "decode_snapshot",
@@ -32,7 +35,9 @@ __all__ = [
     "pack_tokens",
     "state_checksum",
     "state_from_row",
+    "state_row",
     "unpack_tokens",
+    "verified_chain",
 ]
 
 
@@ -157,6 +162,67 @@ def state_checksum(
     """The checksum of a state row's content."""
     head = "\x1f".join([channel_id, str(parent_id), base, preset_key, str(replay), meta, fingerprint])
     return checksum(head.encode() + b"\x1e" + tokens)
+
+
+# The columns :func:`state_from_row` reads, in its order (``states`` aliased ``s``).
+STATE_COLUMNS = (
+    "s.id, s.channel_id, s.parent_id, s.base, s.preset_key, s.tokens, s.replay, s.meta, "
+    "s.model_fingerprint, s.checksum"
+)
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """The values of a new ``states`` row (besides its channel, preset and model), checksum
+    included: what every backend inserts for a :class:`NewState`."""
+
+    parent_id: int | None
+    base: str
+    tokens: bytes
+    replay: int
+    meta: str
+    checksum: str
+
+
+def state_row(channel_id: str, item: NewState, ids: Sequence[int], *, whole: bool) -> StateRow:
+    """The row of ``item``: ``ids`` are the states added before it in the same write (what a
+    :class:`NewRef` parent names); ``whole`` when it is stored as a checkpoint (no tokens, no
+    parent). StoreError for a logged state without a parent."""
+    parent = ids[item.parent.index] if isinstance(item.parent, NewRef) else item.parent
+    base: str = StateBase.CHECKPOINT if whole else item.base  # a wrong one: the schema's CHECK fails
+    if base == StateBase.PARENT and parent is None:
+        raise StoreError("a logged state needs a parent")
+    parent = parent if base == StateBase.PARENT else None
+    tokens = b"" if whole else pack_tokens(item.tokens)
+    meta = json.dumps(item.meta, sort_keys=True)
+    replay = 0 if whole else item.replay
+    digest = state_checksum(
+        channel_id=channel_id,
+        parent_id=parent,
+        base=base,
+        preset_key=item.preset_key,
+        tokens=tokens,
+        replay=replay,
+        meta=meta,
+        fingerprint=item.fingerprint,
+    )
+    return StateRow(parent, base, tokens, replay, meta, digest)
+
+
+def verified_chain(state_id: int, rows: Iterable[Sequence[Any]]) -> list[StoredState]:
+    """The rows of ``state_id``'s log (:data:`STATE_COLUMNS` of each link, its stored base
+    first; a link whose row is gone has None in its id) as checked states; StateMismatchError
+    when a link is missing, damaged, or the log does not start at a stored base."""
+    chain = []
+    for row in rows:
+        if row[0] is None:
+            raise StateMismatchError(f"stored state {state_id} lost a link of its log")
+        state = state_from_row(row)
+        state.verify()
+        chain.append(state)
+    if not chain or chain[0].base == StateBase.PARENT:
+        raise StateMismatchError(f"stored state {state_id} is missing")
+    return chain
 
 
 def state_from_row(row: Sequence[Any]) -> StoredState:
