@@ -4,9 +4,7 @@ transactions that a cancelled task never leaves half done."""
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from chat.errors import FencedError, StoreError
 from chat.storage._pg_errors import is_pg_error, pg_error
 from chat.storage.objects import ObjectStore
+from migrations import bundled
 
 __all__ = [
     "MIGRATION_LOCK",
@@ -30,7 +29,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 MIGRATION_LOCK = 0x72776B76  # the advisory lock two processes migrating at once take in turn
 Connection = Any  # asyncpg.Connection (asyncpg has no type hints)
 _T = TypeVar("_T")
@@ -79,16 +77,10 @@ class Server:
 
 def migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every Postgres migration (``migrations/postgres/``), in order."""
-    found = []
-    for entry in importlib.resources.files("migrations").joinpath("postgres").iterdir():
-        match = _MIGRATION_RE.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"Postgres migrations must be numbered 1, 2, 3... without gaps, found {versions}")
-    return found
+    try:
+        return bundled("postgres")
+    except ValueError as exc:
+        raise StoreError(f"Postgres migrations {exc}") from exc
 
 
 async def migrate(conn: Connection, server: Server) -> None:

@@ -7,35 +7,27 @@ library's synchronous ``sqlite3``, before the store is open or beside it.
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
-import re
 import sqlite3
 import time
 from pathlib import Path
 
 from chat.errors import StoreError
 from chat.storage._sqlite_errors import sqlite_error
+from migrations import bundled
 
 __all__ = ["QUICK_CHECK_SECONDS", "backup", "integrity_check", "migrate", "migrations", "vacuum"]
 
 log = logging.getLogger(__name__)
-_MIGRATION_RE = re.compile(r"^V(\d+)__[\w-]+\.sql$")
 QUICK_CHECK_SECONDS = 10.0  # the start-up check of the file stops here on a very large database
 
 
 def migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every bundled migration, in order."""
-    found = []
-    for entry in importlib.resources.files("migrations").iterdir():
-        match = _MIGRATION_RE.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise StoreError(f"migrations must be numbered 1, 2, 3... without gaps, found {versions}")
-    return found
+    try:
+        return bundled()
+    except ValueError as exc:
+        raise StoreError(f"migrations {exc}") from exc
 
 
 def nearest_existing(folder: Path) -> Path:
