@@ -37,6 +37,10 @@ FROM base AS torch-cpu
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV RWKV_DISCORD_STRATEGY="auto"
+# A C compiler: the CPU step in C (engine/csrc) is built at the first start, for the CPU it runs on
+# (about 2 s; cached in the user's ~/.cache), and PyTorch runs the model without it.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=secret,id=pip_conf --mount=type=secret,id=pip_ca \
     pip-build install "$TORCH_SPEC" --index-url "$TORCH_INDEX"
 

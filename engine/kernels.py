@@ -56,6 +56,7 @@ class Linear:
         *,
         int8: bool = False,
         reduce_range: bool = True,
+        native: bool = False,
     ):
         w = weight.to(device=device, dtype=dtype)
         self.packed: torch.Tensor | None = None
@@ -63,6 +64,19 @@ class Linear:
         self.int8: Any = None  # fbgemm's packed int8 weight
         self.int8_check: Int8Check | None = None  # how the int8 product asked for came out
         self.reduce_range = reduce_range
+        # the C step's weight (engine.native): packed, float32 or int8 with its row scales
+        self.native: torch.Tensor | None = None
+        self.native_scale: torch.Tensor | None = None
+        self.rows = int(w.shape[0])
+        if native and device.type == "cpu" and dtype == torch.float32:
+            from engine.native import pack
+
+            if int8:
+                q, self.native_scale = quantize_rows(w)
+                self.native = pack(q)
+            else:
+                self.native = pack(w)
+            return
         if device.type == "cpu" and dtype == torch.float32 and w.numel() >= _PACK_MIN_NUMEL:
             if int8:
                 self.int8, self.int8_check = _int8_pack(w.contiguous(), reduce_range)
@@ -73,6 +87,8 @@ class Linear:
             self.weight_t = w.t().contiguous()  # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:  # the C step's weights, in PyTorch (its self-check)
+            return F.linear(x, self.plain_weight())
         if self.int8 is not None:
             out_q: torch.Tensor = torch.ops.quantized.linear_dynamic(x, self.int8, self.reduce_range)
             return out_q
@@ -81,6 +97,21 @@ class Linear:
             return out
         assert self.weight_t is not None
         return x @ self.weight_t
+
+    def plain_weight(self) -> torch.Tensor:
+        """The C step's weight as a float32 ``[out, in]`` matrix (int8: times its scales)."""
+        from engine.native import unpack
+
+        assert self.native is not None
+        w = unpack(self.native, self.rows)
+        return w.float() * self.native_scale[:, None] if self.native_scale is not None else w
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``[out, in]`` float32 weight in int8, symmetric, one float32 scale per output row."""
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.float().contiguous()
 
 
 @dataclass(frozen=True)
@@ -99,8 +130,7 @@ def _int8_pack(weight: torch.Tensor, reduce_range: bool) -> tuple[Any, Int8Check
     inputs (``reduce_range`` False) that fail it, 7-bit ones are tried before giving up. Logs
     nothing: the model sums its matrices up in one line (:func:`int8_report`)."""
     try:
-        scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
-        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = quantize_rows(weight)
         zero = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
             warnings.simplefilter("ignore", UserWarning)

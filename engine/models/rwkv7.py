@@ -17,12 +17,14 @@ State of one sequence, per layer (the snapshot layout, which is the package's):
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from engine import native
 from engine.cpu_features import this_cpu
 from engine.errors import EngineError
 from engine.kernels import Linear, Recurrence, int8_report, load_fla
@@ -31,6 +33,10 @@ from engine.models.base import BatchedModel, LayerStates, StateTensor
 log = logging.getLogger(__name__)
 
 DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is DECAY_SCALE * sigmoid(w0 + lora(x))
+# The relative error (of the largest value of each output) beyond which the C step's self-check
+# refuses it; it computes what PyTorch does on the same weights, so only the summation order
+# differs (measured: under 1e-6 on random models)
+NATIVE_SELF_CHECK = 1e-4
 
 
 class _Layer:
@@ -60,6 +66,32 @@ class _Layer:
         """The block's six large matrices."""
         return [self.receptance, self.key, self.value, self.output, self.ffn_key, self.ffn_value]
 
+    def native(self) -> tuple[native.LayerStruct, list[torch.Tensor]]:
+        """The C step's view of this block (:mod:`engine.native`), and the tensors it points into
+        that nothing else holds (the LoRA matrices transposed to [out, in])."""
+        keep: list[torch.Tensor] = []
+
+        def lora(t: torch.Tensor) -> native.Mat:  # [in, out] in the file
+            m, packed = native.mat_of(t.t())
+            keep.append(packed)
+            return m
+
+        s = native.LayerStruct()
+        for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "mix", "w0", "a0", "k_k", "k_a", "r_k"):
+            setattr(s, name, native.ptr(getattr(self, name)))
+        s.ln_x_w, s.ln_x_b = native.ptr(self.ln_x_w), native.ptr(self.ln_x_b)
+        s.ffn_x_k = native.ptr(self.ffn_x_k)
+        for name in ("receptance", "key", "value", "output", "ffn_key", "ffn_value"):
+            m: Linear = getattr(self, name)
+            assert m.native is not None
+            setattr(s, name, native.mat(m.native, m.rows, m.native_scale))
+        for name in ("w1", "w2", "a1", "a2", "g1", "g2"):
+            setattr(s, name, lora(getattr(self, name)))
+        if self.has_v_mix:
+            s.v0 = native.ptr(self.v0)
+            s.v1, s.v2 = lora(self.v1), lora(self.v2)
+        return s, keep
+
 
 class RWKV7(BatchedModel):
     """An RWKV-7 model's weights on one device, and its forward pass over a batch."""
@@ -83,17 +115,31 @@ class RWKV7(BatchedModel):
         self.n_head, self.head_size = int(r_k.shape[0]), int(r_k.shape[1])
         self.vocab_size, self.n_embd = (int(d) for d in weights["emb.weight"].shape)
         self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+        self.n_ffn = int(weights["blocks.0.ffn.key.weight"].shape[0])
 
         def get(key: str) -> torch.Tensor:
             return weights[key].squeeze().to(device=device, dtype=dtype).contiguous()
 
-        # int8: the large products (the block's six, the head) in int8; the small LoRA ones stay.
-        # 8-bit inputs only where fbgemm runs its AVX-512 VNNI kernels (32-bit sums); elsewhere its
-        # 16-bit sums of pairs saturate on them (engine.cpu_features)
-        reduce_range = not this_cpu().vnni if int8 else True
+        # The C step (engine.native) on the CPU in float32, where it builds: the whole forward
+        # pass, with int8 weights (one scale per row) under 'cpu int8'. Elsewhere PyTorch, with
+        # fbgemm's dynamic int8 products under 'cpu int8': the large products (the block's six,
+        # the head) in int8, the small LoRA ones not; 8-bit inputs only where fbgemm runs its
+        # AVX-512 VNNI kernels (32-bit sums); elsewhere its 16-bit sums of pairs saturate on them
+        # (engine.cpu_features)
+        lib = native.load() if device.type == "cpu" and dtype == torch.float32 else None
+        use_native = lib is not None and lib.lib is not None and native_step_fits(weights)
+        reduce_range = not this_cpu().vnni if int8 and not use_native else True
 
         def lin(key: str) -> Linear:
-            return Linear(weights[key], device, dtype, batch_hint, int8=int8, reduce_range=reduce_range)
+            return Linear(
+                weights[key],
+                device,
+                dtype,
+                batch_hint,
+                int8=int8,
+                reduce_range=reduce_range,
+                native=use_native,
+            )
 
         with torch.no_grad():
             emb = weights["emb.weight"].to(device=device, dtype=dtype)
@@ -103,20 +149,91 @@ class RWKV7(BatchedModel):
             self.layers = [_Layer(get, lin, i) for i in range(self.n_layer)]
             self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
             self.head = lin("head.weight")
+        self._fla: Recurrence | None = None  # the recurrence in use: None is the plain path
+        self._fla_kernel: Recurrence | None = None  # the fused one installed, in use or not
+        self._fla_in_place = False  # whether fla-core's kernel updates the slots in place
+        self._native: native.Native | None = None
+        self._native_layers: list[native.LayerStruct] = []
+        self._native_head: native.Mat | None = None
+        self._native_keep: list[torch.Tensor] = []
+        self._work = torch.empty(0)
+        if use_native and lib is not None:
+
+            def torch_lin(key: str) -> Linear:  # the PyTorch path's, should the C step fail its check
+                vnni = this_cpu().vnni
+                return Linear(weights[key], device, dtype, batch_hint, int8=int8, reduce_range=not vnni)
+
+            self._install_native(lib, torch_lin)
         if int8:
             warning = self._int8_report()[1]
             if warning is not None:  # one line for the model, not one per matrix
                 log.warning("%s", warning)
 
-        self._fla: Recurrence | None = None  # the recurrence in use: None is the plain path
-        self._fla_kernel: Recurrence | None = None  # the fused one installed, in use or not
-        self._fla_in_place = False  # whether fla-core's kernel updates the slots in place
         if device.type == "cuda" and use_fla is not False:
             loaded = load_fla(
                 device, self.n_head, self.head_size, plain=recurrent_plain, log_decay_scale=DECAY_SCALE
             )
             if loaded is not None:
                 self.install_fused(*loaded)
+
+    def _install_native(self, lib: native.Native, torch_lin: Callable[[str], Linear]) -> None:
+        """Point the C step at the weights, then check it against PyTorch on the same weights;
+        should it disagree, the PyTorch path takes over (with its own kernels) and a warning
+        says so."""
+        self._native = lib
+        for p in self.layers:
+            struct, keep = p.native()
+            self._native_layers.append(struct)
+            self._native_keep.extend(keep)
+        assert self.head.native is not None
+        self._native_head = native.mat(self.head.native, self.head.rows, self.head.native_scale)
+        problem = self._native_self_check()
+        if problem is None:
+            return
+        log.warning("the C step %s; PyTorch runs this model", problem)
+        self._native, self._native_layers, self._native_head, self._native_keep = None, [], None, []
+        with torch.no_grad():  # from the file's weights (an int8 model's too: not its rounded ones)
+            for i, p in enumerate(self.layers):
+                att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+                for name in ("receptance", "key", "value", "output"):
+                    setattr(p, name, torch_lin(f"{att}{name}.weight"))
+                p.ffn_key, p.ffn_value = torch_lin(f"{ffn}key.weight"), torch_lin(f"{ffn}value.weight")
+            self.head = torch_lin("head.weight")
+
+    def _native_self_check(self) -> str | None:
+        """None when the C step's first layers and head agree with PyTorch's on random inputs
+        (a batch of 2 prompt chunks of 3 tokens, then a decode step), else what went wrong."""
+        gen = torch.Generator().manual_seed(11)
+        C, H, N = self.n_embd, self.n_head, self.head_size
+        layers = min(2, self.n_layer)
+        worst = 0.0
+        try:
+            starts = [
+                [
+                    torch.randn(2, C, generator=gen),
+                    torch.randn(2, H, N, N, generator=gen) * 0.1,
+                    torch.randn(2, C, generator=gen),
+                ]
+                for _ in range(layers)
+            ]
+            both = []
+            for run, head in ((self._forward_native, self.logits), (self._forward_torch, self._logits_torch)):
+                states = _Scratch([[t.clone() for t in layer] for layer in starts])
+                outs = []
+                for T in (3, 1):
+                    x = torch.randn(2, T, C, generator=torch.Generator().manual_seed(T))
+                    outs.append(run(x, states, layers=layers))
+                outs.append(head(outs[-1]))
+                outs.extend(t for layer in states.layers for t in layer)
+                both.append(outs)
+            for got, want in zip(*both, strict=True):
+                error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                worst = max(worst, error)
+        except (ValueError, RuntimeError, OSError) as exc:
+            return f"failed its self-check ({exc})"
+        if not worst <= NATIVE_SELF_CHECK:
+            return f"disagrees with PyTorch (relative error {worst:.2e}, limit {NATIVE_SELF_CHECK})"
+        return None
 
     def install_fused(self, recurrence: Recurrence, in_place: bool) -> None:
         """Run the recurrence with ``recurrence`` (fla-core's, or a test's stand-in on the CPU);
@@ -148,8 +265,12 @@ class RWKV7(BatchedModel):
         return self._fla is not None
 
     def kernels(self) -> list[str]:
-        """oneDNN prepacking (CPU) and fla-core's kernel (CUDA), where in use."""
+        """The C step, oneDNN prepacking (CPU) and fla-core's kernel (CUDA), where in use."""
         parts = []
+        if self._native is not None:
+            parts.append(self._native.describe())
+            if self.head.native_scale is not None:
+                parts.append("int8 weights (one scale per row)")
         int8 = self._int8_report()[0]
         if int8 is not None:
             parts.append(int8)
@@ -172,15 +293,86 @@ class RWKV7(BatchedModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """ln_out, then the head, in float32."""
+        if self._native is None or self._native_head is None:
+            return self._logits_torch(hidden)
+        assert self._native.lib is not None
+        h = hidden.float().contiguous()
+        B = h.shape[0]
+        out = torch.empty(B, self.vocab_size)
+        work = self._workspace(B * self.n_embd)
+        self._native.lib.rwkv7_head(
+            ctypes.addressof(self._native_head),
+            native.ptr(self.ln_out_w),
+            native.ptr(self.ln_out_b),
+            B,
+            self.n_embd,
+            native.ptr(h),
+            native.ptr(out),
+            native.ptr(work),
+            torch.get_num_threads(),
+        )
+        return out
+
+    def _logits_torch(self, hidden: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
         return self.head(h).float()
+
+    def _workspace(self, floats: int) -> torch.Tensor:
+        """Scratch space of the C step, kept between steps (grown, never shrunk)."""
+        if self._work.numel() < floats:
+            self._work = torch.empty(floats)
+        return self._work[:floats]
 
     def forward(self, x: torch.Tensor, states: LayerStates, *, prompt: bool = False) -> torch.Tensor:
         """All layers on ``x`` [B, T, C]; returns the last position [B, C]. ``prompt``: a prompt
         chunk (the fused kernel packs those, whatever their length)."""
+        if self._native is not None:
+            return self._forward_native(x, states)
+        return self._forward_torch(x, states, prompt=prompt)
+
+    def _forward_native(
+        self, x: torch.Tensor, states: LayerStates, *, layers: int | None = None
+    ) -> torch.Tensor:
+        """The C step, layer by layer (the first ``layers`` only, for its self-check)."""
+        assert self._native is not None and self._native.lib is not None
+        lib = self._native.lib
+        B, T, C = x.shape
+        M = B * T
+        x = x.float().contiguous().clone()  # the residual stream, updated in place
+        v_first = torch.empty(M, C)
+        loras = self._native_layers[0]
+        lora = int(loras.w1.rows + loras.a1.rows + loras.g1.rows + (self._native_layers[-1].v1.rows))
+        work = self._workspace(int(lib.rwkv7_workspace(M, C, self.n_ffn, lora)))
+        threads = torch.get_num_threads()
+        for i, struct in enumerate(self._native_layers[:layers]):
+            values = [t if t.is_contiguous() else t.contiguous() for t in states.read(i)]
+            shift, kv, ffn_shift = values
+            lib.rwkv7_layer(
+                ctypes.addressof(struct),
+                i,
+                B,
+                T,
+                C,
+                self.n_head,
+                self.head_size,
+                self.n_ffn,
+                native.ptr(x),
+                native.ptr(shift),
+                native.ptr(kv),
+                native.ptr(ffn_shift),
+                native.ptr(v_first),
+                native.ptr(work),
+                threads,
+            )
+            states.write(i, values)
+        return x[:, -1]
+
+    def _forward_torch(
+        self, x: torch.Tensor, states: LayerStates, *, prompt: bool = False, layers: int | None = None
+    ) -> torch.Tensor:
         C = x.shape[-1]
         v_first: torch.Tensor | None = None
-        for i, p in enumerate(self.layers):
+        for i, p in enumerate(self.layers[:layers]):
             shift, kv, ffn_shift = states.read(i)
             h = F.layer_norm(x, (C,), weight=p.ln1_w, bias=p.ln1_b)
             out, v_first = self._time_mix(i, p, h, shift=shift, kv=kv, v_first=v_first, prompt=prompt)
@@ -246,6 +438,26 @@ class RWKV7(BatchedModel):
         k = x + (_shifted(shift, x) - x) * p.ffn_x_k
         k = torch.relu(p.ffn_key(k.reshape(B * T, C))) ** 2
         return p.ffn_value(k).view(B, T, C)
+
+
+class _Scratch:
+    """States held in lists (the C step's self-check): read and written as they are."""
+
+    def __init__(self, layers: list[list[torch.Tensor]]) -> None:
+        self.layers = layers
+
+    def read(self, layer: int) -> list[torch.Tensor]:
+        return list(self.layers[layer])
+
+    def write(self, layer: int, values: list[torch.Tensor]) -> None:
+        for held, value in zip(self.layers[layer], values, strict=True):
+            if value is not held:
+                held.copy_(value)
+
+
+def native_step_fits(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the C step takes this model: heads of at most 256 (all RWKV-7 models have 64)."""
+    return int(weights["blocks.0.att.r_k"].shape[-1]) <= 256
 
 
 def _shifted(shift: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""``'cpu int8'``: the large matrix products in int8, close to fp32 within a stated tolerance."""
+"""``'cpu int8'`` on the PyTorch path (where the C step is not: no compiler, or
+``RWKV_DISCORD_NATIVE=off``): the large matrix products in int8 through fbgemm, close to fp32 within
+a stated tolerance. The C step's int8 is tested in test_native.py."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from engine import kernels
 from engine.kernels import INT8_SELF_CHECK, Linear
+from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
 from tools.make_model import ModelShape, write_random_model
 
@@ -23,11 +26,21 @@ MAX_REL = 0.15
 MEAN_REL = 0.08
 
 
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model of these tests runs PyTorch (fbgemm's int8), not the C step."""
+    monkeypatch.setenv(ENV_SWITCH, "off")
+
+
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRunner, ModelRunner]:
     """The same random model in fp32 and in int8."""
     path = write_random_model(tmp_path_factory.mktemp("int8") / "m.pth", 7, ModelShape(2, 768, 1024), seed=3)
-    return ModelRunner.load(path, "cpu fp32", max_slots=3), ModelRunner.load(path, "cpu int8", max_slots=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_SWITCH, "off")
+        return ModelRunner.load(path, "cpu fp32", max_slots=3), ModelRunner.load(
+            path, "cpu int8", max_slots=3
+        )
 
 
 def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
@@ -199,7 +212,7 @@ def test_int8_on_fbgemm_s_avx2_path_is_right_or_says_it_is_not(tmp_path: Path) -
     taken for VNNI is caught by the self-check, which moves its matrices to 7-bit inputs with one
     summary warning."""
     path = write_random_model(tmp_path / "m.pth", 7, ModelShape(2, 768, 1024), seed=3)
-    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", ENV_SWITCH: "off"}
     run = subprocess.run(
         [sys.executable, "-c", _AVX2_SCRIPT, str(path)],
         capture_output=True,

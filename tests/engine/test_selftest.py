@@ -16,9 +16,17 @@ from engine.batched_engine import BatchedEngine
 from engine.cuda_graphs import IndexedStep, RunStep
 from engine.formats import inspect_model, load_weights
 from engine.models.rwkv7 import RWKV7, recurrent_plain
+from engine.native import ENV_SWITCH
 from engine.runner import GraphFactory, ModelRunner
 from engine.selftest import choose_path, decode_cases
 from engine.tokenizer import world_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seams under test (graphs, an installed fused recurrence) are the PyTorch path's: these
+    models do not run the C step."""
+    monkeypatch.setenv(ENV_SWITCH, "off")
 
 
 class EagerGraph:

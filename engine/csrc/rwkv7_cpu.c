@@ -1,0 +1,399 @@
+/* The RWKV-7 forward pass of a batch on the CPU, one layer per call, in float32 arithmetic with
+ * float32 or int8 weights (int8: one scale per output row, multiplied in after the row's sum).
+ *
+ * Built and loaded by engine/native.py (the C compiler at hand, -O3 -march=native -fopenmp; the
+ * OpenMP runtime is the one torch has loaded, so torch and these loops share one thread team).
+ * The math is engine/models/rwkv7.py's, which is the rwkv package's RWKV_x070; the point of this
+ * file is to do a step in a dozen parallel regions instead of hundreds of small torch calls, and
+ * to read every weight once per step whatever the batch (a decode step is bound by memory).
+ *
+ * Every output element is summed in a fixed order that depends neither on the batch size nor on
+ * the other rows of the batch nor on the number of threads, so a sequence's results are the same
+ * bits alone or in any batch (the engine's exact restores rely on that).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RWKV_AVX2 1
+#else
+#define RWKV_AVX2 0
+#endif
+
+typedef struct {
+    const void *w;      /* [ceil(rows / 16), cols, 16] (panels of 16 rows, zero-padded): float32,
+                           or int8 where scale is set */
+    const float *scale; /* [rows]: the scale of each int8 row; NULL for float32 */
+    int64_t rows, cols;
+} Mat;
+
+typedef struct {
+    /* vectors [C] unless noted */
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    const float *mix;                       /* [6, C]: x_r, x_w, x_k, x_v, x_a, x_g */
+    const float *w0, *a0, *v0;              /* v0 NULL in layer 0 */
+    const float *k_k, *k_a, *r_k;           /* r_k [H * N] */
+    const float *ln_x_w, *ln_x_b;
+    const float *ffn_x_k;
+    Mat receptance, key, value, output, ffn_key, ffn_value;
+    /* the LoRA matrices, transposed to [out, in] float32 */
+    Mat w1, w2, a1, a2, g1, g2, v1, v2;     /* v1, v2 rows 0 in layer 0 */
+} Layer;
+
+enum { EPI_SET = 0, EPI_TANH = 1, EPI_SIGMOID = 2, EPI_RELU_SQ = 3, EPI_ADD = 4 };
+
+typedef struct {
+    const Mat *m;
+    const float *x; /* [M, m->cols] */
+    float *y;       /* [M, m->rows] */
+    int epi;
+} Job;
+
+int rwkv7_native_version(void) { return 2; }
+
+int rwkv7_native_simd(void) { return RWKV_AVX2; }
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static inline float epilogue(int epi, float v, float old) {
+    switch (epi) {
+    case EPI_TANH: return tanhf(v);
+    case EPI_SIGMOID: return sigmoidf(v);
+    case EPI_RELU_SQ: return v > 0.0f ? v * v : 0.0f;
+    case EPI_ADD: return old + v;
+    default: return v;
+    }
+}
+
+#define P 16    /* rows of a panel: a weight is stored [ceil(rows / P), cols, P] */
+#define GROUP 4 /* panels of a unit of work */
+#define MR 6    /* input rows of a tile */
+
+#if RWKV_AVX2
+#define LOAD_F32(w, k, w0, w1)                                                                      \
+    do {                                                                                            \
+        const float *f_ = (const float *)(w) + (k) * P;                                             \
+        w0 = _mm256_loadu_ps(f_);                                                                   \
+        w1 = _mm256_loadu_ps(f_ + 8);                                                               \
+    } while (0)
+#define LOAD_I8(w, k, w0, w1)                                                                       \
+    do {                                                                                            \
+        __m128i q_ = _mm_loadu_si128((const __m128i *)((const int8_t *)(w) + (k) * P));             \
+        w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q_));                                          \
+        w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q_, 8)));                       \
+    } while (0)
+
+/* out[b * P + r] = panel row r . x[b] for NM inputs: per output, one fused multiply-add per column
+ * in column order, whatever NM is */
+#define DEFINE_PANEL(NM, SUF, LOAD)                                                                 \
+    static void panel_##SUF##_##NM(const void *w, int64_t K, const float *const *xs, float *out) {   \
+        __m256 a0[NM], a1[NM];                                                                      \
+        for (int b = 0; b < NM; b++) a0[b] = a1[b] = _mm256_setzero_ps();                           \
+        for (int64_t k = 0; k < K; k++) {                                                           \
+            __m256 w0, w1;                                                                          \
+            LOAD(w, k, w0, w1);                                                                     \
+            for (int b = 0; b < NM; b++) {                                                          \
+                __m256 xb = _mm256_broadcast_ss(xs[b] + k);                                         \
+                a0[b] = _mm256_fmadd_ps(w0, xb, a0[b]);                                             \
+                a1[b] = _mm256_fmadd_ps(w1, xb, a1[b]);                                             \
+            }                                                                                       \
+        }                                                                                           \
+        for (int b = 0; b < NM; b++) {                                                              \
+            _mm256_storeu_ps(out + b * P, a0[b]);                                                   \
+            _mm256_storeu_ps(out + b * P + 8, a1[b]);                                               \
+        }                                                                                           \
+    }
+/* GROUP panels at once for one input (a decode step of one sequence: more sums in flight) */
+#define DEFINE_GROUP(SUF, LOAD, ESIZE)                                                              \
+    static void group_##SUF(const void *w, int64_t K, const float *x, float *out) {                 \
+        __m256 a[2 * GROUP];                                                                        \
+        for (int i = 0; i < 2 * GROUP; i++) a[i] = _mm256_setzero_ps();                             \
+        for (int64_t k = 0; k < K; k++) {                                                           \
+            __m256 xb = _mm256_broadcast_ss(x + k);                                                 \
+            for (int g = 0; g < GROUP; g++) {                                                       \
+                __m256 w0, w1;                                                                      \
+                LOAD((const char *)(w) + (int64_t)g * K * P * (ESIZE), k, w0, w1);                  \
+                a[2 * g] = _mm256_fmadd_ps(w0, xb, a[2 * g]);                                       \
+                a[2 * g + 1] = _mm256_fmadd_ps(w1, xb, a[2 * g + 1]);                               \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < 2 * GROUP; i++) _mm256_storeu_ps(out + 8 * i, a[i]);                    \
+    }
+#define DEFINE_ALL(SUF, LOAD, ESIZE)                                                                \
+    DEFINE_PANEL(1, SUF, LOAD)                                                                      \
+    DEFINE_PANEL(2, SUF, LOAD)                                                                      \
+    DEFINE_PANEL(3, SUF, LOAD)                                                                      \
+    DEFINE_PANEL(4, SUF, LOAD)                                                                      \
+    DEFINE_PANEL(5, SUF, LOAD)                                                                      \
+    DEFINE_PANEL(6, SUF, LOAD)                                                                      \
+    DEFINE_GROUP(SUF, LOAD, ESIZE)                                                                  \
+    static void panel_##SUF(int nm, const void *w, int64_t K, const float *const *xs, float *out) { \
+        switch (nm) {                                                                               \
+        case 1: panel_##SUF##_1(w, K, xs, out); break;                                              \
+        case 2: panel_##SUF##_2(w, K, xs, out); break;                                              \
+        case 3: panel_##SUF##_3(w, K, xs, out); break;                                              \
+        case 4: panel_##SUF##_4(w, K, xs, out); break;                                              \
+        case 5: panel_##SUF##_5(w, K, xs, out); break;                                              \
+        default: panel_##SUF##_6(w, K, xs, out); break;                                             \
+        }                                                                                           \
+    }
+DEFINE_ALL(f32, LOAD_F32, 4)
+DEFINE_ALL(i8, LOAD_I8, 1)
+#else
+/* without AVX2: the same order of sums, in plain C */
+static void panel_plain(int nm, const Mat *A, const void *w, int64_t K, const float *const *xs, float *out) {
+    for (int b = 0; b < nm; b++) {
+        float acc[P] = {0};
+        for (int64_t k = 0; k < K; k++)
+            for (int r = 0; r < P; r++) {
+                float wv = A->scale ? (float)((const int8_t *)w)[k * P + r] : ((const float *)w)[k * P + r];
+                acc[r] = fmaf(wv, xs[b][k], acc[r]);
+            }
+        for (int r = 0; r < P; r++) out[b * P + r] = acc[r];
+    }
+}
+#endif
+
+static void store(const Job *job, const Mat *A, int64_t m, int64_t row0, const float *sums) {
+    const int64_t N = A->rows;
+    float *y = job->y + m * N;
+    for (int r = 0; r < P && row0 + r < N; r++) {
+        float s = sums[r];
+        if (A->scale) s *= A->scale[row0 + r];
+        y[row0 + r] = epilogue(job->epi, s, y[row0 + r]);
+    }
+}
+
+/* one unit of work: GROUP panels (fewer at the end) for every input row */
+static void mat_block(const Job *job, int64_t M, int64_t unit) {
+    const Mat *A = job->m;
+    const int64_t K = A->cols, panels = (A->rows + P - 1) / P;
+    const int64_t p0 = unit * GROUP, np = panels - p0 < GROUP ? panels - p0 : GROUP;
+    const size_t esize = A->scale ? 1 : 4, pstride = (size_t)K * P * esize;
+    const char *base = (const char *)A->w + (size_t)p0 * pstride;
+    float sums[MR * P > GROUP * P ? MR * P : GROUP * P];
+#if RWKV_AVX2
+    if (M == 1 && np == GROUP) {
+        if (A->scale) group_i8(base, K, job->x, sums);
+        else group_f32(base, K, job->x, sums);
+        for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);
+        return;
+    }
+#endif
+    for (int64_t p = 0; p < np; p++) {
+        const void *w = base + (size_t)p * pstride;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            const int nm = (int)(M - m0 < MR ? M - m0 : MR);
+            const float *xs[MR];
+            for (int b = 0; b < nm; b++) xs[b] = job->x + (m0 + b) * K;
+#if RWKV_AVX2
+            if (A->scale) panel_i8(nm, w, K, xs, sums);
+            else panel_f32(nm, w, K, xs, sums);
+#else
+            panel_plain(nm, A, w, K, xs, sums);
+#endif
+            for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
+        }
+    }
+}
+
+/* all blocks of all jobs, shared among the team (call inside a parallel region) */
+static void run_jobs(const Job *jobs, int n, int64_t M) {
+    int64_t total = 0, starts[16];
+    for (int j = 0; j < n; j++) {
+        starts[j] = total;
+        total += ((jobs[j].m->rows + P - 1) / P + GROUP - 1) / GROUP;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < total; i++) {
+        int j = n - 1;
+        while (starts[j] > i) j--;
+        mat_block(&jobs[j], M, i - starts[j]);
+    }
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, int64_t C, float eps, float *out) {
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t i = 0; i < C; i++) mean += x[i];
+    mean /= (float)C;
+    for (int64_t i = 0; i < C; i++) {
+        float d = x[i] - mean;
+        var += d * d;
+    }
+    var /= (float)C;
+    float inv = 1.0f / sqrtf(var + eps);
+    for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * inv * w[i] + b[i];
+}
+
+/* floats of scratch space a layer call needs for M rows */
+int64_t rwkv7_workspace(int64_t M, int64_t C, int64_t F, int64_t lora) {
+    return M * (16 * C + F + lora);
+}
+
+#define DECAY_SCALE (-0.606531f)
+
+/* One layer on x [B, T, C] (updated in place), its states updated in place: shift [B, C], kv
+ * [B, H, N, N] (key-major), ffn_shift [B, C]; v_first [B*T, C] is written by layer 0 and read by
+ * the others; work: rwkv7_workspace floats. */
+void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int64_t H, int64_t N, int64_t F,
+                 float *x, float *shift, float *kv, float *ffn_shift, float *v_first, float *work, int threads) {
+    const int64_t M = B * T;
+    const int64_t Dw = L->w1.rows, Da = L->a1.rows, Dg = L->g1.rows, Dv = layer > 0 ? L->v1.rows : 0;
+    float *h = work, *xm = h + M * C; /* xm: the six mixes [6][M, C] */
+    float *r = xm + 6 * M * C, *k = r + M * C, *v = k + M * C, *wl = v + M * C, *al = wl + M * C;
+    float *gl = al + M * C, *vl = gl + M * C, *y = vl + M * C, *ffk = y + M * C;
+    float *wd = ffk + M * F, *ad = wd + M * Dw, *gd = ad + M * Da, *vd = gd + M * Dg;
+    float *xr = xm, *xw = xm + M * C, *xk = xm + 2 * M * C, *xv = xm + 3 * M * C, *xa = xm + 4 * M * C,
+          *xg = xm + 5 * M * C;
+    float *h2 = xr, *fx = xw; /* reused after the time mix */
+    (void)vd;
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, L->ln1_w, L->ln1_b, C, 1e-5f, h + m * C);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t t = m % T;
+            const float *prev = t == 0 ? shift + (m / T) * C : h + (m - 1) * C;
+            const float *hm = h + m * C;
+            for (int i = 0; i < 6; i++) {
+                float *out = xm + (int64_t)i * M * C + m * C;
+                const float *mix = L->mix + i * C;
+                for (int64_t c = 0; c < C; c++) out[c] = hm[c] + (prev[c] - hm[c]) * mix[c];
+            }
+        }
+        {
+            Job jobs[7] = {
+                {&L->receptance, xr, r, EPI_SET}, {&L->key, xk, k, EPI_SET}, {&L->value, xv, v, EPI_SET},
+                {&L->w1, xw, wd, EPI_TANH},       {&L->a1, xa, ad, EPI_SET}, {&L->g1, xg, gd, EPI_SIGMOID},
+                {&L->v1, xv, vd, EPI_SET},
+            };
+            run_jobs(jobs, layer > 0 ? 7 : 6, M);
+        }
+        {
+            Job jobs[4] = {
+                {&L->w2, wd, wl, EPI_SET}, {&L->a2, ad, al, EPI_SET}, {&L->g2, gd, gl, EPI_SET},
+                {&L->v2, vd, vl, EPI_SET},
+            };
+            run_jobs(jobs, layer > 0 ? 4 : 3, M);
+        }
+        /* per row: kk (into xk), k, v, a (into al), decay (into wl) */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float *km = k + m * C, *vm = v + m * C, *am = al + m * C, *wm = wl + m * C, *kkm = xk + m * C;
+            for (int64_t c = 0; c < C; c++) am[c] = sigmoidf(L->a0[c] + am[c]);
+            for (int64_t hd = 0; hd < H; hd++) {
+                float ss = 0.0f;
+                for (int64_t n = 0; n < N; n++) {
+                    float t = km[hd * N + n] * L->k_k[hd * N + n];
+                    kkm[hd * N + n] = t;
+                    ss += t * t;
+                }
+                float norm = sqrtf(ss);
+                float inv = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+                for (int64_t n = 0; n < N; n++) kkm[hd * N + n] *= inv;
+            }
+            for (int64_t c = 0; c < C; c++) km[c] = km[c] * (1.0f + (am[c] - 1.0f) * L->k_a[c]);
+            if (layer == 0) {
+                memcpy(v_first + m * C, vm, (size_t)C * sizeof(float));
+            } else {
+                const float *vf = v_first + m * C, *vlm = vl + m * C;
+                for (int64_t c = 0; c < C; c++) vm[c] = vm[c] + (vf[c] - vm[c]) * sigmoidf(L->v0[c] + vlm[c]);
+            }
+            for (int64_t c = 0; c < C; c++) wm[c] = expf(DECAY_SCALE * sigmoidf(L->w0[c] + wm[c]));
+        }
+        /* the recurrence, per sequence and head, token by token; y per row */
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t bi = bh / H, hd = bh % H;
+            float *S = kv + bh * N * N;
+            float sa[256];
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t m = bi * T + t, o = m * C + hd * N;
+                const float *kk = xk + o, *kt = k + o, *vt = v + o, *rt = r + o, *wt = wl + o, *at = al + o;
+                float *yt = y + o;
+                for (int64_t j = 0; j < N; j++) sa[j] = 0.0f;
+                for (int64_t i = 0; i < N; i++) {
+                    const float nk = -kk[i];
+                    const float *Si = S + i * N;
+                    for (int64_t j = 0; j < N; j++) sa[j] += nk * Si[j];
+                }
+                for (int64_t j = 0; j < N; j++) yt[j] = 0.0f;
+                for (int64_t i = 0; i < N; i++) {
+                    const float wi = wt[i], bi_ = kk[i] * at[i], ki = kt[i], ri = rt[i];
+                    float *Si = S + i * N;
+                    for (int64_t j = 0; j < N; j++) {
+                        Si[j] = Si[j] * wi + (bi_ * sa[j] + ki * vt[j]);
+                        yt[j] += ri * Si[j];
+                    }
+                }
+            }
+        }
+        /* group norm, the bonus r.k.r_k * v, times g */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t hd = 0; hd < H; hd++) {
+                const int64_t o = m * C + hd * N;
+                float *yt = y + o;
+                float mean = 0.0f, var = 0.0f, bonus = 0.0f;
+                for (int64_t n = 0; n < N; n++) mean += yt[n];
+                mean /= (float)N;
+                for (int64_t n = 0; n < N; n++) {
+                    float d = yt[n] - mean;
+                    var += d * d;
+                }
+                var /= (float)N;
+                const float inv = 1.0f / sqrtf(var + 64e-5f);
+                for (int64_t n = 0; n < N; n++) bonus += r[o + n] * k[o + n] * L->r_k[hd * N + n];
+                for (int64_t n = 0; n < N; n++) {
+                    const int64_t c = hd * N + n;
+                    float out = (yt[n] - mean) * inv * L->ln_x_w[c] + L->ln_x_b[c];
+                    yt[n] = (out + bonus * v[o + n]) * gl[m * C + c];
+                }
+            }
+        }
+        {
+            Job jobs[1] = {{&L->output, y, x, EPI_ADD}};
+            run_jobs(jobs, 1, M);
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, L->ln2_w, L->ln2_b, C, 1e-5f, h2 + m * C);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t t = m % T;
+            const float *prev = t == 0 ? ffn_shift + (m / T) * C : h2 + (m - 1) * C;
+            const float *hm = h2 + m * C;
+            float *out = fx + m * C;
+            for (int64_t c = 0; c < C; c++) out[c] = hm[c] + (prev[c] - hm[c]) * L->ffn_x_k[c];
+        }
+        {
+            Job jobs[1] = {{&L->ffn_key, fx, ffk, EPI_RELU_SQ}};
+            run_jobs(jobs, 1, M);
+        }
+        {
+            Job jobs[1] = {{&L->ffn_value, ffk, x, EPI_ADD}};
+            run_jobs(jobs, 1, M);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < B; bi++) {
+            memcpy(shift + bi * C, h + (bi * T + T - 1) * C, (size_t)C * sizeof(float));
+            memcpy(ffn_shift + bi * C, h2 + (bi * T + T - 1) * C, (size_t)C * sizeof(float));
+        }
+    }
+}
+
+/* ln_out, then the head: logits [M, V] of hidden states x [M, C]; work: M * C floats */
+void rwkv7_head(const Mat *head, const float *ln_w, const float *ln_b, int64_t M, int64_t C, const float *x,
+                float *logits, float *work, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, ln_w, ln_b, C, 1e-5f, work + m * C);
+        Job jobs[1] = {{head, work, logits, EPI_SET}};
+        run_jobs(jobs, 1, M);
+    }
+}

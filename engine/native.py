@@ -1,0 +1,271 @@
+"""The RWKV-7 CPU step in C (``engine/csrc/rwkv7_cpu.c``): built here, loaded with ctypes.
+
+A decode step in PyTorch is hundreds of small calls (about 40 a layer) and, at batch 1, matrix
+products that do not reach the memory's speed; the C step does a layer in one call and one
+OpenMP parallel region, and reads each weight once per step whatever the batch. It runs float32
+arithmetic on float32 weights, or on int8 weights with one scale per output row (``'cpu int8'``).
+
+The library is compiled on first use with the C compiler at hand (``$CC``, else ``cc``) for this
+CPU (``-march=native``) and cached under ``$XDG_CACHE_HOME/rwkv-discord/native`` (else
+``~/.cache``, else a temporary folder), keyed by the source, the flags, the compiler and the CPU:
+a cache shared by machines of different CPUs keeps one build each. It links the OpenMP runtime
+that torch has already loaded (same ``libgomp.so.1``), so torch's work and the C step's share one
+team of threads. Without a compiler, or with ``RWKV_DISCORD_NATIVE=off``, the PyTorch path serves;
+:func:`load` says why in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch  # loaded first: its libgomp is the one the library links
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
+VERSION = 2  # rwkv7_native_version() of the source this module speaks to
+
+
+class Mat(ctypes.Structure):
+    """A weight matrix ``[rows, cols]``: float32, or int8 with a float32 scale per row."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
+
+
+_VECTORS = [
+    "ln1_w",
+    "ln1_b",
+    "ln2_w",
+    "ln2_b",
+    "mix",
+    "w0",
+    "a0",
+    "v0",
+    "k_k",
+    "k_a",
+    "r_k",
+    "ln_x_w",
+    "ln_x_b",
+    "ffn_x_k",
+]
+_MATRICES = [
+    "receptance",
+    "key",
+    "value",
+    "output",
+    "ffn_key",
+    "ffn_value",
+    "w1",
+    "w2",
+    "a1",
+    "a2",
+    "g1",
+    "g2",
+    "v1",
+    "v2",
+]
+
+
+class LayerStruct(ctypes.Structure):
+    """The C ``Layer``: pointers to one block's weights."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in _VECTORS] + [(name, Mat) for name in _MATRICES]
+
+
+@dataclass(frozen=True)
+class Native:
+    """The loaded library, or why there is none."""
+
+    lib: ctypes.CDLL | None
+    why_not: str | None = None
+    simd: str = ""
+
+    def describe(self) -> str:
+        return f"C step ({self.simd}, OpenMP)" if self.lib is not None else f"no C step ({self.why_not})"
+
+
+_loaded: dict[str, Native] = {}  # the library, once built and loaded in this process
+_lock = threading.Lock()
+
+
+def load() -> Native:
+    """The C step's library, built on first use; a :class:`Native` without one says why
+    (``RWKV_DISCORD_NATIVE=off`` is read at every call: a model loaded after setting it runs
+    PyTorch)."""
+    if switched_off():
+        return Native(None, f"{ENV_SWITCH}=off")
+    with _lock:
+        if "lib" not in _loaded:
+            _loaded["lib"] = _load()
+            if _loaded["lib"].lib is None:
+                log.info("CPU step: %s; PyTorch runs it", _loaded["lib"].why_not)
+        return _loaded["lib"]
+
+
+def switched_off() -> bool:
+    """Whether ``RWKV_DISCORD_NATIVE`` turns the C step off."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in {"off", "0", "no", "false"}
+
+
+def _load() -> Native:
+    if not torch.backends.openmp.is_available():  # type: ignore[no-untyped-call]
+        return Native(None, "this torch has no OpenMP")
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        return Native(None, f"no C compiler ({compiler!r} not found; install gcc to have it)")
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return Native(None, f"could not build it ({_first_line(exc)})")
+    if lib.rwkv7_native_version() != VERSION:
+        return Native(None, "the built library is of another version")
+    _declare(lib)
+    return Native(lib, simd="AVX2" if lib.rwkv7_native_simd() else "portable C")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _cpu_key() -> str:
+    """The first CPU's name and feature flags (what ``-march=native`` builds for)."""
+    import platform
+
+    parts = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the end of the first CPU's block
+                if line.startswith(("flags", "Features", "model name", "CPU implementer", "CPU part")):
+                    parts.append(line.strip())
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _cache_dir() -> Path:
+    """The user's cache folder, else one of the user's own in the temporary folder (made private,
+    and refused if anyone else owns it or may write to it: a library is loaded from it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = Path(base) / "rwkv-discord" / "native"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"rwkv-discord-native-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        st = private.lstat()
+    except OSError as exc:
+        raise RuntimeError(f"no writable cache folder ({exc})") from exc
+    if st.st_uid != os.getuid() or st.st_mode & 0o022 or not private.is_dir() or private.is_symlink():
+        raise RuntimeError(f"{private} is not this user's own folder")
+    return private
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.splitlines()[:1]
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), "".join(version).encode(), _cpu_key().encode()])
+    ).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"rwkv7_cpu-{key}.so"
+    if target.exists():
+        return target
+    fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.part")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[:300]}")
+        os.replace(partial, target)  # whole or not at all, for processes building at once
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.rwkv7_workspace.restype = i64
+    lib.rwkv7_workspace.argtypes = [i64, i64, i64, i64]
+    lib.rwkv7_layer.restype = None
+    lib.rwkv7_layer.argtypes = [p, i32, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i32]
+    lib.rwkv7_head.restype = None
+    lib.rwkv7_head.argtypes = [p, p, p, i64, i64, p, p, p, i32]
+
+
+def ptr(t: torch.Tensor) -> int:
+    """A float32 (or int8) contiguous CPU tensor's data pointer, checked."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("the C step takes contiguous CPU tensors")
+    return int(t.data_ptr())
+
+
+PANEL = 16  # rows of a panel of a packed weight
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """An ``[rows, cols]`` weight in the C step's layout: panels of 16 rows, column by column,
+    ``[ceil(rows / 16), cols, 16]`` (the last panel padded with zeros)."""
+    rows, cols = weight.shape
+    panels = -(-rows // PANEL)
+    if rows % PANEL:
+        weight = torch.cat((weight, weight.new_zeros(panels * PANEL - rows, cols)))
+    return weight.reshape(panels, PANEL, cols).transpose(1, 2).contiguous()
+
+
+def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``[rows, cols]`` weight of :func:`pack`'s layout."""
+    panels, cols, _ = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, cols)[:rows]
+
+
+def mat(packed: torch.Tensor, rows: int, scale: torch.Tensor | None) -> Mat:
+    """The :class:`Mat` of a :func:`pack`-ed weight of ``rows`` rows (int8 with ``scale``, else
+    float32)."""
+    if scale is None and packed.dtype != torch.float32:
+        raise ValueError("a float32 weight, or an int8 one with its scales")
+    if scale is not None and (packed.dtype != torch.int8 or scale.dtype != torch.float32):
+        raise ValueError("an int8 weight takes float32 scales")
+    if packed.dim() != 3 or packed.shape[2] != PANEL or packed.shape[0] * PANEL < rows:
+        raise ValueError("a weight in pack()'s layout")
+    if scale is not None and (scale.dim() != 1 or scale.shape[0] < rows):
+        raise ValueError("one scale per row")
+    return Mat(ptr(packed), ptr(scale) if scale is not None else None, rows, int(packed.shape[1]))
+
+
+def mat_of(weight: torch.Tensor) -> tuple[Mat, torch.Tensor]:
+    """A float32 ``[rows, cols]`` weight packed, its :class:`Mat` and the packed tensor (to keep)."""
+    packed = pack(weight.float().contiguous())
+    return mat(packed, int(weight.shape[0]), None), packed

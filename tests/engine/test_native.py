@@ -1,0 +1,480 @@
+"""The RWKV-7 CPU step in C (``engine/native.py``, ``engine/csrc/rwkv7_cpu.c``): it computes what
+the PyTorch path computes, the same bits for a sequence alone or in any batch, int8 weights close
+to fp32; it is built once and cached, and without a compiler (or switched off, or failing its
+self-check) the PyTorch path serves."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import native
+from engine.kernels import Linear, quantize_rows
+from engine.models import rwkv7
+from engine.native import ENV_SWITCH
+from engine.runner import ModelRunner
+from tools.make_model import ModelShape, write_random_model
+
+CPU = torch.device("cpu")
+# the C step against PyTorch on the same fp32 weights: only the order of the sums differs
+CLOSE = 1e-4
+
+
+def has_openmp() -> bool:
+    """Whether this torch has OpenMP (the C step links its runtime)."""
+    return bool(torch.backends.openmp.is_available())  # type: ignore[no-untyped-call]
+
+
+def c_step_expected() -> bool:
+    """Whether this machine should have the C step: a C compiler and a torch with OpenMP."""
+    return has_openmp() and shutil.which(os.environ.get("CC") or "cc") is not None
+
+
+@pytest.fixture(autouse=True)
+def switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C step is on unless a test turns it off (whatever the environment of the run says)."""
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+
+
+@pytest.fixture(scope="module")
+def c_step() -> native.Native:
+    """The C step's library: built here, or the tests that need it are skipped where no compiler
+    is (a compiler that is there and fails is a failure)."""
+    if not c_step_expected():
+        pytest.skip("no C compiler (or a torch without OpenMP): the C step is not built here")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(ENV_SWITCH, raising=False)
+        loaded = native.load()
+    assert loaded.lib is not None, loaded.why_not
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random RWKV-7 model: 3 layers, width 128 (2 heads), vocabulary 1024."""
+    return write_random_model(
+        tmp_path_factory.mktemp("native") / "m.pth", 7, ModelShape(3, 128, 1024), seed=5
+    )
+
+
+def load(path: Path, strategy: str, *, off: bool = False, max_slots: int = 6) -> ModelRunner:
+    """A runner of ``path``, with the C step switched off if asked."""
+    with pytest.MonkeyPatch.context() as patch:
+        if off:
+            patch.setenv(ENV_SWITCH, "off")
+        else:
+            patch.delenv(ENV_SWITCH, raising=False)
+        return ModelRunner.load(path, strategy, max_slots=max_slots)
+
+
+@pytest.fixture(scope="module")
+def runners(c_step: native.Native, small_model: Path) -> dict[str, ModelRunner]:
+    """The small model on the C step in fp32 and in int8, and on PyTorch in fp32."""
+    return {
+        "cpu fp32": load(small_model, "cpu fp32"),
+        "cpu int8": load(small_model, "cpu int8"),
+        "torch fp32": load(small_model, "cpu fp32", off=True),
+    }
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference relative to the largest value."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def prompts(count: int, length: int, first: int = 1) -> list[list[int]]:
+    """``count`` different prompts of ``length`` tokens."""
+    return [[(first + 37 * i + 11 * t) % 1000 + 1 for t in range(length)] for i in range(count)]
+
+
+# ------------------------------------------------------------------------ the C step vs PyTorch
+
+
+def test_the_c_step_computes_what_pytorch_computes(runners: dict[str, ModelRunner]) -> None:
+    """The same model on the C step and on PyTorch (``RWKV_DISCORD_NATIVE=off``): 3 prompts of 5
+    tokens, then 4 greedy decode steps; the logits and the exported states within 1e-4 (relative
+    to the largest value), and the same greedy token every step."""
+    c, pt = runners["cpu fp32"], runners["torch fp32"]
+    assert "C step" in c.describe_kernels()
+    assert "C step" not in pt.describe_kernels()
+    slots = [0, 1, 2]
+    for runner in (c, pt):
+        for slot in slots:
+            runner.zero_slot(slot)
+    got, want = c.prefill(slots, prompts(3, 5), logits=True), pt.prefill(slots, prompts(3, 5), logits=True)
+    for _ in range(4):
+        assert got is not None and want is not None
+        assert relative(got, want) < CLOSE
+        tokens = got.argmax(-1)
+        assert torch.equal(tokens, want.argmax(-1))
+        for slot in slots:
+            for a, b in zip(c.export_slot(slot), pt.export_slot(slot), strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                assert relative(a, b) < CLOSE
+        got, want = c.decode(slots, tokens.tolist()), pt.decode(slots, tokens.tolist())
+
+
+def test_a_model_of_one_layer_runs_the_c_step(c_step: native.Native, tmp_path: Path) -> None:
+    """One layer (no layer mixes in the first layer's value): the C step still agrees with PyTorch."""
+    path = write_random_model(tmp_path / "one.pth", 7, ModelShape(1, 64, 300), seed=8)
+    c, pt = load(path, "cpu fp32", max_slots=2), load(path, "cpu fp32", off=True, max_slots=2)
+    assert "C step" in c.describe_kernels()
+    for runner in (c, pt):
+        runner.zero_slot(0)
+        runner.zero_slot(1)
+    got, want = c.prefill([0, 1], prompts(2, 3), logits=True), pt.prefill([0, 1], prompts(2, 3), logits=True)
+    assert got is not None and want is not None
+    assert relative(got, want) < CLOSE
+    assert relative(c.decode([1, 0], [5, 6]), pt.decode([1, 0], [5, 6])) < CLOSE
+
+
+# ------------------------------------------------------------------- independence of the batch
+
+
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu int8"])
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(
+    runners: dict[str, ModelRunner], strategy: str
+) -> None:
+    """A sequence's logits and state are bit for bit the same whether its prompt is read alone
+    or with 4 other prompts of its length, and whether it is decoded alone or in a batch of 5 with
+    other tokens (its slot in the middle; the batch in slot order, then gathered out of order)."""
+    runner = runners[strategy]
+    assert "C step" in runner.describe_kernels()
+    mine, others = prompts(1, 6, first=3)[0], prompts(4, 6, first=500)
+    runner.zero_slot(0)
+    alone = runner.prefill([0], [mine], logits=True)
+    batch = [1, 2, 3, 4, 5]  # mine in slot 3
+    for slot in batch:
+        runner.zero_slot(slot)
+    together = runner.prefill(batch, [*others[:2], mine, *others[2:]], logits=True)
+    assert alone is not None and together is not None
+    assert torch.equal(alone[0], together[2])
+    assert not torch.equal(together[0], together[2])  # the others did read other prompts
+    for a, b in zip(runner.export_slot(0), runner.export_slot(3), strict=True):
+        assert torch.equal(a, b)
+
+    for step, order in enumerate(([1, 2, 3, 4, 5], [5, 3, 1, 4, 2])):
+        token = 40 + step
+        alone = runner.decode([0], [token])
+        tokens = [token if slot == 3 else 900 + slot for slot in order]
+        together = runner.decode(order, tokens)
+        assert torch.equal(alone[0], together[order.index(3)])
+        for a, b in zip(runner.export_slot(0), runner.export_slot(3), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_c_step_gets_the_same_bits_on_any_number_of_threads(runners: dict[str, ModelRunner]) -> None:
+    """One thread or three: the same logits and states, bit for bit (each sum in a fixed order)."""
+    runner = runners["cpu fp32"]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            runner.zero_slot(0)
+            runner.zero_slot(1)
+            first = runner.prefill([0, 1], prompts(2, 4), logits=True)
+            assert first is not None
+            results.append([first, runner.decode([0, 1], [7, 8]), *runner.export_slot(1)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------- int8 weights
+
+
+def test_int8_weights_are_close_to_fp32_and_not_equal(c_step: native.Native, tmp_path: Path) -> None:
+    """'cpu int8' on the C step (weight-only int8, one scale per row) against 'cpu fp32', width
+    256, teacher-forced on fp32's greedy tokens: the logits within 5% and not fp32's (above 1e-5),
+    most greedy tokens the same."""
+    path = write_random_model(tmp_path / "w.pth", 7, ModelShape(2, 256, 1024), seed=6)
+    fp32, int8 = load(path, "cpu fp32", max_slots=3), load(path, "cpu int8", max_slots=3)
+    assert "int8 weights" in int8.describe_kernels() and "C step" in int8.describe_kernels()
+    assert "int8" not in fp32.describe_kernels()
+    slots = [0, 1, 2]
+    for runner in (fp32, int8):
+        for slot in slots:
+            runner.zero_slot(slot)
+    want, got = (
+        fp32.prefill(slots, prompts(3, 4), logits=True),
+        int8.prefill(slots, prompts(3, 4), logits=True),
+    )
+    agree = 0
+    for _ in range(6):
+        assert want is not None and got is not None
+        assert 1e-5 < relative(got, want) < 0.05
+        tokens = want.argmax(-1)
+        agree += int((got.argmax(-1) == tokens).sum())
+        want, got = fp32.decode(slots, tokens.tolist()), int8.decode(slots, tokens.tolist())
+    assert agree >= 14  # of 18
+
+
+def test_quantize_rows_scales_each_row_by_its_largest_value() -> None:
+    """One scale per row, its largest magnitude / 127; every weight back within half a scale; a
+    row of zeros stays zeros (its scale clamped above 0)."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(37, 24, generator=gen) * torch.logspace(-3, 1, 37)[:, None]
+    weight[5] = 0.0
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and q.shape == weight.shape and scale.dtype == torch.float32
+    assert scale.shape == (37,)
+    amax = weight.abs().amax(dim=1)
+    nonzero = amax > 0
+    assert torch.allclose(scale[nonzero], amax[nonzero] / 127, rtol=1e-6, atol=0)
+    assert scale[5] > 0 and not q[5].any()
+    back = q.float() * scale[:, None]
+    assert ((back - weight).abs().amax(dim=1) <= scale / 2 * (1 + 1e-5)).all()
+    assert int(q.abs().max()) == 127
+
+
+def test_the_c_steps_linear_keeps_its_weight_packed() -> None:
+    """A Linear for the C step keeps its weight packed (fp32 as it is, int8 with its row scales):
+    plain_weight() gives back the fp32 weight exactly, or the int8 one times its scales."""
+    weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))
+    fp32 = Linear(weight, CPU, torch.float32, 4, native=True)
+    assert fp32.native is not None and fp32.native.shape == (3, 24, 16) and fp32.native_scale is None
+    assert torch.equal(fp32.plain_weight(), weight)
+    int8 = Linear(weight, CPU, torch.float32, 4, int8=True, native=True)
+    assert int8.native is not None and int8.native.dtype == torch.int8 and int8.native_scale is not None
+    q, scale = quantize_rows(weight)
+    assert torch.equal(int8.plain_weight(), q.float() * scale[:, None])
+    x = torch.randn(3, 24)
+    assert torch.allclose(int8(x), x @ (q.float() * scale[:, None]).t())
+
+
+# -------------------------------------------------------------------------------- packed weights
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (16, 5), (1, 7), (48, 3)])
+def test_pack_and_unpack_round_trip(shape: tuple[int, int]) -> None:
+    """pack() gives panels of 16 rows, column by column, the last one padded with zeros; unpack()
+    gives the weight back (rows that are not a multiple of 16 included)."""
+    rows, cols = shape
+    weight = torch.randn(rows, cols)
+    packed = native.pack(weight)
+    panels = -(-rows // 16)
+    assert packed.shape == (panels, cols, 16) and packed.is_contiguous()
+    assert torch.equal(packed[0, :, 0], weight[0])  # panel 0, row 0: the first row
+    assert torch.equal(packed[(rows - 1) // 16, :, (rows - 1) % 16], weight[-1])
+    assert not packed.transpose(1, 2).reshape(panels * 16, cols)[rows:].any()  # the padding: zeros
+    assert torch.equal(native.unpack(packed, rows), weight)
+    q = quantize_rows(weight)[0]
+    assert torch.equal(native.unpack(native.pack(q), rows), q)
+
+
+def test_mat_refuses_what_the_c_step_cannot_read() -> None:
+    """native.mat() takes pack()'s layout in float32, or in int8 with float32 scales; anything else
+    is a ValueError, not a pointer to the wrong bytes."""
+    weight = torch.randn(37, 24)
+    packed = native.pack(weight)
+    m = native.mat(packed, 37, None)
+    assert (m.rows, m.cols, m.scale) == (37, 24, None)
+    q, scale = quantize_rows(weight)
+    qpacked = native.pack(q)
+    assert native.mat(qpacked, 37, scale).scale == scale.data_ptr()
+    with pytest.raises(ValueError):
+        native.mat(weight, 37, None)  # not packed
+    with pytest.raises(ValueError):
+        native.mat(qpacked, 37, None)  # int8 without its scales
+    with pytest.raises(ValueError):
+        native.mat(qpacked, 37, scale.double())  # scales of another type
+    with pytest.raises(ValueError):
+        native.mat(packed, 37, scale)  # float32 weight with scales
+    with pytest.raises(ValueError):
+        native.mat(packed, 49, None)  # more rows than its panels hold
+    with pytest.raises(ValueError):
+        native.mat(packed.double(), 37, None)
+    with pytest.raises(ValueError):
+        native.mat(packed.transpose(0, 1), 37, None)  # not contiguous / not the layout
+
+
+# ------------------------------------------------------------------------- without the C step
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No library loaded in this process yet, and an empty cache folder (both restored after)."""
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "rwkv-discord" / "native"
+
+
+def test_without_a_compiler_pytorch_runs_the_model(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path
+) -> None:
+    """No compiler: load() says so, naming it; a model loaded then runs PyTorch, and decodes."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    loaded = native.load()
+    assert loaded.lib is None
+    assert loaded.why_not is not None and "no C compiler" in loaded.why_not
+    assert "/nonexistent/cc" in loaded.why_not
+    assert loaded.describe().startswith("no C step (")
+    runner = load(small_model, "cpu fp32", max_slots=1)
+    assert "C step" not in runner.describe_kernels()
+    runner.zero_slot(0)
+    logits = runner.decode([0], [5])
+    assert logits.shape == (1, 1024) and bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", " Off ", "0", "no", "false"])
+def test_the_switch_turns_the_c_step_off_at_every_load(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """RWKV_DISCORD_NATIVE=off (0, no, false; any case) gives no library, saying why; it is read at
+    every load(), so unsetting it brings the C step back."""
+    monkeypatch.setenv(ENV_SWITCH, value)
+    loaded = native.load()
+    assert loaded.lib is None
+    assert loaded.why_not is not None and ENV_SWITCH in loaded.why_not
+    monkeypatch.setenv(ENV_SWITCH, "on")
+    assert ENV_SWITCH not in (native.load().why_not or "")
+    monkeypatch.delenv(ENV_SWITCH)
+    if c_step_expected():
+        assert native.load().lib is not None
+
+
+def test_a_compiler_that_fails_leaves_pytorch_and_no_partial_files(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A compiler that exits 1: no library, 'could not build it (...)' with its message, and
+    nothing half-built left in the cache folder."""
+    cc = tmp_path / "broken-cc"
+    cc.write_text("#!/bin/sh\necho 'broken-cc: internal error' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    loaded = native.load()
+    assert loaded.lib is None
+    assert loaded.why_not is not None and loaded.why_not.startswith("could not build it")
+    assert "broken-cc: internal error" in loaded.why_not
+    assert fresh.is_dir() and list(fresh.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- self-check
+
+
+def fallback_and_off(
+    path: Path, strategy: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> tuple[ModelRunner, ModelRunner]:
+    """``path`` loaded with a C-step self-check nothing passes (checking the one warning), and
+    loaded with RWKV_DISCORD_NATIVE=off; both with 2 prompts of 5 tokens read."""
+    monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK", -1.0)
+    with caplog.at_level(logging.WARNING):
+        runner = load(path, strategy, max_slots=2)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("the C step disagrees with PyTorch")
+    assert "PyTorch runs this model" in warned[0]
+    off = load(path, strategy, off=True, max_slots=2)
+    return runner, off
+
+
+def logits_of_both(runner: ModelRunner, off: ModelRunner) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(runner's, off's) logits of the same 2 prompts, then of one decode step."""
+    for r in (runner, off):
+        r.zero_slot(0)
+        r.zero_slot(1)
+    got, want = (
+        runner.prefill([0, 1], prompts(2, 5), logits=True),
+        off.prefill([0, 1], prompts(2, 5), logits=True),
+    )
+    assert got is not None and want is not None
+    return [(got, want), (runner.decode([0, 1], [3, 4]), off.decode([0, 1], [3, 4]))]
+
+
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu int8"])
+def test_a_c_step_that_fails_its_self_check_gives_way_to_pytorch(
+    c_step: native.Native,
+    small_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    strategy: str,
+) -> None:
+    """With a self-check nothing passes, loading warns once and the model runs PyTorch: no C step
+    in its kernels; in fp32 the logits of a model loaded with RWKV_DISCORD_NATIVE=off (within 1e-4),
+    in int8 within int8's error of them."""
+    runner, off = fallback_and_off(small_model, strategy, monkeypatch, caplog)
+    assert "C step" not in runner.describe_kernels()
+    assert "int8 weights" not in runner.describe_kernels()
+    for got, want in logits_of_both(runner, off):
+        assert relative(got, want) < (CLOSE if strategy == "cpu fp32" else 0.05)
+
+
+def test_a_small_int8_model_that_fails_the_self_check_matches_one_switched_off(
+    c_step: native.Native,
+    small_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """'cpu int8' on a model too small for fbgemm, after the C step fails its self-check: the
+    logits of the same model loaded with RWKV_DISCORD_NATIVE=off (fp32 matrices), within 1e-4."""
+    runner, off = fallback_and_off(small_model, "cpu int8", monkeypatch, caplog)
+    for got, want in logits_of_both(runner, off):
+        assert relative(got, want) < CLOSE
+
+
+def test_an_int8_model_that_fails_the_self_check_runs_fbgemm(
+    c_step: native.Native, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'cpu int8' at width 768 (every matrix large enough for fbgemm) whose C step fails its
+    self-check runs the PyTorch path's int8 products (not fp32): the logits of the same model
+    loaded with RWKV_DISCORD_NATIVE=off (measured: the same bits)."""
+    path = write_random_model(tmp_path / "w.pth", 7, ModelShape(1, 768, 1024), seed=9)
+    runner, off = fallback_and_off(path, "cpu int8", monkeypatch, caplog)
+    kernels = runner.describe_kernels()
+    assert "C step" not in kernels and "int8 products (fbgemm, 7 of 7 matrices" in kernels
+    for got, want in logits_of_both(runner, off):
+        assert relative(got, want) < CLOSE
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+
+def test_the_build_is_cached_and_whole(fresh: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The first load() builds rwkv7_cpu-<key>.so in $XDG_CACHE_HOME/rwkv-discord/native; a second
+    process-fresh load() finds it and does not compile again; no *.part file is left behind."""
+    real = shutil.which(os.environ.get("CC") or "cc")
+    if real is None or not has_openmp():
+        pytest.skip("no C compiler (or a torch without OpenMP)")
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{real}" "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+
+    first = native.load()
+    assert first.lib is not None, first.why_not
+    built = sorted(p.name for p in fresh.iterdir())
+    assert len(built) == 1 and re.fullmatch(r"rwkv7_cpu-[0-9a-f]{16}\.so", built[0]), built
+    compiles = [line for line in calls.read_text().splitlines() if "--version" not in line]
+    assert len(compiles) == 1
+    stamp = (fresh / built[0]).stat().st_mtime_ns
+
+    monkeypatch.setattr(native, "_loaded", {})
+    second = native.load()
+    assert second.lib is not None and second is not first
+    assert sorted(p.name for p in fresh.iterdir()) == built  # no *.part, no second build
+    assert (fresh / built[0]).stat().st_mtime_ns == stamp
+    assert [line for line in calls.read_text().splitlines() if "--version" not in line] == compiles
+    assert native.load() is second  # cached in the process too
+
+
+def test_cpus_of_one_name_and_other_instructions_get_builds_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The build's key tells CPUs apart by their instruction sets, not only by their name (a
+    virtual machine says 'AMD EPYC' on every generation; an AVX-512 build would crash on a CPU
+    without it)."""
+    keys = []
+    for flags in ("fpu sse2 avx2 fma", "fpu sse2 avx2 fma avx512f avx512bw"):
+        text = f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+        monkeypatch.setattr(native, "open", lambda *a, text=text, **k: io.StringIO(text), raising=False)
+        keys.append(native._cpu_key())
+    assert keys[0] != keys[1]
