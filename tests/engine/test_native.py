@@ -478,3 +478,16 @@ def test_cpus_of_one_name_and_other_instructions_get_builds_of_their_own(
         monkeypatch.setattr(native, "open", lambda *a, text=text, **k: io.StringIO(text), raising=False)
         keys.append(native._cpu_key())
     assert keys[0] != keys[1]
+
+
+def test_large_packed_weights_start_on_huge_page_boundaries() -> None:
+    """A packed weight of 1 MB or more starts on a 2 MB boundary (its pages asked to be huge ones),
+    holds the weight exactly, and a small one is an ordinary tensor."""
+    big = torch.randn(1024, 768)  # 3 MB
+    packed = native.pack(big)
+    assert packed.data_ptr() % (2 << 20) == 0
+    assert torch.equal(native.unpack(packed, 1024), big)
+    weight = torch.randn(64, 64)  # 16 KB
+    small = native.pack(weight)
+    assert small.is_contiguous() and small.untyped_storage().nbytes() == weight.numel() * 4
+    assert torch.equal(native.unpack(small, 64), weight)
