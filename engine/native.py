@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
-VERSION = 3  # rwkv7_native_version() of the source this module speaks to
+VERSION = 4  # rwkv7_native_version() of the source this module speaks to
 
 
 class Mat(ctypes.Structure):

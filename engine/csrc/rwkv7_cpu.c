@@ -53,7 +53,7 @@ typedef struct {
     int epi;
 } Job;
 
-int rwkv7_native_version(void) { return 3; }
+int rwkv7_native_version(void) { return 4; }
 
 int rwkv7_native_simd(void) { return RWKV_AVX2; }
 
@@ -93,7 +93,8 @@ static inline float epilogue(int epi, float v, float old) {
  * sums over thousands of columns in one chain lose more than the rwkv package's products do); the
  * same operations for every output whatever NM is */
 #define DEFINE_PANEL(NM, SUF, LOAD)                                                                 \
-    static void panel_##SUF##_##NM(const void *w, int64_t K, const float *const *xs, float *out) {   \
+    static void panel_##SUF##_##NM(const void *w, int64_t K, const float *const *xs, float *out,     \
+                                   const char *pf, int64_t pf_step) {                               \
         for (int b = 0; b < NM; b++) {                                                              \
             _mm256_storeu_ps(out + b * P, _mm256_setzero_ps());                                     \
             _mm256_storeu_ps(out + b * P + 8, _mm256_setzero_ps());                                 \
@@ -104,6 +105,7 @@ static inline float epilogue(int epi, float v, float old) {
             for (int b = 0; b < NM; b++) a0[b] = a1[b] = _mm256_setzero_ps();                       \
             for (int64_t k = k0; k < k1; k++) {                                                     \
                 __m256 w0, w1;                                                                      \
+                if (pf) _mm_prefetch(pf + k * pf_step, _MM_HINT_T1);                                \
                 LOAD(w, k, w0, w1);                                                                 \
                 for (int b = 0; b < NM; b++) {                                                      \
                     __m256 xb = _mm256_broadcast_ss(xs[b] + k);                                     \
@@ -148,14 +150,15 @@ static inline float epilogue(int epi, float v, float old) {
     DEFINE_PANEL(5, SUF, LOAD)                                                                      \
     DEFINE_PANEL(6, SUF, LOAD)                                                                      \
     DEFINE_GROUP(SUF, LOAD, ESIZE)                                                                  \
-    static void panel_##SUF(int nm, const void *w, int64_t K, const float *const *xs, float *out) { \
+    static void panel_##SUF(int nm, const void *w, int64_t K, const float *const *xs, float *out,   \
+                            const char *pf, int64_t pf_step) {                                      \
         switch (nm) {                                                                               \
-        case 1: panel_##SUF##_1(w, K, xs, out); break;                                              \
-        case 2: panel_##SUF##_2(w, K, xs, out); break;                                              \
-        case 3: panel_##SUF##_3(w, K, xs, out); break;                                              \
-        case 4: panel_##SUF##_4(w, K, xs, out); break;                                              \
-        case 5: panel_##SUF##_5(w, K, xs, out); break;                                              \
-        default: panel_##SUF##_6(w, K, xs, out); break;                                             \
+        case 1: panel_##SUF##_1(w, K, xs, out, pf, pf_step); break;                                 \
+        case 2: panel_##SUF##_2(w, K, xs, out, pf, pf_step); break;                                 \
+        case 3: panel_##SUF##_3(w, K, xs, out, pf, pf_step); break;                                 \
+        case 4: panel_##SUF##_4(w, K, xs, out, pf, pf_step); break;                                 \
+        case 5: panel_##SUF##_5(w, K, xs, out, pf, pf_step); break;                                 \
+        default: panel_##SUF##_6(w, K, xs, out, pf, pf_step); break;                                \
         }                                                                                           \
     }
 DEFINE_ALL(f32, LOAD_F32, 4)
@@ -251,9 +254,13 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
             const float *xs[MR];
             for (int b = 0; b < nm; b++) xs[b] = job->x + (m0 + b) * K;
 #if RWKV_AVX2
-            if (widen) panel_f32(nm, wide, K, xs, sums);
-            else if (A->scale) panel_i8(nm, w, K, xs, sums);
-            else panel_f32(nm, w, K, xs, sums);
+            /* while the first tile reads this panel, the next one is fetched into L2 (the tiles
+             * after it find this one there) */
+            const char *pf = m0 == 0 ? (const char *)w + pstride : NULL;
+            const int64_t step = (int64_t)(pstride / (size_t)K);
+            if (widen) panel_f32(nm, wide, K, xs, sums, pf, step);
+            else if (A->scale) panel_i8(nm, w, K, xs, sums, pf, step);
+            else panel_f32(nm, w, K, xs, sums, pf, step);
 #else
             panel_plain(nm, A, w, K, xs, sums);
 #endif
@@ -305,7 +312,7 @@ int64_t rwkv7_workspace(int64_t M, int64_t C, int64_t F, int64_t lora) {
 void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int64_t H, int64_t N, int64_t F,
                  float *x, float *shift, float *kv, float *ffn_shift, float *v_first, float *work, int threads) {
     const int64_t M = B * T;
-    const int64_t Dw = L->w1.rows, Da = L->a1.rows, Dg = L->g1.rows, Dv = layer > 0 ? L->v1.rows : 0;
+    const int64_t Dw = L->w1.rows, Da = L->a1.rows, Dg = L->g1.rows;
     float *h = work, *xm = h + M * C; /* xm: the six mixes [6][M, C] */
     float *r = xm + 6 * M * C, *k = r + M * C, *v = k + M * C, *wl = v + M * C, *al = wl + M * C;
     float *gl = al + M * C, *vl = gl + M * C, *y = vl + M * C, *ffk = y + M * C;
