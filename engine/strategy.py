@@ -4,9 +4,10 @@ A strategy names a device and a precision, as the ``rwkv`` package's strategies 
 may say more (``'cuda fp16 *10 -> cpu fp32'``, ``'cuda fp16i8'``), which only the reference engine
 runs. Two are the batched engine's own:
 
-- ``'cpu int8'``: fp32 weights and activations, with the large matrix products in int8 (decode
-  measured 1.8x to 2.3x fp32 on one AVX-512 VNNI CPU, never without VNNI; the logits move by
-  5% to 26% of their largest value on the random 0.1B shape, more after a short prompt: see
+- ``'cpu int8'``: fp32 activations and sums with the large weights in int8, one scale per
+  output row, in the C step (:mod:`engine.native`; decode measured 2.1x fp32 at one sequence on
+  an AVX2 CPU, the logits 7% off fp32 on average on the random 0.1B shape: ``python -m
+  tools.accuracy``); without the C step, fbgemm's dynamic int8 products through PyTorch (see
   :mod:`engine.cpu_features` and tools/parity.py);
 - the precision ``auto`` (``'cpu auto'``, ``'cuda auto'``, or ``'auto'`` alone: a GPU when there
   is one): :func:`resolve_strategy` turns it into an accepted precision for the device at hand

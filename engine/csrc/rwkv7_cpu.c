@@ -299,6 +299,25 @@ static void layer_norm(const float *x, const float *w, const float *b, int64_t C
     for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
+/* h = layer_norm(x) per row, then the token shift's mixes out[i] = h + (previous h - h) * mix[i]
+ * (the previous token's h: the state at a sequence's first position); call inside a parallel
+ * region */
+static void norm_and_shift(const float *x, const float *ln_w, const float *ln_b, const float *state, int64_t M,
+                           int64_t T, int64_t C, const float *mix, int nmix, float *h, float *out) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, ln_w, ln_b, C, 1e-5f, h + m * C);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *prev = m % T == 0 ? state + (m / T) * C : h + (m - 1) * C;
+        const float *hm = h + m * C;
+        for (int i = 0; i < nmix; i++) {
+            float *o = out + (int64_t)i * M * C + m * C;
+            const float *mi = mix + (int64_t)i * C;
+            for (int64_t c = 0; c < C; c++) o[c] = hm[c] + (prev[c] - hm[c]) * mi[c];
+        }
+    }
+}
+
 /* floats of scratch space a layer call needs for M rows */
 int64_t rwkv7_workspace(int64_t M, int64_t C, int64_t F, int64_t lora) {
     return M * (16 * C + F + lora);
@@ -324,19 +343,7 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
 
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, L->ln1_w, L->ln1_b, C, 1e-5f, h + m * C);
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            const int64_t t = m % T;
-            const float *prev = t == 0 ? shift + (m / T) * C : h + (m - 1) * C;
-            const float *hm = h + m * C;
-            for (int i = 0; i < 6; i++) {
-                float *out = xm + (int64_t)i * M * C + m * C;
-                const float *mix = L->mix + i * C;
-                for (int64_t c = 0; c < C; c++) out[c] = hm[c] + (prev[c] - hm[c]) * mix[c];
-            }
-        }
+        norm_and_shift(x, L->ln1_w, L->ln1_b, shift, M, T, C, L->mix, 6, h, xm);
         {
             Job jobs[7] = {
                 {&L->receptance, xr, r, EPI_SET}, {&L->key, xk, k, EPI_SET}, {&L->value, xv, v, EPI_SET},
@@ -431,16 +438,7 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
             Job jobs[1] = {{&L->output, y, x, EPI_ADD}};
             run_jobs(jobs, 1, M);
         }
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, L->ln2_w, L->ln2_b, C, 1e-5f, h2 + m * C);
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            const int64_t t = m % T;
-            const float *prev = t == 0 ? ffn_shift + (m / T) * C : h2 + (m - 1) * C;
-            const float *hm = h2 + m * C;
-            float *out = fx + m * C;
-            for (int64_t c = 0; c < C; c++) out[c] = hm[c] + (prev[c] - hm[c]) * L->ffn_x_k[c];
-        }
+        norm_and_shift(x, L->ln2_w, L->ln2_b, ffn_shift, M, T, C, L->ffn_x_k, 1, h2, fx);
         {
             Job jobs[1] = {{&L->ffn_key, fx, ffk, EPI_RELU_SQ}};
             run_jobs(jobs, 1, M);
