@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ("bot", "chat", "engine", "faq", "migrations", "tools")
-DATA = ("*.py", "*.sql", "*.toml", "*.md")
+DATA = ("*.py", "*.sql", "*.toml", "*.md", "*.c")
 
 
 def test_the_wheel_carries_every_module_and_data_file(tmp_path: Path) -> None:

@@ -456,9 +456,9 @@ def _print_table(report: dict[str, Any]) -> None:
         p = report["parity"]
         verdict = "ok" if p["ok"] else "FAILED"
         print(
-            f"logits parity vs the rwkv package: decode {p['decode_rel_err']:.2e}, "
-            f"prefill {p['prefill_rel_err']:.2e} (limit {p['limit']:.2g}): {verdict} "
-            f"[{p['kernels']}]"
+            f"logits parity vs the rwkv package: decode {p['decode_rel_err']:.2e} (limit {p['limit']:.2g}), "
+            f"prefill {p['prefill_rel_err']:.2e} (limit {p['prefill_limit']:.2g}: the package differs "
+            f"from itself by {p['reference_self_rel_err']:.2e}): {verdict} [{p['kernels']}]"
         )
         if "short_prefill_rel_err" in p:
             print(

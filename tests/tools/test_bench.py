@@ -12,7 +12,7 @@ from engine import native
 from engine.errors import EngineError
 from engine.strategy import Resolved, resolve_strategy
 from engine.tokenizer import world_tokenizer
-from tools import bench
+from tools import bench, parity
 from tools.bench import _token_gaps, main
 from tools.parity import INT8_LIMIT, fp32_limit
 
@@ -27,6 +27,9 @@ def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.Captur
     assert report["concurrency"] == [1, 3] and report["tokens"] == 4 and report["model"]["random"]
     assert set(report["memory_mb"]) == {"reference", "batched"}
     assert report["parity"]["ok"]
+    # a shallow model: the package agrees with itself far within the limit, which then decides
+    assert report["parity"]["reference_self_rel_err"] < 1e-5
+    assert report["parity"]["prefill_limit"] == report["parity"]["limit"]
     assert "graphs_rel_err" not in report["parity"]  # CUDA graphs: on a GPU only
     keys = {"decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms_p50", "step_ms_p50", "step_ms_p99"}
     for row in report["results"]:
@@ -153,6 +156,7 @@ def test_the_parity_limit_prints_with_its_digits(capsys: pytest.CaptureFixture[s
     m = {**m, "step_ms_p99": 1.0, "measured": True}
     parity = {"decode_rel_err": 0.05, "prefill_rel_err": 0.2, "limit": 0.25, "ok": True, "kernels": "k"}
     parity |= {"short_prefill_rel_err": 0.7, "short_prefill_tokens": 2, "prefill_tokens": 8}
+    parity |= {"reference_self_rel_err": 0.01, "prefill_limit": 0.3}
     report = {
         "sampling": {"top_p": 0.0},
         "model": {"description": "d", "random": True, "path": "p"},
@@ -168,7 +172,8 @@ def test_the_parity_limit_prints_with_its_digits(capsys: pytest.CaptureFixture[s
     }
     bench._print_table(report)
     table = capsys.readouterr().out
-    assert "(limit 0.25): ok" in table
+    assert "decode 5.00e-02 (limit 0.25), prefill 2.00e-01 (limit 0.3: the package differs" in table
+    assert "from itself by 1.00e-02): ok" in table
     assert "prompts of 8+ tokens; after 2 tokens from a blank state 7.00e-01 (not judged" in table
 
 
@@ -185,3 +190,20 @@ def test_int8_parity_at_the_0_1b_shape(tmp_path: Path, capsys: pytest.CaptureFix
     assert 0.01 < parity["decode_rel_err"] < INT8_LIMIT and 0.01 < parity["prefill_rel_err"] < INT8_LIMIT
     assert "int8 products (fbgemm, 73 of 73 matrices" in parity["kernels"]
     assert f"(limit {INT8_LIMIT:.2g}): ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("self_err", "ok"), [(0.05, True), (0.0, False)])
+def test_the_prefill_limit_is_at_least_three_times_the_packages_own_disagreement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, self_err: float, ok: bool
+) -> None:
+    """A prefill error of 0.1 passes where the package differs from itself by 0.05 (a deep random
+    model: rounding grows chaotically over a prompt), and fails where it agrees with itself."""
+    monkeypatch.setattr(parity, "_reference_self_error", lambda reference, prompts: self_err)
+    monkeypatch.setattr(parity, "_prefill_error", lambda reference, model, prompts: 0.1)
+    out = tmp_path / "bench.json"
+    argv = ["--layers", "1", "--embd", "64", "--concurrency", "1", "--tokens", "2", "--prompt-tokens", "3"]
+    assert main([*argv, "--parity", "--json", str(out)]) == (0 if ok else 1)
+    report = json.loads(out.read_text())["parity"]
+    assert report["ok"] is ok and report["reference_self_rel_err"] == self_err
+    assert report["prefill_limit"] == pytest.approx(max(report["limit"], 3 * self_err))
+    assert report["decode_rel_err"] < report["limit"]  # decode keeps the fp32 limit
