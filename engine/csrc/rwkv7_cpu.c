@@ -73,6 +73,7 @@ static inline float epilogue(int epi, float v, float old) {
 #define GROUP 4 /* panels of a unit of work */
 #define MR 6    /* input rows of a tile */
 #define KB 64   /* columns summed in one chain before joining the total */
+#define WIDEN_MAX (256 << 10) /* bytes of a widened int8 panel, at most */
 
 #if RWKV_AVX2
 #define LOAD_F32(w, k, w0, w1)                                                                      \
@@ -233,8 +234,9 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
 #endif
 #if RWKV_AVX2
     /* int8 with several inputs: each panel widened to float32 once (exactly: the same sums follow)
-     * rather than once per tile of inputs */
-    float *wide = A->scale != NULL && M >= 4 ? widened(K * P) : NULL;
+     * rather than once per tile of inputs, where the widened panel stays in L2 (measured 1.17x at
+     * 8 sequences on the 1.5B shape for not widening its 8192-column panels) */
+    float *wide = A->scale != NULL && M >= 4 && K * P * 4 <= WIDEN_MAX ? widened(K * P) : NULL;
     const int widen = wide != NULL; /* out of memory: the int8 tiles, slower, same sums */
 #endif
     for (int64_t p = 0; p < np; p++) {

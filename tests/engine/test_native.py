@@ -171,6 +171,21 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(
             assert torch.equal(a, b)
 
 
+def test_wide_int8_panels_that_stay_int8_give_the_same_bits(c_step: native.Native, tmp_path: Path) -> None:
+    """'cpu int8' at width 1088 (channel-mix panels of 4352 columns, too wide to be widened to
+    float32 for a batch): a sequence's logits are the same bits alone or in a batch of 6 (every
+    kind of tile: widened and not, one to six inputs)."""
+    path = write_random_model(tmp_path / "wide.pth", 7, ModelShape(1, 1088, 512), seed=13)
+    runner = load(path, "cpu int8", max_slots=7)
+    slots = [1, 2, 3, 4, 5, 6]
+    for slot in [0, *slots]:
+        runner.zero_slot(slot)
+    alone = runner.decode([0], [7])
+    together = runner.decode(slots, [9, 8, 7, 6, 5, 4])
+    assert torch.equal(alone[0], together[2])
+    assert not torch.equal(together[0], together[2])
+
+
 def test_the_c_step_gets_the_same_bits_on_any_number_of_threads(runners: dict[str, ModelRunner]) -> None:
     """One thread or three: the same logits and states, bit for bit (each sum in a fixed order)."""
     runner = runners["cpu fp32"]
