@@ -98,13 +98,15 @@ class Linear:
         assert self.weight_t is not None
         return x @ self.weight_t
 
-    def plain_weight(self) -> torch.Tensor:
-        """The C step's weight as a float32 ``[out, in]`` matrix (int8: times its scales)."""
-        from engine.native import unpack
+    def plain_weight(self, rows: int | None = None) -> torch.Tensor:
+        """The C step's weight as a float32 ``[out, in]`` matrix (int8: times its scales); its
+        first ``rows`` rows only, if given (only those are unpacked)."""
+        from engine.native import PANEL, unpack
 
         assert self.native is not None
-        w = unpack(self.native, self.rows)
-        return w.float() * self.native_scale[:, None] if self.native_scale is not None else w
+        n = self.rows if rows is None else min(rows, self.rows)
+        w = unpack(self.native[: -(-n // PANEL)], n)
+        return w.float() * self.native_scale[:n, None] if self.native_scale is not None else w
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,16 +16,19 @@ team of threads. Without a compiler, or with ``RWKV_DISCORD_NATIVE=off``, the Py
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
-VERSION = 4  # rwkv7_native_version() of the source this module speaks to
+VERSION = 5  # rwkv7_native_version() of the source this module speaks to
 
 
 class Mat(ctypes.Structure):
@@ -128,18 +131,36 @@ def switched_off() -> bool:
 def _load() -> Native:
     if not torch.backends.openmp.is_available():  # type: ignore[no-untyped-call]
         return Native(None, "this torch has no OpenMP")
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        return Native(None, f"no C compiler ({compiler!r} not found; install gcc to have it)")
+    compiler = shlex.split(os.environ.get("CC") or "cc") or ["cc"]  # e.g. CC="ccache gcc"
+    if shutil.which(compiler[0]) is None:
+        return Native(None, f"no C compiler ({compiler[0]!r} not found; install gcc to have it)")
+    before = _openmp_runtimes()
     try:
         path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached build: built again, once
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         return Native(None, f"could not build it ({_first_line(exc)})")
+    added = _openmp_runtimes() - before
+    if added:  # a compiler whose OpenMP is not torch's: two thread teams would fight for the cores
+        return Native(None, f"it would run a second OpenMP runtime ({', '.join(sorted(added))})")
     if lib.rwkv7_native_version() != VERSION:
         return Native(None, "the built library is of another version")
     _declare(lib)
     return Native(lib, simd="AVX2" if lib.rwkv7_native_simd() else "portable C")
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            names = {line.rsplit("/", 1)[-1].strip() for line in f if "/" in line}
+    except OSError:
+        return set()
+    return {n for n in names if n.startswith(("libgomp", "libomp", "libiomp"))}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -186,30 +207,36 @@ def _cache_dir() -> Path:
     return private
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     source = SOURCE.read_bytes()
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout.splitlines()[:1]
+    about = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    version = (about.stdout + about.stderr).splitlines()[:1]
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), "".join(version).encode(), _cpu_key().encode()])
+        b"\0".join(
+            [source, " ".join([*compiler, *FLAGS]).encode(), "".join(version).encode(), _cpu_key().encode()]
+        )
     ).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"rwkv7_cpu-{key}.so"
     if target.exists():
         return target
+    for stale in folder.glob("*.so.part"):  # left by a build that was killed
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 600:
+                stale.unlink()
     fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.part")
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
+            [*compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[:300]}")
+            raise RuntimeError(f"{compiler[0]} failed: {(done.stderr or done.stdout).strip()[:300]}")
+        os.chmod(partial, 0o644)  # readable by whoever shares the cache
         os.replace(partial, target)  # whole or not at all, for processes building at once
     finally:
         if os.path.exists(partial):
@@ -229,8 +256,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def ptr(t: torch.Tensor) -> int:
     """A float32 (or int8) contiguous CPU tensor's data pointer, checked."""
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("the C step takes contiguous CPU tensors")
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int8):
+        raise ValueError("the C step takes contiguous float32 or int8 CPU tensors")
     return int(t.data_ptr())
 
 

@@ -16,7 +16,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define RWKV_AVX2 1
@@ -53,7 +52,7 @@ typedef struct {
     int epi;
 } Job;
 
-int rwkv7_native_version(void) { return 4; }
+int rwkv7_native_version(void) { return 5; }
 
 int rwkv7_native_simd(void) { return RWKV_AVX2; }
 
@@ -258,7 +257,7 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
 #if RWKV_AVX2
             /* while the first tile reads this panel, the next one is fetched into L2 (the tiles
              * after it find this one there) */
-            const char *pf = m0 == 0 ? (const char *)w + pstride : NULL;
+            const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)w + pstride : NULL;
             const int64_t step = (int64_t)(pstride / (size_t)K);
             if (widen) panel_f32(nm, wide, K, xs, sums, pf, step);
             else if (A->scale) panel_i8(nm, w, K, xs, sums, pf, step);
@@ -341,7 +340,6 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
     float *xr = xm, *xw = xm + M * C, *xk = xm + 2 * M * C, *xv = xm + 3 * M * C, *xa = xm + 4 * M * C,
           *xg = xm + 5 * M * C;
     float *h2 = xr, *fx = xw; /* reused after the time mix */
-    (void)vd;
 
 #pragma omp parallel num_threads(threads)
     {

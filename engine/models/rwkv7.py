@@ -115,7 +115,6 @@ class RWKV7(BatchedModel):
         self.n_head, self.head_size = int(r_k.shape[0]), int(r_k.shape[1])
         self.vocab_size, self.n_embd = (int(d) for d in weights["emb.weight"].shape)
         self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
-        self.n_ffn = int(weights["blocks.0.ffn.key.weight"].shape[0])
 
         def get(key: str) -> torch.Tensor:
             return weights[key].squeeze().to(device=device, dtype=dtype).contiguous()
@@ -156,7 +155,8 @@ class RWKV7(BatchedModel):
         self._native_layers: list[native.LayerStruct] = []
         self._native_head: native.Mat | None = None
         self._native_keep: list[torch.Tensor] = []
-        self._work = torch.empty(0)
+        self._work = torch.empty(0, dtype=torch.float32)
+        self._native_dims: list[tuple[int, int]] = []
         if use_native and lib is not None:
 
             def torch_lin(key: str) -> Linear:  # the PyTorch path's, should the C step fail its check
@@ -187,11 +187,17 @@ class RWKV7(BatchedModel):
             self._native_keep.extend(keep)
         assert self.head.native is not None
         self._native_head = native.mat(self.head.native, self.head.rows, self.head.native_scale)
+        # each layer's channel-mix width and LoRA ranks (its scratch space)
+        self._native_dims = [
+            (int(s.ffn_key.rows), int(s.w1.rows + s.a1.rows + s.g1.rows + (s.v1.rows if i > 0 else 0)))
+            for i, s in enumerate(self._native_layers)
+        ]
         problem = self._native_self_check()
         if problem is None:
             return
         log.warning("the C step %s; PyTorch runs this model", problem)
         self._native, self._native_layers, self._native_head, self._native_keep = None, [], None, []
+        self._native_dims = []
         with torch.no_grad():  # from the file's weights (an int8 model's too: not its rounded ones)
             for i, p in enumerate(self.layers):
                 att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
@@ -202,29 +208,34 @@ class RWKV7(BatchedModel):
 
     def _native_self_check(self) -> str | None:
         """None when the C step's first layers and head agree with PyTorch's on random inputs
-        (a batch of 2 prompt chunks of 3 tokens, then a decode step), else what went wrong."""
+        (a batch of 2 prompt chunks of 3 tokens, a decode step of those 2, and one of a single
+        sequence: each kind of tile the C step has), else what went wrong. The head is compared
+        on its first 4096 rows (a whole float32 copy of a large head would cost gigabytes)."""
         gen = torch.Generator().manual_seed(11)
         C, H, N = self.n_embd, self.n_head, self.head_size
         layers = min(2, self.n_layer)
+        rows = min(4096, self.vocab_size)
+        f32 = torch.float32
         worst = 0.0
         try:
             starts = [
                 [
-                    torch.randn(2, C, generator=gen),
-                    torch.randn(2, H, N, N, generator=gen) * 0.1,
-                    torch.randn(2, C, generator=gen),
+                    torch.randn(2, C, generator=gen, dtype=f32),
+                    torch.randn(2, H, N, N, generator=gen, dtype=f32) * 0.1,
+                    torch.randn(2, C, generator=gen, dtype=f32),
                 ]
                 for _ in range(layers)
             ]
             both = []
-            for run, head in ((self._forward_native, self.logits), (self._forward_torch, self._logits_torch)):
-                states = _Scratch([[t.clone() for t in layer] for layer in starts])
+            for run, head in ((self._forward_native, self.logits), (self._forward_torch, self._head_rows)):
                 outs = []
-                for T in (3, 1):
-                    x = torch.randn(2, T, C, generator=torch.Generator().manual_seed(T))
-                    outs.append(run(x, states, layers=layers))
-                outs.append(head(outs[-1]))
-                outs.extend(t for layer in states.layers for t in layer)
+                for batch, steps in ((2, (3, 1)), (1, (1,))):
+                    states = _Scratch([[t[:batch].clone() for t in layer] for layer in starts])
+                    for T in steps:
+                        x = torch.randn(batch, T, C, generator=torch.Generator().manual_seed(T), dtype=f32)
+                        outs.append(run(x, states, layers=layers))
+                    outs.append(head(outs[-1])[:, :rows])
+                    outs.extend(t for layer in states.layers for t in layer)
                 both.append(outs)
             for got, want in zip(*both, strict=True):
                 error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
@@ -234,6 +245,11 @@ class RWKV7(BatchedModel):
         if not worst <= NATIVE_SELF_CHECK:
             return f"disagrees with PyTorch (relative error {worst:.2e}, limit {NATIVE_SELF_CHECK})"
         return None
+
+    def _head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path's logits for the first 4096 tokens of the C step's head."""
+        h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
+        return F.linear(h, self.head.plain_weight(4096))
 
     def install_fused(self, recurrence: Recurrence, in_place: bool) -> None:
         """Run the recurrence with ``recurrence`` (fla-core's, or a test's stand-in on the CPU);
@@ -298,7 +314,7 @@ class RWKV7(BatchedModel):
         assert self._native.lib is not None
         h = hidden.float().contiguous()
         B = h.shape[0]
-        out = torch.empty(B, self.vocab_size)
+        out = torch.empty(B, self.vocab_size, dtype=torch.float32)
         work = self._workspace(B * self.n_embd)
         self._native.lib.rwkv7_head(
             ctypes.addressof(self._native_head),
@@ -320,7 +336,7 @@ class RWKV7(BatchedModel):
     def _workspace(self, floats: int) -> torch.Tensor:
         """Scratch space of the C step, kept between steps (grown, never shrunk)."""
         if self._work.numel() < floats:
-            self._work = torch.empty(floats)
+            self._work = torch.empty(floats, dtype=torch.float32)
         return self._work[:floats]
 
     def forward(self, x: torch.Tensor, states: LayerStates, *, prompt: bool = False) -> torch.Tensor:
@@ -339,10 +355,9 @@ class RWKV7(BatchedModel):
         B, T, C = x.shape
         M = B * T
         x = x.float().contiguous().clone()  # the residual stream, updated in place
-        v_first = torch.empty(M, C)
-        loras = self._native_layers[0]
-        lora = int(loras.w1.rows + loras.a1.rows + loras.g1.rows + (self._native_layers[-1].v1.rows))
-        work = self._workspace(int(lib.rwkv7_workspace(M, C, self.n_ffn, lora)))
+        v_first = torch.empty(M, C, dtype=torch.float32)
+        floats = max(int(lib.rwkv7_workspace(M, C, ffn, lora)) for ffn, lora in self._native_dims)
+        work = self._workspace(floats)
         threads = torch.get_num_threads()
         for i, struct in enumerate(self._native_layers[:layers]):
             values = [t if t.is_contiguous() else t.contiguous() for t in states.read(i)]
@@ -355,7 +370,7 @@ class RWKV7(BatchedModel):
                 C,
                 self.n_head,
                 self.head_size,
-                self.n_ffn,
+                self._native_dims[i][0],
                 native.ptr(x),
                 native.ptr(shift),
                 native.ptr(kv),

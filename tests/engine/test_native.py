@@ -506,3 +506,88 @@ def test_large_packed_weights_start_on_huge_page_boundaries() -> None:
     small = native.pack(weight)
     assert small.is_contiguous() and small.untyped_storage().nbytes() == weight.numel() * 4
     assert torch.equal(native.unpack(small, 64), weight)
+
+
+def test_layers_of_other_widths_get_scratch_space_of_their_own(c_step: native.Native, tmp_path: Path) -> None:
+    """A model whose second layer has a larger decay LoRA rank and a wider channel mix than its
+    first (PyTorch runs such files) runs the C step with room for every layer: the same logits as
+    PyTorch's, and a scratch space as large as its widest layer needs."""
+    path = write_random_model(tmp_path / "mixed.pth", 7, ModelShape(2, 64, 256), seed=21)
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(2)
+    C = 64
+    weights["blocks.1.att.w1"] = torch.randn(C, 160, generator=gen) * 0.1
+    weights["blocks.1.att.w2"] = torch.randn(160, C, generator=gen) * 0.1
+    weights["blocks.1.ffn.key.weight"] = torch.randn(8 * C, C, generator=gen) * 0.1
+    weights["blocks.1.ffn.value.weight"] = torch.randn(C, 8 * C, generator=gen) * 0.1
+    torch.save(weights, path)
+    runner, off = load(path, "cpu fp32"), load(path, "cpu fp32", off=True)
+    assert "C step" in runner.describe_kernels()
+    for r in (runner, off):
+        r.zero_slot(0)
+        r.zero_slot(1)
+    chunks = prompts(2, 5)
+    got, want = runner.prefill([0, 1], chunks, logits=True), off.prefill([0, 1], chunks, logits=True)
+    assert got is not None and want is not None and relative(got, want) < CLOSE
+    lib = c_step.lib
+    assert lib is not None
+    first, second = runner.model._native_layers  # type: ignore[attr-defined]
+    assert second.w1.rows == 160 and second.ffn_key.rows == 8 * C
+
+    def needs(s: native.LayerStruct, lora_v: int) -> int:
+        return int(lib.rwkv7_workspace(10, C, s.ffn_key.rows, s.w1.rows + s.a1.rows + s.g1.rows + lora_v))
+
+    assert needs(first, 0) < needs(second, second.v1.rows)  # sized by the first layer, it overflowed
+    assert runner.model._work.numel() >= needs(second, second.v1.rows)  # type: ignore[attr-defined]
+
+
+def test_only_float32_and_int8_tensors_reach_the_c_step() -> None:
+    """native.ptr refuses other dtypes (the C step reads float32 or int8 memory)."""
+    for dtype in (torch.float64, torch.bfloat16, torch.float16, torch.int32):
+        with pytest.raises(ValueError, match="float32 or int8"):
+            native.ptr(torch.zeros(4, dtype=dtype))
+    assert native.ptr(torch.zeros(4)) and native.ptr(torch.zeros(4, dtype=torch.int8))
+
+
+def test_another_default_dtype_changes_nothing(c_step: native.Native, small_model: Path) -> None:
+    """A process whose torch default dtype is float64 loads and runs the C step as usual: its own
+    buffers are float32 whatever the default."""
+    normal = load(small_model, "cpu fp32")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        other = load(small_model, "cpu fp32")
+        assert "C step" in other.describe_kernels()
+        results = []
+        for r in (normal, other):
+            r.zero_slot(0)
+            results.append(r.prefill([0], prompts(1, 4), logits=True))
+    finally:
+        torch.set_default_dtype(previous)
+    assert results[0] is not None and results[1] is not None
+    assert torch.equal(results[0], results[1])
+
+
+def test_the_c_step_shares_torchs_openmp_runtime_or_stays_out(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built here, the library brings no OpenMP runtime of its own (torch's libgomp serves both);
+    one that would (a compiler with another OpenMP) is not used, and load() says why."""
+    if not c_step_expected():
+        pytest.skip("no C compiler (or a torch without OpenMP)")
+    before = native._openmp_runtimes()
+    assert native.load().lib is not None
+    assert native._openmp_runtimes() == before and any(n.startswith("libgomp") for n in before)
+    monkeypatch.setattr(native, "_loaded", {})
+    calls = iter([set(), {"libomp.so.5"}])
+    monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(calls))
+    refused = native.load()
+    assert refused.lib is None and refused.why_not == "it would run a second OpenMP runtime (libomp.so.5)"
+
+
+def test_a_compiler_given_with_words_of_its_own_is_used(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CC may hold a command with arguments (CC="ccache gcc"): here "env cc"."""
+    if not c_step_expected() or shutil.which("env") is None:
+        pytest.skip("no C compiler (or a torch without OpenMP)")
+    monkeypatch.setenv("CC", f"env {shutil.which('cc')}")
+    assert native.load().lib is not None
