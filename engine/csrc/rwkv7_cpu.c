@@ -319,7 +319,8 @@ static void norm_and_shift(const float *x, const float *ln_w, const float *ln_b,
     }
 }
 
-/* floats of scratch space a layer call needs for M rows */
+/* floats of scratch space a layer call needs for M rows: M times a count per row (the engine
+ * takes it per row) */
 int64_t rwkv7_workspace(int64_t M, int64_t C, int64_t F, int64_t lora) {
     return M * (16 * C + F + lora);
 }

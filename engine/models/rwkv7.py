@@ -39,8 +39,26 @@ DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is DECAY_SCALE * sigmoid(w0
 NATIVE_SELF_CHECK = 1e-4
 
 
+# The block's six large matrices: attribute, and key in the file under "blocks.N."
+_LINEARS = {
+    "receptance": "att.receptance.weight",
+    "key": "att.key.weight",
+    "value": "att.value.weight",
+    "output": "att.output.weight",
+    "ffn_key": "ffn.key.weight",
+    "ffn_value": "ffn.value.weight",
+}
+
+
 class _Layer:
     """The weights of one block, in the shapes the step uses."""
+
+    receptance: Linear
+    key: Linear
+    value: Linear
+    output: Linear
+    ffn_key: Linear
+    ffn_value: Linear
 
     def __init__(self, get: Callable[[str], torch.Tensor], lin: Callable[[str], Linear], i: int) -> None:
         att, ffn, blk = f"blocks.{i}.att.", f"blocks.{i}.ffn.", f"blocks.{i}."
@@ -57,14 +75,17 @@ class _Layer:
             self.v0, self.v1, self.v2 = get(att + "v0"), get(att + "v1"), get(att + "v2")
         self.k_k, self.k_a, self.r_k = get(att + "k_k"), get(att + "k_a"), get(att + "r_k").flatten()
         self.ln_x_w, self.ln_x_b = get(att + "ln_x.weight"), get(att + "ln_x.bias")
-        self.receptance, self.key = lin(att + "receptance.weight"), lin(att + "key.weight")
-        self.value, self.output = lin(att + "value.weight"), lin(att + "output.weight")
         self.ffn_x_k = get(ffn + "x_k")
-        self.ffn_key, self.ffn_value = lin(ffn + "key.weight"), lin(ffn + "value.weight")
+        self.load_linears(lin, i)
+
+    def load_linears(self, lin: Callable[[str], Linear], i: int) -> None:
+        """The six large matrices of block ``i``, made by ``lin`` from their keys."""
+        for name, key in _LINEARS.items():
+            setattr(self, name, lin(f"blocks.{i}.{key}"))
 
     def linears(self) -> list[Linear]:
         """The block's six large matrices."""
-        return [self.receptance, self.key, self.value, self.output, self.ffn_key, self.ffn_value]
+        return [getattr(self, name) for name in _LINEARS]
 
     def native(self) -> tuple[native.LayerStruct, list[torch.Tensor]]:
         """The C step's view of this block (:mod:`engine.native`), and the tensors it points into
@@ -81,8 +102,7 @@ class _Layer:
             setattr(s, name, native.ptr(getattr(self, name)))
         s.ln_x_w, s.ln_x_b = native.ptr(self.ln_x_w), native.ptr(self.ln_x_b)
         s.ffn_x_k = native.ptr(self.ffn_x_k)
-        for name in ("receptance", "key", "value", "output", "ffn_key", "ffn_value"):
-            m: Linear = getattr(self, name)
+        for name, m in zip(_LINEARS, self.linears(), strict=True):
             assert m.native is not None
             setattr(s, name, native.mat(m.native, m.rows, m.native_scale))
         for name in ("w1", "w2", "a1", "a2", "g1", "g2"):
@@ -127,17 +147,11 @@ class RWKV7(BatchedModel):
         # (engine.cpu_features)
         lib = native.load() if device.type == "cpu" and dtype == torch.float32 else None
         use_native = lib is not None and lib.lib is not None and native_step_fits(weights)
-        reduce_range = not this_cpu().vnni if int8 and not use_native else True
+        reduce_range = not this_cpu().vnni if int8 else True  # fbgemm's inputs; the C step has none
 
-        def lin(key: str) -> Linear:
+        def lin(key: str, c_step: bool = use_native) -> Linear:
             return Linear(
-                weights[key],
-                device,
-                dtype,
-                batch_hint,
-                int8=int8,
-                reduce_range=reduce_range,
-                native=use_native,
+                weights[key], device, dtype, batch_hint, int8=int8, reduce_range=reduce_range, native=c_step
             )
 
         with torch.no_grad():
@@ -156,14 +170,10 @@ class RWKV7(BatchedModel):
         self._native_head: native.Mat | None = None
         self._native_keep: list[torch.Tensor] = []
         self._work = torch.empty(0, dtype=torch.float32)
-        self._native_dims: list[tuple[int, int]] = []
-        if use_native and lib is not None:
-
-            def torch_lin(key: str) -> Linear:  # the PyTorch path's, should the C step fail its check
-                vnni = this_cpu().vnni
-                return Linear(weights[key], device, dtype, batch_hint, int8=int8, reduce_range=not vnni)
-
-            self._install_native(lib, torch_lin)
+        self._native_ffn: list[int] = []  # each layer's channel-mix width
+        self._native_row_floats = 0  # scratch floats per input row, for the widest layer
+        if use_native and lib is not None:  # the PyTorch path's matrices, should the check fail
+            self._install_native(lib, lambda key: lin(key, c_step=False))
         if int8:
             warning = self._int8_report()[1]
             if warning is not None:  # one line for the model, not one per matrix
@@ -187,23 +197,27 @@ class RWKV7(BatchedModel):
             self._native_keep.extend(keep)
         assert self.head.native is not None
         self._native_head = native.mat(self.head.native, self.head.rows, self.head.native_scale)
-        # each layer's channel-mix width and LoRA ranks (its scratch space)
-        self._native_dims = [
-            (int(s.ffn_key.rows), int(s.w1.rows + s.a1.rows + s.g1.rows + (s.v1.rows if i > 0 else 0)))
-            for i, s in enumerate(self._native_layers)
-        ]
+        # each layer's channel-mix width, and the scratch space of its widest layer (linear in the
+        # rows: rwkv7_workspace)
+        assert lib.lib is not None
+        self._native_ffn = [int(s.ffn_key.rows) for s in self._native_layers]
+        self._native_row_floats = max(
+            int(
+                lib.lib.rwkv7_workspace(
+                    1, self.n_embd, s.ffn_key.rows, s.w1.rows + s.a1.rows + s.g1.rows + s.v1.rows
+                )
+            )
+            for s in self._native_layers
+        )
         problem = self._native_self_check()
         if problem is None:
             return
         log.warning("the C step %s; PyTorch runs this model", problem)
         self._native, self._native_layers, self._native_head, self._native_keep = None, [], None, []
-        self._native_dims = []
+        self._native_ffn, self._native_row_floats = [], 0
         with torch.no_grad():  # from the file's weights (an int8 model's too: not its rounded ones)
             for i, p in enumerate(self.layers):
-                att, ffn = f"blocks.{i}.att.", f"blocks.{i}.ffn."
-                for name in ("receptance", "key", "value", "output"):
-                    setattr(p, name, torch_lin(f"{att}{name}.weight"))
-                p.ffn_key, p.ffn_value = torch_lin(f"{ffn}key.weight"), torch_lin(f"{ffn}value.weight")
+                p.load_linears(torch_lin, i)
             self.head = torch_lin("head.weight")
 
     def _native_self_check(self) -> str | None:
@@ -356,8 +370,7 @@ class RWKV7(BatchedModel):
         M = B * T
         x = x.float().contiguous().clone()  # the residual stream, updated in place
         v_first = torch.empty(M, C, dtype=torch.float32)
-        floats = max(int(lib.rwkv7_workspace(M, C, ffn, lora)) for ffn, lora in self._native_dims)
-        work = self._workspace(floats)
+        work = self._workspace(M * self._native_row_floats)
         threads = torch.get_num_threads()
         for i, struct in enumerate(self._native_layers[:layers]):
             values = [t if t.is_contiguous() else t.contiguous() for t in states.read(i)]
@@ -370,7 +383,7 @@ class RWKV7(BatchedModel):
                 C,
                 self.n_head,
                 self.head_size,
-                self._native_dims[i][0],
+                self._native_ffn[i],
                 native.ptr(x),
                 native.ptr(shift),
                 native.ptr(kv),
