@@ -137,7 +137,11 @@ class RWKV7(BatchedModel):
         self.n_layer = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
 
         def get(key: str) -> torch.Tensor:
-            return weights[key].squeeze().to(device=device, dtype=dtype).contiguous()
+            source = weights[key]
+            t = source.squeeze().to(device=device, dtype=dtype).contiguous()
+            # a copy of its own: a view would keep the whole file mapped (engine.formats maps it)
+            # and every page the loading read resident, as much again as the model
+            return t.clone() if t.data_ptr() == source.data_ptr() else t
 
         # The C step (engine.native) on the CPU in float32, where it builds: the whole forward
         # pass, with int8 weights (one scale per row) under 'cpu int8'. Elsewhere PyTorch, with

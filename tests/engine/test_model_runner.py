@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine.cuda_graphs import graph_buckets
 from engine.errors import EngineError
+from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
+from tests.conftest import TINY
+from tools.make_model import write_random_model
 
 
 def test_too_many_resident_states_for_the_memory_is_refused_plainly(
@@ -29,3 +34,25 @@ def test_graph_buckets_cover_every_batch_size() -> None:
     assert graph_buckets(70, 100) == [100, 64, 32, 16, 8, 4, 2, 1]  # 65 to 70 use the 100 slots
     assert graph_buckets(5, 3) == [3, 2, 1]
     assert graph_buckets(1, 32) == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize(
+    ("strategy", "c_step"), [("cpu fp32", "on"), ("cpu fp32", "off"), ("cpu int8", "on")]
+)
+def test_a_loaded_model_leaves_its_file_unmapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, c_step: str
+) -> None:
+    """The file is read through a memory map; a tensor of the model that stays a view of it keeps
+    the whole file mapped and every page read resident, as much memory again as the model (a 1.5B
+    model in fp32 held 12 GB instead of 6)."""
+    if c_step == "off":
+        monkeypatch.setenv(ENV_SWITCH, "off")
+    else:
+        monkeypatch.delenv(ENV_SWITCH, raising=False)
+    path = write_random_model(tmp_path / "own.pth", 7, TINY, seed=3)  # no other test maps it
+    model = ModelRunner.load(path, strategy, max_slots=2)
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(path))]
+    assert mapped == []
+    assert model.decode([0], [1]).shape[-1] > 0  # the model works from its own copies
