@@ -17,6 +17,7 @@ import torch
 from engine.errors import EngineDiedError, EngineError
 from engine.formats import ModelSpec, inspect_model
 from engine.generation import SequenceRunner
+from engine.heap import release_free_heap
 from engine.interface import Engine, GenerationEvent, GenerationRequest
 from engine.reference import load_reference_model
 from engine.state import Snapshot
@@ -73,6 +74,7 @@ class ReferenceEngine(Engine):
                 lambda: cls(load_reference_model(spec, strategy), spec, tok, strategy, executor)
             ).result()
             engine.resolved = resolved
+            release_free_heap()  # the holes the loading's temporaries left (engine.heap)
             return engine
         except BaseException:
             executor.shutdown(wait=True)

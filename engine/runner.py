@@ -28,6 +28,7 @@ from engine.cuda_graphs import DecodeGraph, IndexedStep, RunStep, StepGraph, buc
 from engine.errors import EngineError, ModelFileError, StateMismatchError
 from engine.formats import ModelSpec, inspect_weights, load_weights
 from engine.gpu import to_device
+from engine.heap import release_free_heap
 from engine.models import describe_families, has_family, model_class
 from engine.models.base import BatchedModel, StateTensor
 from engine.strategy import int8_products, parse_strategy
@@ -144,13 +145,16 @@ class ModelRunner:
                 use_fla=use_fla,
                 int8=int8_products(strategy),
             )
-            return cls(model, max_slots=max_slots, cuda_graphs=cuda_graphs)
+            runner = cls(model, max_slots=max_slots, cuda_graphs=cuda_graphs)
         except torch.cuda.OutOfMemoryError as exc:
             raise EngineError(f"not enough GPU memory to load {path.name} as {strategy!r}") from exc
         except KeyError as exc:
             raise ModelFileError(
                 f"{path} has no {exc}: it is not a complete RWKV-{spec.family} checkpoint"
             ) from exc
+        del weights
+        release_free_heap()  # the holes the loading's temporaries left (engine.heap)
+        return runner
 
     @property
     def vocab_size(self) -> int:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from engine import native
 from engine.cpu_features import this_cpu
 from engine.errors import EngineError
+from engine.heap import release_free_heap
 from engine.kernels import Linear, Recurrence, int8_report, load_fla
 from engine.models.base import BatchedModel, LayerStates, StateTensor
 
@@ -163,7 +164,10 @@ class RWKV7(BatchedModel):
             self.emb = F.layer_norm(
                 emb, (self.n_embd,), weight=get("blocks.0.ln0.weight"), bias=get("blocks.0.ln0.bias")
             ).contiguous()
-            self.layers = [_Layer(get, lin, i) for i in range(self.n_layer)]
+            self.layers = []
+            for i in range(self.n_layer):
+                self.layers.append(_Layer(get, lin, i))
+                release_free_heap()  # each layer's temporaries, before the next layer's (engine.heap)
             self.ln_out_w, self.ln_out_b = get("ln_out.weight"), get("ln_out.bias")
             self.head = lin("head.weight")
         self._fla: Recurrence | None = None  # the recurrence in use: None is the plain path

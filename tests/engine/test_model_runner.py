@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.cuda_graphs import graph_buckets
 from engine.errors import EngineError
+from engine.heap import release_free_heap
 from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
 from tests.conftest import TINY
-from tools.make_model import write_random_model
+from tools.make_model import ModelShape, write_random_model
 
 
 def test_too_many_resident_states_for_the_memory_is_refused_plainly(
@@ -34,6 +37,50 @@ def test_graph_buckets_cover_every_batch_size() -> None:
     assert graph_buckets(70, 100) == [100, 64, 32, 16, 8, 4, 2, 1]  # 65 to 70 use the 100 slots
     assert graph_buckets(5, 3) == [3, 2, 1]
     assert graph_buckets(1, 32) == [1]
+
+
+_HEAP_PROBE = """
+import sys
+from pathlib import Path
+from engine.heap import release_free_heap
+from engine.runner import ModelRunner
+
+def kb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+model = ModelRunner.load(Path(sys.argv[1]), sys.argv[2], max_slots=2)
+before = kb("RssAnon")
+assert release_free_heap()
+print(before - kb("RssAnon"), kb("VmHWM") - kb("VmRSS"))
+"""
+
+
+@pytest.mark.skipif(release_free_heap() is False, reason="the C library has no malloc_trim")
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu int8"])
+def test_loading_gives_its_temporaries_memory_back(tmp_path: Path, strategy: str) -> None:
+    """Converting and packing each matrix leaves holes in the C heap that the process keeps unless
+    they are handed back: a 1.5B model loaded from bf16 in fp32 held 1 GB more than it used, and
+    its loading peaked 1.4 GB higher. In a fresh process, as the bot loads, on a 32-layer model: a
+    trim after loading frees nothing more (over 100 MB before the fix), and the peak is the model
+    plus its file, whose pages the loading read, within 40 MB (measured 12 to 22 MB; 81 to 213
+    without a trim after each layer)."""
+    path = write_random_model(
+        tmp_path / "deep.pth", 7, ModelShape(32, 512, vocab_size=1024), seed=5, dtype=torch.bfloat16
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, str(path), strategy],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    freed_kb, peak_over_kb = (int(n) for n in probe.stdout.split()[-2:])
+    assert freed_kb < 1_000, f"{freed_kb / 1000:.0f} MB of free heap still held after loading"
+    over_file = (peak_over_kb - path.stat().st_size // 1024) / 1000
+    assert over_file < 40, f"loading peaked {over_file:.0f} MB above the model and its file"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
