@@ -58,12 +58,11 @@ int rwkv7_native_simd(void) { return RWKV_AVX2; }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-static inline float epilogue(int epi, float v, float old) {
+static inline float activation(int epi, float v) {
     switch (epi) {
     case EPI_TANH: return tanhf(v);
     case EPI_SIGMOID: return sigmoidf(v);
     case EPI_RELU_SQ: return v > 0.0f ? v * v : 0.0f;
-    case EPI_ADD: return old + v;
     default: return v;
     }
 }
@@ -203,15 +202,11 @@ static void store(const Job *job, const Mat *A, int64_t m, int64_t row0, const f
     case EPI_ADD:
         for (int r = 0; r < n; r++) y[r] += sums[r];
         break;
-    case EPI_RELU_SQ:
-        for (int r = 0; r < n; r++) y[r] = sums[r] > 0.0f ? sums[r] * sums[r] : 0.0f;
-        break;
-    case EPI_TANH:
-    case EPI_SIGMOID:
-        for (int r = 0; r < n; r++) y[r] = epilogue(job->epi, sums[r], 0.0f);
+    case EPI_SET:
+        memcpy(y, sums, (size_t)n * sizeof(float));
         break;
     default:
-        memcpy(y, sums, (size_t)n * sizeof(float));
+        for (int r = 0; r < n; r++) y[r] = activation(job->epi, sums[r]);
     }
 }
 
