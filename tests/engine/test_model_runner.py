@@ -61,6 +61,21 @@ print(before - kb("RssAnon"), kb("VmHWM") - kb("VmRSS"))
 """
 
 
+def _probe_heap(path: Path, strategy: str, engine: str) -> tuple[int, int]:
+    """Load ``path`` in a fresh process (``engine``: batched or reference) and return the kB a
+    trim right after loading freed, and the kB the peak resident set stood above the final one."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, str(path), strategy, engine],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    freed_kb, peak_over_kb = (int(n) for n in probe.stdout.split()[-2:])
+    return freed_kb, peak_over_kb
+
+
 @pytest.mark.skipif(release_free_heap() is False, reason="the C library has no malloc_trim")
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu int8"])
 def test_loading_gives_its_temporaries_memory_back(tmp_path: Path, strategy: str) -> None:
@@ -73,15 +88,7 @@ def test_loading_gives_its_temporaries_memory_back(tmp_path: Path, strategy: str
     path = write_random_model(
         tmp_path / "deep.pth", 7, ModelShape(32, 512, vocab_size=1024), seed=5, dtype=torch.bfloat16
     )
-    probe = subprocess.run(
-        [sys.executable, "-c", _HEAP_PROBE, str(path), strategy, "batched"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    freed_kb, peak_over_kb = (int(n) for n in probe.stdout.split()[-2:])
+    freed_kb, peak_over_kb = _probe_heap(path, strategy, "batched")
     assert freed_kb < 1_000, f"{freed_kb / 1000:.0f} MB of free heap still held after loading"
     over_file = (peak_over_kb - path.stat().st_size // 1024) / 1000
     assert over_file < 40, f"loading peaked {over_file:.0f} MB above the model and its file"
@@ -92,15 +99,7 @@ def test_the_reference_engine_gives_its_loading_temporaries_back(tmp_path: Path)
     """The rwkv package converts each matrix as it loads, too: after ReferenceEngine.load a trim
     frees nothing more (47 MB on this 24-layer RWKV-4 before the fix)."""
     path = write_random_model(tmp_path / "v4.pth", 4, ModelShape(24, 512), seed=5, dtype=torch.bfloat16)
-    probe = subprocess.run(
-        [sys.executable, "-c", _HEAP_PROBE, str(path), "cpu fp32", "reference"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    freed_kb = int(probe.stdout.split()[-2])
+    freed_kb, _ = _probe_heap(path, "cpu fp32", "reference")
     assert freed_kb < 1_000, f"{freed_kb / 1000:.0f} MB of free heap still held after loading"
 
 
