@@ -57,6 +57,7 @@ class Linear:
         int8: bool = False,
         reduce_range: bool = True,
         native: bool = False,
+        vnni: bool = False,
     ):
         w = weight.to(device=device, dtype=dtype)
         self.packed: torch.Tensor | None = None
@@ -64,16 +65,19 @@ class Linear:
         self.int8: Any = None  # fbgemm's packed int8 weight
         self.int8_check: Int8Check | None = None  # how the int8 product asked for came out
         self.reduce_range = reduce_range
-        # the C step's weight (engine.native): packed, float32 or int8 with its row scales
+        # the C step's weight (engine.native): packed, float32 or int8 with its row scales;
+        # ``vnni``: int8 in the layout of its products on 8-bit inputs (engine.native.pack_vnni)
         self.native: torch.Tensor | None = None
         self.native_scale: torch.Tensor | None = None
-        self.rows = int(w.shape[0])
+        self.native_vnni = False
+        self.rows, self.cols = int(w.shape[0]), int(w.shape[1])
         if native and device.type == "cpu" and dtype == torch.float32:
-            from engine.native import pack
+            from engine.native import pack, pack_vnni
 
             if int8:
                 q, self.native_scale = quantize_rows(w)
-                self.native = pack(q)
+                self.native_vnni = vnni
+                self.native = pack_vnni(q) if vnni else pack(q)
             else:
                 self.native = pack(w)
             return
@@ -88,7 +92,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:  # the C step's weights, in PyTorch (its self-check)
-            return F.linear(x, self.plain_weight())
+            return F.linear(quantize_inputs(x) if self.native_vnni else x, self.plain_weight())
         if self.int8 is not None:
             out_q: torch.Tensor = torch.ops.quantized.linear_dynamic(x, self.int8, self.reduce_range)
             return out_q
@@ -101,12 +105,36 @@ class Linear:
     def plain_weight(self, rows: int | None = None) -> torch.Tensor:
         """The C step's weight as a float32 ``[out, in]`` matrix (int8: times its scales); its
         first ``rows`` rows only, if given (only those are unpacked)."""
-        from engine.native import PANEL, unpack
+        from engine.native import PANEL, unpack, unpack_vnni
 
         assert self.native is not None
         n = self.rows if rows is None else min(rows, self.rows)
-        w = unpack(self.native[: -(-n // PANEL)], n)
+        panels = self.native[: -(-n // PANEL)]
+        w = unpack_vnni(panels, n, self.cols) if self.native_vnni else unpack(panels, n)
         return w.float() * self.native_scale[:n, None] if self.native_scale is not None else w
+
+    def native_mat(self) -> Any:
+        """The C step's :class:`engine.native.Mat` of this weight."""
+        from engine.native import mat
+
+        assert self.native is not None
+        return mat(self.native, self.rows, self.native_scale, self.cols if self.native_vnni else None)
+
+
+INPUT_BLOCK = 64  # columns of an input sharing one scale in the C step's products on 8-bit inputs
+
+
+def quantize_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., K] as the C step's int8 products on 8-bit inputs see it (AVX-512 VNNI): each
+    row's blocks of 64 columns rounded to 8 bits with the block's own scale (its largest magnitude
+    / 127), the same roundings as the C code's (half to even), back in float32."""
+    K = x.shape[-1]
+    blocks = -(-K // INPUT_BLOCK)
+    padded = F.pad(x.float(), (0, blocks * INPUT_BLOCK - K)).reshape(*x.shape[:-1], blocks, INPUT_BLOCK)
+    amax = padded.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(padded * inv).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(*x.shape[:-1], blocks * INPUT_BLOCK)[..., :K]
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

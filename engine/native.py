@@ -39,17 +39,19 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
-VERSION = 5  # rwkv7_native_version() of the source this module speaks to
+VERSION = 6  # rwkv7_native_version() of the source this module speaks to
 
 
 class Mat(ctypes.Structure):
-    """A weight matrix ``[rows, cols]``: float32, or int8 with a float32 scale per row."""
+    """A weight matrix ``[rows, cols]``: float32, or int8 with a float32 scale per row (``vnni``:
+    in :func:`pack_vnni`'s layout, its products on 8-bit inputs)."""
 
     _fields_ = [
         ("w", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("rows", ctypes.c_int64),
         ("cols", ctypes.c_int64),
+        ("vnni", ctypes.c_int64),
     ]
 
 
@@ -100,6 +102,7 @@ class Native:
     lib: ctypes.CDLL | None
     why_not: str | None = None
     simd: str = ""
+    vnni: bool = False  # int8 products on 8-bit inputs (AVX-512 VNNI): pack_vnni's layout
 
     def describe(self) -> str:
         return f"C step ({self.simd}, OpenMP)" if self.lib is not None else f"no C step ({self.why_not})"
@@ -150,7 +153,11 @@ def _load() -> Native:
     if lib.rwkv7_native_version() != VERSION:
         return Native(None, "the built library is of another version")
     _declare(lib)
-    return Native(lib, simd="AVX2" if lib.rwkv7_native_simd() else "portable C")
+    level = int(lib.rwkv7_native_simd())
+    return Native(lib, simd=SIMD_NAMES.get(level, "portable C"), vnni=level == 2)
+
+
+SIMD_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX2, AVX-512 VNNI"}  # rwkv7_native_simd()
 
 
 def _openmp_runtimes() -> set[str]:
@@ -254,9 +261,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rwkv7_head.argtypes = [p, p, p, i64, i64, p, p, p, i32]
 
 
+_C_DTYPES = (torch.float32, torch.int8, torch.uint8)  # uint8: pack_vnni's layout
+
+
 def ptr(t: torch.Tensor) -> int:
-    """A float32 (or int8) contiguous CPU tensor's data pointer, checked."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.int8):
+    """A float32 (or int8, or uint8) contiguous CPU tensor's data pointer, checked."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _C_DTYPES:
         raise ValueError("the C step takes contiguous float32 or int8 CPU tensors")
     return int(t.data_ptr())
 
@@ -307,18 +317,50 @@ def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(panels * PANEL, cols)[:rows]
 
 
-def mat(packed: torch.Tensor, rows: int, scale: torch.Tensor | None) -> Mat:
+VNNI_GROUP = 4  # columns of a row summed by one instruction of the VNNI products
+
+
+def pack_vnni(q: torch.Tensor) -> torch.Tensor:
+    """An ``[rows, cols]`` int8 weight in the layout of the C step's products on 8-bit inputs:
+    panels of 16 rows, four columns of a row together, ``[ceil(rows / 16), ceil(cols / 4), 16, 4]``,
+    each weight plus 128 as an unsigned byte (padding: 128, a weight of 0)."""
+    rows, cols = q.shape
+    panels, groups = -(-rows // PANEL), -(-cols // VNNI_GROUP)
+    wide = torch.full((panels * PANEL, groups * VNNI_GROUP), 128, dtype=torch.uint8)
+    wide[:rows, :cols] = (q.to(torch.int16) + 128).to(torch.uint8)
+    packed = _huge_empty((panels, groups, PANEL, VNNI_GROUP), torch.uint8)
+    packed.copy_(wide.view(panels, PANEL, groups, VNNI_GROUP).transpose(1, 2))
+    return packed
+
+
+def unpack_vnni(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The ``[rows, cols]`` int8 weight of :func:`pack_vnni`'s layout."""
+    panels, groups, _, _ = packed.shape
+    wide = packed.transpose(1, 2).reshape(panels * PANEL, groups * VNNI_GROUP)[:rows, :cols]
+    return (wide.to(torch.int16) - 128).to(torch.int8)
+
+
+def mat(packed: torch.Tensor, rows: int, scale: torch.Tensor | None, cols: int | None = None) -> Mat:
     """The :class:`Mat` of a :func:`pack`-ed weight of ``rows`` rows (int8 with ``scale``, else
-    float32)."""
-    if scale is None and packed.dtype != torch.float32:
-        raise ValueError("a float32 weight, or an int8 one with its scales")
-    if scale is not None and (packed.dtype != torch.int8 or scale.dtype != torch.float32):
-        raise ValueError("an int8 weight takes float32 scales")
-    if packed.dim() != 3 or packed.shape[2] != PANEL or packed.shape[0] * PANEL < rows:
-        raise ValueError("a weight in pack()'s layout")
+    float32), or of a :func:`pack_vnni`-ed one of ``rows`` by ``cols`` with its scales."""
+    if packed.dtype == torch.uint8:
+        if scale is None or scale.dtype != torch.float32 or cols is None:
+            raise ValueError("an int8 weight in pack_vnni()'s layout takes float32 scales and its columns")
+        shape = (max(-(-rows // PANEL), 1), -(-cols // VNNI_GROUP), PANEL, VNNI_GROUP)
+        if packed.dim() != 4 or packed.shape[1:] != shape[1:] or packed.shape[0] < shape[0]:
+            raise ValueError("a weight in pack_vnni()'s layout")
+    else:
+        if scale is None and packed.dtype != torch.float32:
+            raise ValueError("a float32 weight, or an int8 one with its scales")
+        if scale is not None and (packed.dtype != torch.int8 or scale.dtype != torch.float32):
+            raise ValueError("an int8 weight takes float32 scales")
+        if packed.dim() != 3 or packed.shape[2] != PANEL or packed.shape[0] * PANEL < rows:
+            raise ValueError("a weight in pack()'s layout")
+        cols = int(packed.shape[1])
     if scale is not None and (scale.dim() != 1 or scale.shape[0] < rows):
         raise ValueError("one scale per row")
-    return Mat(ptr(packed), ptr(scale) if scale is not None else None, rows, int(packed.shape[1]))
+    vnni = int(packed.dtype == torch.uint8)
+    return Mat(ptr(packed), ptr(scale) if scale is not None else None, rows, cols, vnni)
 
 
 def mat_of(weight: torch.Tensor) -> tuple[Mat, torch.Tensor]:

@@ -7,8 +7,10 @@ runs. Two are the batched engine's own:
 - ``'cpu int8'``: fp32 activations and sums with the large weights in int8, one scale per
   output row, in the C step (:mod:`engine.native`; decode measured 2.1x fp32 at one sequence on
   an AVX2 CPU, the logits 7% off fp32 on average on the random 0.1B shape: ``python -m
-  tools.accuracy``); without the C step, fbgemm's dynamic int8 products through PyTorch (see
-  :mod:`engine.cpu_features` and tools/parity.py);
+  tools.accuracy``); where the C step is built with AVX-512 VNNI, the products' inputs are
+  rounded to 8 bits too (one scale per 64 columns) and summed in integers, as llama.cpp's q8_0
+  does (8.6% off fp32 there); without the C step, fbgemm's dynamic int8 products through PyTorch
+  (see :mod:`engine.cpu_features` and tools/parity.py);
 - the precision ``auto`` (``'cpu auto'``, ``'cuda auto'``, or ``'auto'`` alone: a GPU when there
   is one): :func:`resolve_strategy` turns it into an accepted precision for the device at hand
   (one the rwkv package runs too, never int8): fp16 on a GPU, bf16 on a CPU with AMX (chosen on a

@@ -1,5 +1,8 @@
 /* The RWKV-7 forward pass of a batch on the CPU, one layer per call, in float32 arithmetic with
- * float32 or int8 weights (int8: one scale per output row, multiplied in after the row's sum).
+ * float32 or int8 weights (int8: one scale per output row, multiplied in after the row's sum). On a
+ * CPU with AVX-512 VNNI the int8 products take 8-bit inputs too (one scale per input row and block
+ * of KB columns) and sum in 32-bit integers, the way llama.cpp's q8_0 does: the int8 weights are
+ * then read as they are, four columns to an instruction, instead of widened to float32 first.
  *
  * Built and loaded by engine/native.py (the C compiler at hand, -O3 -march=native -fopenmp; the
  * OpenMP runtime is the one torch has loaded, so torch and these loops share one thread team).
@@ -22,12 +25,19 @@
 #else
 #define RWKV_AVX2 0
 #endif
+#if RWKV_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define RWKV_VNNI 1
+#else
+#define RWKV_VNNI 0
+#endif
 
 typedef struct {
     const void *w;      /* [ceil(rows / 16), cols, 16] (panels of 16 rows, zero-padded): float32,
-                           or int8 where scale is set */
+                           or int8 where scale is set; where vnni is set, the int8 weights plus 128
+                           as unsigned bytes [ceil(rows / 16), ceil(cols / 4), 16, 4] */
     const float *scale; /* [rows]: the scale of each int8 row; NULL for float32 */
     int64_t rows, cols;
+    int64_t vnni;       /* 1: int8 in the VNNI layout, its products on 8-bit inputs */
 } Mat;
 
 typedef struct {
@@ -45,16 +55,28 @@ typedef struct {
 
 enum { EPI_SET = 0, EPI_TANH = 1, EPI_SIGMOID = 2, EPI_RELU_SQ = 3, EPI_ADD = 4 };
 
+/* an input quantized to 8 bits for the VNNI products, per row and block of KB columns: q = x / s
+ * rounded (s = the block's largest magnitude / 127), with base = -128 * the block's sum of q (the
+ * weights are stored plus 128: a sum starting at base comes out as the sum of q * w) */
+typedef struct {
+    const int8_t *q;   /* [M, stride]: the row's columns, zero-padded to a multiple of KB */
+    const float *s;    /* [M, blocks] */
+    const int32_t *base; /* [M, blocks] */
+    int64_t stride, blocks;
+} QIn;
+
 typedef struct {
     const Mat *m;
     const float *x; /* [M, m->cols] */
     float *y;       /* [M, m->rows] */
     int epi;
+    QIn qin;        /* m->vnni: x quantized (run_jobs) */
 } Job;
 
-int rwkv7_native_version(void) { return 5; }
+int rwkv7_native_version(void) { return 6; }
 
-int rwkv7_native_simd(void) { return RWKV_AVX2; }
+/* 0: portable C, 1: AVX2, 2: AVX2 and AVX-512 VNNI (int8 products on 8-bit inputs) */
+int rwkv7_native_simd(void) { return RWKV_VNNI ? 2 : RWKV_AVX2; }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -167,6 +189,75 @@ static inline float activation(int epi, float v) {
     }
 DEFINE_ALL(f32, LOAD_F32, 4)
 DEFINE_ALL(i8, LOAD_I8, 1)
+#if RWKV_VNNI
+static inline __m512i bcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+}
+/* the int8 products on 8-bit inputs: per output and block, the integer sum of q * w (exact, so in
+ * any order), then total += (float)sum * s in block order; the same operations whatever NM is */
+#define DEFINE_PANEL_VNNI(NM)                                                                       \
+    static void panel_vnni_##NM(const uint8_t *w, int64_t K4, const QIn *qs, const int64_t *rows,  \
+                                float *out, const char *pf, int64_t pf_step) {                      \
+        __m512 tot[NM];                                                                             \
+        for (int b = 0; b < NM; b++) tot[b] = _mm512_setzero_ps();                                  \
+        for (int64_t blk = 0, k0 = 0; k0 < K4; blk++, k0 += KB) {                                   \
+            const int64_t k1 = k0 + KB < K4 ? k0 + KB : K4;                                         \
+            __m512i acc[NM];                                                                        \
+            const int8_t *xq[NM];                                                                   \
+            for (int b = 0; b < NM; b++) {                                                          \
+                acc[b] = _mm512_set1_epi32(qs->base[rows[b] * qs->blocks + blk]);                   \
+                xq[b] = qs->q + rows[b] * qs->stride;                                               \
+            }                                                                                       \
+            for (int64_t k = k0; k < k1; k += 4) {                                                  \
+                if (pf) _mm_prefetch(pf + k * pf_step, _MM_HINT_T1);                                \
+                const __m512i wv = _mm512_loadu_si512((const void *)(w + k * P));                   \
+                for (int b = 0; b < NM; b++) acc[b] = _mm512_dpbusd_epi32(acc[b], wv, bcast4(xq[b] + k)); \
+            }                                                                                       \
+            for (int b = 0; b < NM; b++)                                                            \
+                tot[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b]),                                 \
+                                         _mm512_set1_ps(qs->s[rows[b] * qs->blocks + blk]), tot[b]); \
+        }                                                                                           \
+        for (int b = 0; b < NM; b++) _mm512_storeu_ps(out + b * P, tot[b]);                         \
+    }
+DEFINE_PANEL_VNNI(1)
+DEFINE_PANEL_VNNI(2)
+DEFINE_PANEL_VNNI(3)
+DEFINE_PANEL_VNNI(4)
+DEFINE_PANEL_VNNI(5)
+DEFINE_PANEL_VNNI(6)
+static void panel_vnni(int nm, const uint8_t *w, int64_t K4, const QIn *qs, const int64_t *rows, float *out,
+                       const char *pf, int64_t pf_step) {
+    switch (nm) {
+    case 1: panel_vnni_1(w, K4, qs, rows, out, pf, pf_step); break;
+    case 2: panel_vnni_2(w, K4, qs, rows, out, pf, pf_step); break;
+    case 3: panel_vnni_3(w, K4, qs, rows, out, pf, pf_step); break;
+    case 4: panel_vnni_4(w, K4, qs, rows, out, pf, pf_step); break;
+    case 5: panel_vnni_5(w, K4, qs, rows, out, pf, pf_step); break;
+    default: panel_vnni_6(w, K4, qs, rows, out, pf, pf_step); break;
+    }
+}
+/* GROUP panels for input row 0 (one sequence's decode step), the same operations per output */
+static void group_vnni(const uint8_t *w, int64_t K4, const QIn *qs, float *out) {
+    __m512 tot[GROUP];
+    for (int g = 0; g < GROUP; g++) tot[g] = _mm512_setzero_ps();
+    for (int64_t blk = 0, k0 = 0; k0 < K4; blk++, k0 += KB) {
+        const int64_t k1 = k0 + KB < K4 ? k0 + KB : K4;
+        __m512i acc[GROUP];
+        const __m512i base = _mm512_set1_epi32(qs->base[blk]);
+        for (int g = 0; g < GROUP; g++) acc[g] = base;
+        for (int64_t k = k0; k < k1; k += 4) {
+            const __m512i xb = bcast4(qs->q + k);
+            for (int g = 0; g < GROUP; g++)
+                acc[g] = _mm512_dpbusd_epi32(acc[g], _mm512_loadu_si512((const void *)(w + (g * K4 + k) * P)), xb);
+        }
+        const __m512 sb = _mm512_set1_ps(qs->s[blk]);
+        for (int g = 0; g < GROUP; g++) tot[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[g]), sb, tot[g]);
+    }
+    for (int g = 0; g < GROUP; g++) _mm512_storeu_ps(out + g * P, tot[g]);
+}
+#endif
 #else
 /* without AVX2: the same order of sums, in plain C */
 static void panel_plain(int nm, const Mat *A, const void *w, int64_t K, const float *const *xs, float *out) {
@@ -240,6 +331,31 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
     const size_t esize = A->scale ? 1 : 4, pstride = (size_t)K * P * esize;
     const char *base = (const char *)A->w + (size_t)p0 * pstride;
     float sums[MR * P > GROUP * P ? MR * P : GROUP * P];
+#if RWKV_VNNI
+    if (A->vnni) {
+        const int64_t K4 = (K + 3) / 4 * 4;
+        const size_t vstride = (size_t)K4 * P;
+        const uint8_t *vbase = (const uint8_t *)A->w + (size_t)p0 * vstride;
+        if (M == 1 && np == GROUP) {
+            group_vnni(vbase, K4, &job->qin, sums);
+            for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);
+            return;
+        }
+        for (int64_t p = 0; p < np; p++) {
+            const uint8_t *w = vbase + (size_t)p * vstride;
+            for (int64_t m0 = 0; m0 < M;) {
+                const int nm = tile_rows(M - m0);
+                int64_t rows[MR];
+                for (int b = 0; b < nm; b++) rows[b] = m0 + b;
+                const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)w + vstride : NULL;
+                panel_vnni(nm, w, K4, &job->qin, rows, sums, pf, P);
+                for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
+                m0 += nm;
+            }
+        }
+        return;
+    }
+#endif
 #if RWKV_AVX2
     if (M == 1 && np == GROUP) {
         if (A->scale) group_i8(base, K, job->x, sums);
@@ -288,8 +404,93 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
     }
 }
 
-/* all blocks of all jobs, shared among the team (call inside a parallel region) */
-static void run_jobs(const Job *jobs, int n, int64_t M) {
+#if RWKV_VNNI
+/* row m of x [M, K] quantized for the VNNI products (see QIn) */
+static void quantize_row(const float *x, int64_t K, const QIn *qi, int64_t m) {
+    int8_t *q = (int8_t *)qi->q + m * qi->stride;
+    float *s = (float *)qi->s + m * qi->blocks;
+    int32_t *base = (int32_t *)qi->base + m * qi->blocks;
+    for (int64_t blk = 0; blk < qi->blocks; blk++) {
+        const int64_t k0 = blk * KB, k1 = k0 + KB < K ? k0 + KB : K;
+        if (k1 - k0 == KB) { /* a whole block in four vectors: the same roundings as below */
+            __m512 v[KB / 16], m = _mm512_setzero_ps();
+            for (int i = 0; i < KB / 16; i++) {
+                v[i] = _mm512_loadu_ps(x + k0 + 16 * i);
+                m = _mm512_max_ps(m, _mm512_abs_ps(v[i]));
+            }
+            const float amax = _mm512_reduce_max_ps(m);
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m512i total = _mm512_setzero_si512();
+            for (int i = 0; i < KB / 16; i++) {
+                /* converted in the default rounding mode: to nearest, ties to even (nearbyintf's) */
+                __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
+                r = _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+                _mm_storeu_si128((__m128i *)(q + k0 + 16 * i), _mm512_cvtepi32_epi8(r));
+                total = _mm512_add_epi32(total, r);
+            }
+            s[blk] = amax / 127.0f;
+            base[blk] = -128 * _mm512_reduce_add_epi32(total);
+            continue;
+        }
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int64_t k = k0; k < k1; k++) {
+            const float r = nearbyintf(x[k] * inv);
+            const int32_t v = r > 127.0f ? 127 : r < -127.0f ? -127 : (int32_t)r;
+            q[k] = (int8_t)v;
+            sum += v;
+        }
+        for (int64_t k = k1; k < k0 + KB; k++) q[k] = 0;
+        s[blk] = amax / 127.0f;
+        base[blk] = -128 * sum;
+    }
+}
+
+/* bytes of a quantized input row of K columns (QIn: the columns, then a scale and a base a block) */
+static inline int64_t qin_row_bytes(int64_t K) { return (K + KB - 1) / KB * (KB + 8); }
+#endif
+
+/* bytes of quantized inputs per input row that a layer's (or the head's) jobs take at most: the
+ * three int8 ones on the time mix's inputs, or the channel mix's second */
+static int64_t qin_bytes(int64_t C, int64_t F) {
+#if RWKV_VNNI
+    const int64_t three = 3 * qin_row_bytes(C), ffn = qin_row_bytes(F);
+    return three > ffn ? three : ffn;
+#else
+    (void)C, (void)F;
+    return 0;
+#endif
+}
+
+/* all blocks of all jobs, shared among the team (call inside a parallel region); the inputs of
+ * int8 products on 8-bit inputs are quantized first, into qwork (qin_bytes per row) */
+static void run_jobs(Job *jobs, int n, int64_t M, char *qwork) {
+#if RWKV_VNNI
+    int nq = 0, which[16];
+    for (int j = 0; j < n; j++) {
+        if (!jobs[j].m->vnni) continue;
+        const int64_t K = jobs[j].m->cols, blocks = (K + KB - 1) / KB;
+        QIn *qi = &jobs[j].qin;
+        qi->stride = blocks * KB;
+        qi->blocks = blocks;
+        qi->q = (const int8_t *)qwork;
+        qi->s = (const float *)(qwork + M * qi->stride);
+        qi->base = (const int32_t *)(qwork + M * (qi->stride + 4 * blocks));
+        qwork += M * qin_row_bytes(K);
+        which[nq++] = j;
+    }
+    if (nq > 0) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < nq * M; i++) {
+            const Job *job = &jobs[which[i / M]];
+            quantize_row(job->x + (i % M) * job->m->cols, job->m->cols, &job->qin, i % M);
+        }
+    }
+#else
+    (void)qwork;
+#endif
     int64_t total = 0, starts[16];
     for (int j = 0; j < n; j++) {
         starts[j] = total;
@@ -339,7 +540,7 @@ static void norm_and_shift(const float *x, const float *ln_w, const float *ln_b,
 /* floats of scratch space a layer call needs for M rows: M times a count per row (the engine
  * takes it per row) */
 int64_t rwkv7_workspace(int64_t M, int64_t C, int64_t F, int64_t lora) {
-    return M * (16 * C + F + lora);
+    return M * (16 * C + F + lora + (qin_bytes(C, F) + 3) / 4);
 }
 
 #define DECAY_SCALE (-0.606531f)
@@ -358,6 +559,7 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
     float *xr = xm, *xw = xm + M * C, *xk = xm + 2 * M * C, *xv = xm + 3 * M * C, *xa = xm + 4 * M * C,
           *xg = xm + 5 * M * C;
     float *h2 = xr, *fx = xw; /* reused after the time mix */
+    char *qwork = (char *)(vd + M * L->v1.rows); /* the int8 products' quantized inputs */
 
 #pragma omp parallel num_threads(threads)
     {
@@ -368,14 +570,14 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
                 {&L->w1, xw, wd, EPI_TANH},       {&L->a1, xa, ad, EPI_SET}, {&L->g1, xg, gd, EPI_SIGMOID},
                 {&L->v1, xv, vd, EPI_SET},
             };
-            run_jobs(jobs, layer > 0 ? 7 : 6, M);
+            run_jobs(jobs, layer > 0 ? 7 : 6, M, qwork);
         }
         {
             Job jobs[4] = {
                 {&L->w2, wd, wl, EPI_SET}, {&L->a2, ad, al, EPI_SET}, {&L->g2, gd, gl, EPI_SET},
                 {&L->v2, vd, vl, EPI_SET},
             };
-            run_jobs(jobs, layer > 0 ? 4 : 3, M);
+            run_jobs(jobs, layer > 0 ? 4 : 3, M, qwork);
         }
         /* per row: kk (into xk), k, v, a (into al), decay (into wl) */
 #pragma omp for schedule(static)
@@ -454,16 +656,16 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
         }
         {
             Job jobs[1] = {{&L->output, y, x, EPI_ADD}};
-            run_jobs(jobs, 1, M);
+            run_jobs(jobs, 1, M, qwork);
         }
         norm_and_shift(x, L->ln2_w, L->ln2_b, ffn_shift, M, T, C, L->ffn_x_k, 1, h2, fx);
         {
             Job jobs[1] = {{&L->ffn_key, fx, ffk, EPI_RELU_SQ}};
-            run_jobs(jobs, 1, M);
+            run_jobs(jobs, 1, M, qwork);
         }
         {
             Job jobs[1] = {{&L->ffn_value, ffk, x, EPI_ADD}};
-            run_jobs(jobs, 1, M);
+            run_jobs(jobs, 1, M, qwork);
         }
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < B; bi++) {
@@ -473,7 +675,8 @@ void rwkv7_layer(const Layer *L, int layer, int64_t B, int64_t T, int64_t C, int
     }
 }
 
-/* ln_out, then the head: logits [M, V] of hidden states x [M, C]; work: M * C floats */
+/* ln_out, then the head: logits [M, V] of hidden states x [M, C]; work: rwkv7_workspace(M, C, 0, 0)
+ * floats */
 void rwkv7_head(const Mat *head, const float *ln_w, const float *ln_b, int64_t M, int64_t C, const float *x,
                 float *logits, float *work, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -481,6 +684,6 @@ void rwkv7_head(const Mat *head, const float *ln_w, const float *ln_b, int64_t M
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) layer_norm(x + m * C, ln_w, ln_b, C, 1e-5f, work + m * C);
         Job jobs[1] = {{head, work, logits, EPI_SET}};
-        run_jobs(jobs, 1, M);
+        run_jobs(jobs, 1, M, (char *)(work + M * C));
     }
 }

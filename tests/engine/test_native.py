@@ -5,6 +5,7 @@ self-check) the PyTorch path serves."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from engine import native
-from engine.kernels import Linear, quantize_rows
+from engine.kernels import Linear, quantize_inputs, quantize_rows
 from engine.models import rwkv7
 from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
@@ -313,6 +314,90 @@ def test_mat_refuses_what_the_c_step_cannot_read() -> None:
         native.mat(packed.transpose(0, 1), 37, None)  # not contiguous / not the layout
 
 
+@pytest.mark.parametrize("shape", [(37, 24), (16, 5), (1, 7), (48, 130)])
+def test_pack_vnni_and_unpack_round_trip(shape: tuple[int, int]) -> None:
+    """pack_vnni() gives panels of 16 rows with four columns of a row together, each int8 weight
+    plus 128 as a byte, the padding (rows and columns) 128, a weight of 0; unpack_vnni() gives the
+    weight back."""
+    rows, cols = shape
+    q = quantize_rows(torch.randn(rows, cols))[0]
+    packed = native.pack_vnni(q)
+    panels, groups = -(-rows // 16), -(-cols // 4)
+    assert packed.shape == (panels, groups, 16, 4) and packed.dtype == torch.uint8 and packed.is_contiguous()
+    first = min(cols, 4)
+    assert torch.equal(packed[0, 0, 0, :first].to(torch.int16) - 128, q[0, :first].to(torch.int16))
+    last = (rows - 1) % 16
+    assert int(packed[(rows - 1) // 16, (cols - 1) // 4, last, (cols - 1) % 4]) == int(q[-1, -1]) + 128
+    wide = packed.transpose(1, 2).reshape(panels * 16, groups * 4)
+    assert bool((wide[rows:] == 128).all()) and bool((wide[:, cols:] == 128).all())
+    assert torch.equal(native.unpack_vnni(packed, rows, cols), q)
+
+
+def test_mat_takes_the_vnni_layout_only_with_its_scales_and_columns() -> None:
+    """native.mat() of a pack_vnni() weight: marked vnni, its real column count; without scales or
+    columns, or with columns the panels do not hold, a ValueError."""
+    q, scale = quantize_rows(torch.randn(37, 30))
+    packed = native.pack_vnni(q)
+    m = native.mat(packed, 37, scale, 30)
+    assert (m.rows, m.cols, m.vnni, m.scale) == (37, 30, 1, scale.data_ptr())
+    assert native.mat(native.pack(q), 37, scale).vnni == 0
+    for bad in ((None, 30), (scale, None), (scale, 34), (scale.double(), 30)):
+        with pytest.raises(ValueError):
+            native.mat(packed, 37, *bad)
+    with pytest.raises(ValueError):
+        native.mat(packed, 49, scale, 30)  # more rows than its panels hold
+
+
+def test_quantize_inputs_rounds_each_block_of_64_columns_on_its_own() -> None:
+    """Each row's blocks of 64 columns get their own scale (largest magnitude / 127): every value
+    within half a step of it, a block's largest kept exactly; a block of zeros stays zeros; a row
+    whose width is not a multiple of 64 keeps its width."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 150, generator=gen)
+    x[1, 64:128] = 0.0
+    x[2, :64] *= 1000.0  # a block a thousand times larger leaves the others' steps alone
+    got = quantize_inputs(x)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    for row in range(3):
+        for start in range(0, 150, 64):
+            block, back = x[row, start : start + 64], got[row, start : start + 64]
+            step = float(block.abs().max()) / 127
+            assert float((back - block).abs().max()) <= step / 2 * (1 + 1e-5)
+            if step:
+                k = int(block.abs().argmax())
+                assert abs(float(back[k] - block[k])) <= abs(float(block[k])) * 1e-6
+    assert not got[1, 64:128].any()
+    assert float((got[2, 64:] - x[2, 64:]).abs().max()) < 0.05
+
+
+def test_the_products_on_8_bit_inputs_are_those_of_quantize_inputs(c_step: native.Native) -> None:
+    """On a CPU with AVX-512 VNNI, the head's int8 product on 8-bit inputs (rows and columns not
+    multiples of 16, 4 or 64; one to seven inputs: each kind of tile) is PyTorch's product of
+    quantize_inputs() and the int8 weight times its scales, to float32 rounding."""
+    if not c_step.vnni:
+        pytest.skip("this CPU has no AVX-512 VNNI: the C step's int8 products take float32 inputs")
+    assert c_step.lib is not None
+    gen = torch.Generator().manual_seed(4)
+    for rows, cols in ((37, 30), (80, 130), (300, 256)):
+        weight = torch.randn(rows, cols, generator=gen)
+        lin = Linear(weight, CPU, torch.float32, 4, int8=True, native=True, vnni=True)
+        assert lin.native is not None and lin.native.dtype == torch.uint8
+        m = lin.native_mat()
+        ones, zeros = torch.ones(cols), torch.zeros(cols)
+        for batch in (1, 2, 5, 7):
+            x = torch.randn(batch, cols, generator=gen)
+            out = torch.empty(batch, rows)
+            work = torch.empty(int(c_step.lib.rwkv7_workspace(batch, cols, 0, 0)))
+            c_step.lib.rwkv7_head(
+                ctypes.addressof(m), native.ptr(ones), native.ptr(zeros), batch, cols,
+                native.ptr(x), native.ptr(out), native.ptr(work), 2,
+            )  # fmt: skip
+            h = torch.nn.functional.layer_norm(x, (cols,), ones, zeros)
+            want = torch.nn.functional.linear(quantize_inputs(h), lin.plain_weight())
+            assert relative(out, want) < 1e-5
+            assert relative(out, torch.nn.functional.linear(h, lin.plain_weight())) > 1e-4  # rounded inputs
+
+
 # ------------------------------------------------------------------------- without the C step
 
 
@@ -381,6 +466,7 @@ def fallback_and_off(
     """``path`` loaded with a C-step self-check nothing passes (checking the one warning), and
     loaded with RWKV_DISCORD_NATIVE=off; both with 2 prompts of 5 tokens read."""
     monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK", -1.0)
+    monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK_8BIT", -1.0)
     with caplog.at_level(logging.WARNING):
         runner = load(path, strategy, max_slots=2)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -591,3 +677,46 @@ def test_a_compiler_given_with_words_of_its_own_is_used(fresh: Path, monkeypatch
         pytest.skip("no C compiler (or a torch without OpenMP)")
     monkeypatch.setenv("CC", f"env {shutil.which('cc')}")
     assert native.load().lib is not None
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_int8_takes_8_bit_inputs_only_where_built_with_avx512_vnni(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path, avx512: bool
+) -> None:
+    """Built without AVX-512 (CC="cc -mno-avx512f" on any AVX2 CPU), 'cpu int8' keeps float32
+    inputs; built with it on a CPU with AVX-512 VNNI, its products take 8-bit inputs and its
+    kernels say so. Either way the self-check passes and a sequence gets the same bits alone or in
+    a batch."""
+    flags = cpu_flags()
+    if not c_step_expected() or "avx2" not in flags or shutil.which("cc") is None:
+        pytest.skip("no C compiler, or not an AVX2 CPU")
+    if avx512 and not {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setenv("CC", f"{shutil.which('cc')}{'' if avx512 else ' -mno-avx512f'}")
+    loaded = native.load()
+    assert loaded.lib is not None, loaded.why_not
+    assert loaded.vnni is avx512
+    assert loaded.simd == ("AVX2, AVX-512 VNNI" if avx512 else "AVX2")
+    runner = load(small_model, "cpu int8", max_slots=4)
+    kernels = runner.describe_kernels()
+    assert "C step" in kernels and "int8 weights" in kernels
+    assert ("8-bit inputs" in kernels) is avx512
+    for slot in range(4):
+        runner.zero_slot(slot)
+    alone = runner.prefill([0], prompts(1, 5), logits=True)
+    together = runner.prefill([1, 2, 3], [*prompts(2, 5, first=300), *prompts(1, 5)], logits=True)
+    assert alone is not None and together is not None
+    assert torch.equal(alone[0], together[2])
+    assert torch.equal(runner.decode([0], [9])[0], runner.decode([3, 1, 2], [9, 4, 5])[0])
