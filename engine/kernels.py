@@ -58,6 +58,7 @@ class Linear:
         reduce_range: bool = True,
         native: bool = False,
         vnni: bool = False,
+        bf16: bool = False,
     ):
         w = weight.to(device=device, dtype=dtype)
         self.packed: torch.Tensor | None = None
@@ -66,18 +67,21 @@ class Linear:
         self.int8_check: Int8Check | None = None  # how the int8 product asked for came out
         self.reduce_range = reduce_range
         # the C step's weight (engine.native): packed, float32 or int8 with its row scales;
-        # ``vnni``: int8 in the layout of its products on 8-bit inputs (engine.native.pack_vnni)
+        # ``vnni``: int8 in the layout of its products on 8-bit inputs (engine.native.pack_vnni);
+        # ``bf16``: rounded to bf16, its products on bf16 inputs (engine.native.pack_bf16)
         self.native: torch.Tensor | None = None
         self.native_scale: torch.Tensor | None = None
-        self.native_vnni = False
+        self.native_inputs = "float32"  # what the C step rounds this product's inputs to: int8, bf16
         self.rows, self.cols = int(w.shape[0]), int(w.shape[1])
         if native and device.type == "cpu" and dtype == torch.float32:
-            from engine.native import pack, pack_vnni
+            from engine.native import pack, pack_bf16, pack_vnni
 
             if int8:
                 q, self.native_scale = quantize_rows(w)
-                self.native_vnni = vnni
                 self.native = pack_vnni(q) if vnni else pack(q)
+                self.native_inputs = "int8" if vnni else "float32"
+            elif bf16:
+                self.native, self.native_inputs = pack_bf16(w), "bf16"
             else:
                 self.native = pack(w)
             return
@@ -92,7 +96,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:  # the C step's weights, in PyTorch (its self-check)
-            return F.linear(quantize_inputs(x) if self.native_vnni else x, self.plain_weight())
+            return F.linear(self.round_inputs(x), self.plain_weight())
         if self.int8 is not None:
             out_q: torch.Tensor = torch.ops.quantized.linear_dynamic(x, self.int8, self.reduce_range)
             return out_q
@@ -105,20 +109,35 @@ class Linear:
     def plain_weight(self, rows: int | None = None) -> torch.Tensor:
         """The C step's weight as a float32 ``[out, in]`` matrix (int8: times its scales); its
         first ``rows`` rows only, if given (only those are unpacked)."""
-        from engine.native import PANEL, unpack, unpack_vnni
+        from engine.native import PANEL, unpack, unpack_bf16, unpack_vnni
 
         assert self.native is not None
         n = self.rows if rows is None else min(rows, self.rows)
         panels = self.native[: -(-n // PANEL)]
-        w = unpack_vnni(panels, n, self.cols) if self.native_vnni else unpack(panels, n)
+        if self.native_inputs == "int8":
+            w = unpack_vnni(panels, n, self.cols)
+        elif self.native_inputs == "bf16":
+            w = unpack_bf16(panels, n, self.cols).float()
+        else:
+            w = unpack(panels, n)
         return w.float() * self.native_scale[:n, None] if self.native_scale is not None else w
+
+    def round_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the C step's product sees it: rounded to 8 bits (:func:`quantize_inputs`) or to
+        bf16 where it rounds them, as it is elsewhere."""
+        if self.native_inputs == "int8":
+            return quantize_inputs(x)
+        if self.native_inputs == "bf16":
+            return x.to(torch.bfloat16).float()
+        return x
 
     def native_mat(self) -> Any:
         """The C step's :class:`engine.native.Mat` of this weight."""
         from engine.native import mat
 
         assert self.native is not None
-        return mat(self.native, self.rows, self.native_scale, self.cols if self.native_vnni else None)
+        cols = self.cols if self.native_inputs != "float32" else None
+        return mat(self.native, self.rows, self.native_scale, cols)
 
 
 INPUT_BLOCK = 64  # columns of an input sharing one scale in the C step's products on 8-bit inputs

@@ -42,16 +42,21 @@ ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path 
 VERSION = 6  # rwkv7_native_version() of the source this module speaks to
 
 
+# Mat.layout: pack()'s panels (float32, or int8 with scales), pack_vnni()'s, pack_bf16()'s
+LAYOUT_PANELS, LAYOUT_VNNI, LAYOUT_BF16 = 0, 1, 2
+
+
 class Mat(ctypes.Structure):
-    """A weight matrix ``[rows, cols]``: float32, or int8 with a float32 scale per row (``vnni``:
-    in :func:`pack_vnni`'s layout, its products on 8-bit inputs)."""
+    """A weight matrix ``[rows, cols]``: float32, or int8 with a float32 scale per row (in
+    :func:`pack_vnni`'s layout: its products on 8-bit inputs), or bf16 (:func:`pack_bf16`: its
+    products on bf16 inputs)."""
 
     _fields_ = [
         ("w", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("rows", ctypes.c_int64),
         ("cols", ctypes.c_int64),
-        ("vnni", ctypes.c_int64),
+        ("layout", ctypes.c_int64),
     ]
 
 
@@ -103,6 +108,7 @@ class Native:
     why_not: str | None = None
     simd: str = ""
     vnni: bool = False  # int8 products on 8-bit inputs (AVX-512 VNNI): pack_vnni's layout
+    bf16: bool = False  # bf16 products (AVX-512 BF16): pack_bf16's layout
 
     def describe(self) -> str:
         return f"C step ({self.simd}, OpenMP)" if self.lib is not None else f"no C step ({self.why_not})"
@@ -153,11 +159,14 @@ def _load() -> Native:
     if lib.rwkv7_native_version() != VERSION:
         return Native(None, "the built library is of another version")
     _declare(lib)
-    level = int(lib.rwkv7_native_simd())
-    return Native(lib, simd=SIMD_NAMES.get(level, "portable C"), vnni=level == 2)
+    bits = int(lib.rwkv7_native_simd())
+    return Native(lib, simd=describe_simd(bits), vnni=bool(bits & 2), bf16=bool(bits & 4))
 
 
-SIMD_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX2, AVX-512 VNNI"}  # rwkv7_native_simd()
+def describe_simd(bits: int) -> str:
+    """What rwkv7_native_simd()'s bits say the build has (1 AVX2, 2 AVX-512 VNNI, 4 AVX-512 BF16)."""
+    names = [name for bit, name in ((1, "AVX2"), (2, "AVX-512 VNNI"), (4, "AVX-512 BF16")) if bits & bit]
+    return ", ".join(names) or "portable C"
 
 
 def _openmp_runtimes() -> set[str]:
@@ -261,13 +270,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rwkv7_head.argtypes = [p, p, p, i64, i64, p, p, p, i32]
 
 
-_C_DTYPES = (torch.float32, torch.int8, torch.uint8)  # uint8: pack_vnni's layout
+_C_DTYPES = (torch.float32, torch.int8, torch.uint8, torch.bfloat16)  # uint8: pack_vnni's layout
 
 
 def ptr(t: torch.Tensor) -> int:
     """A float32 (or int8, or uint8) contiguous CPU tensor's data pointer, checked."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _C_DTYPES:
-        raise ValueError("the C step takes contiguous float32 or int8 CPU tensors")
+        raise ValueError("the C step takes contiguous float32 or int8 (uint8, bf16) CPU tensors")
     return int(t.data_ptr())
 
 
@@ -320,35 +329,62 @@ def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
 VNNI_GROUP = 4  # columns of a row summed by one instruction of the VNNI products
 
 
+BF16_GROUP = 2  # columns of a row summed by one instruction of the bf16 products
+
+
+def _pack_groups(weight: torch.Tensor, group: int, pad: int) -> torch.Tensor:
+    """``[rows, cols]`` as ``[ceil(rows / 16), ceil(cols / group), 16, group]``: panels of 16 rows,
+    ``group`` columns of a row together, padded with ``pad``."""
+    rows, cols = weight.shape
+    panels, groups = -(-rows // PANEL), -(-cols // group)
+    wide = torch.full((panels * PANEL, groups * group), pad, dtype=weight.dtype)
+    wide[:rows, :cols] = weight
+    packed = _huge_empty((panels, groups, PANEL, group), weight.dtype)
+    packed.copy_(wide.view(panels, PANEL, groups, group).transpose(1, 2))
+    return packed
+
+
+def _unpack_groups(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    panels, groups, _, group = packed.shape
+    return packed.transpose(1, 2).reshape(panels * PANEL, groups * group)[:rows, :cols]
+
+
 def pack_vnni(q: torch.Tensor) -> torch.Tensor:
     """An ``[rows, cols]`` int8 weight in the layout of the C step's products on 8-bit inputs:
     panels of 16 rows, four columns of a row together, ``[ceil(rows / 16), ceil(cols / 4), 16, 4]``,
     each weight plus 128 as an unsigned byte (padding: 128, a weight of 0)."""
-    rows, cols = q.shape
-    panels, groups = -(-rows // PANEL), -(-cols // VNNI_GROUP)
-    wide = torch.full((panels * PANEL, groups * VNNI_GROUP), 128, dtype=torch.uint8)
-    wide[:rows, :cols] = (q.to(torch.int16) + 128).to(torch.uint8)
-    packed = _huge_empty((panels, groups, PANEL, VNNI_GROUP), torch.uint8)
-    packed.copy_(wide.view(panels, PANEL, groups, VNNI_GROUP).transpose(1, 2))
-    return packed
+    return _pack_groups((q.to(torch.int16) + 128).to(torch.uint8), VNNI_GROUP, 128)
 
 
 def unpack_vnni(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The ``[rows, cols]`` int8 weight of :func:`pack_vnni`'s layout."""
-    panels, groups, _, _ = packed.shape
-    wide = packed.transpose(1, 2).reshape(panels * PANEL, groups * VNNI_GROUP)[:rows, :cols]
-    return (wide.to(torch.int16) - 128).to(torch.int8)
+    return (_unpack_groups(packed, rows, cols).to(torch.int16) - 128).to(torch.int8)
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """An ``[rows, cols]`` weight rounded to bf16, in the layout of the C step's bf16 products:
+    panels of 16 rows, two columns of a row together, ``[ceil(rows / 16), ceil(cols / 2), 16, 2]``
+    (padding: zeros)."""
+    return _pack_groups(weight.to(torch.bfloat16), BF16_GROUP, 0)
+
+
+def unpack_bf16(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The ``[rows, cols]`` bf16 weight of :func:`pack_bf16`'s layout."""
+    return _unpack_groups(packed, rows, cols)
 
 
 def mat(packed: torch.Tensor, rows: int, scale: torch.Tensor | None, cols: int | None = None) -> Mat:
     """The :class:`Mat` of a :func:`pack`-ed weight of ``rows`` rows (int8 with ``scale``, else
-    float32), or of a :func:`pack_vnni`-ed one of ``rows`` by ``cols`` with its scales."""
-    if packed.dtype == torch.uint8:
-        if scale is None or scale.dtype != torch.float32 or cols is None:
-            raise ValueError("an int8 weight in pack_vnni()'s layout takes float32 scales and its columns")
-        shape = (max(-(-rows // PANEL), 1), -(-cols // VNNI_GROUP), PANEL, VNNI_GROUP)
+    float32), of a :func:`pack_vnni`-ed one of ``rows`` by ``cols`` with its scales, or of a
+    :func:`pack_bf16`-ed one of ``rows`` by ``cols``."""
+    layout = {torch.uint8: LAYOUT_VNNI, torch.bfloat16: LAYOUT_BF16}.get(packed.dtype, LAYOUT_PANELS)
+    if layout != LAYOUT_PANELS:
+        if cols is None or (layout == LAYOUT_VNNI) != (scale is not None and scale.dtype == torch.float32):
+            raise ValueError("an int8 weight in pack_vnni()'s layout takes float32 scales, a bf16 one none")
+        group = VNNI_GROUP if layout == LAYOUT_VNNI else BF16_GROUP
+        shape = (-(-rows // PANEL), -(-cols // group), PANEL, group)
         if packed.dim() != 4 or packed.shape[1:] != shape[1:] or packed.shape[0] < shape[0]:
-            raise ValueError("a weight in pack_vnni()'s layout")
+            raise ValueError("a weight in pack_vnni()'s or pack_bf16()'s layout")
     else:
         if scale is None and packed.dtype != torch.float32:
             raise ValueError("a float32 weight, or an int8 one with its scales")
@@ -359,8 +395,7 @@ def mat(packed: torch.Tensor, rows: int, scale: torch.Tensor | None, cols: int |
         cols = int(packed.shape[1])
     if scale is not None and (scale.dim() != 1 or scale.shape[0] < rows):
         raise ValueError("one scale per row")
-    vnni = int(packed.dtype == torch.uint8)
-    return Mat(ptr(packed), ptr(scale) if scale is not None else None, rows, cols, vnni)
+    return Mat(ptr(packed), ptr(scale) if scale is not None else None, rows, cols, layout)
 
 
 def mat_of(weight: torch.Tensor) -> tuple[Mat, torch.Tensor]:

@@ -30,14 +30,23 @@
 #else
 #define RWKV_VNNI 0
 #endif
+#if RWKV_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define RWKV_BF16 1
+#else
+#define RWKV_BF16 0
+#endif
+
+enum { LAYOUT_PANELS = 0, LAYOUT_VNNI = 1, LAYOUT_BF16 = 2 };
 
 typedef struct {
-    const void *w;      /* [ceil(rows / 16), cols, 16] (panels of 16 rows, zero-padded): float32,
-                           or int8 where scale is set; where vnni is set, the int8 weights plus 128
-                           as unsigned bytes [ceil(rows / 16), ceil(cols / 4), 16, 4] */
-    const float *scale; /* [rows]: the scale of each int8 row; NULL for float32 */
+    const void *w;      /* LAYOUT_PANELS: [ceil(rows / 16), cols, 16] (panels of 16 rows,
+                           zero-padded), float32, or int8 where scale is set; LAYOUT_VNNI: the
+                           int8 weights plus 128 as unsigned bytes [ceil(rows / 16),
+                           ceil(cols / 4), 16, 4]; LAYOUT_BF16: bf16 [ceil(rows / 16),
+                           ceil(cols / 2), 16, 2] */
+    const float *scale; /* [rows]: the scale of each int8 row; NULL for float32 and bf16 */
     int64_t rows, cols;
-    int64_t vnni;       /* 1: int8 in the VNNI layout, its products on 8-bit inputs */
+    int64_t layout;     /* VNNI: products on 8-bit inputs; BF16: on bf16 inputs */
 } Mat;
 
 typedef struct {
@@ -55,12 +64,13 @@ typedef struct {
 
 enum { EPI_SET = 0, EPI_TANH = 1, EPI_SIGMOID = 2, EPI_RELU_SQ = 3, EPI_ADD = 4 };
 
-/* an input quantized to 8 bits for the VNNI products, per row and block of KB columns: q = x / s
- * rounded (s = the block's largest magnitude / 127), with base = -128 * the block's sum of q (the
- * weights are stored plus 128: a sum starting at base comes out as the sum of q * w) */
+/* an input rounded for the products on 8-bit inputs (VNNI), per row and block of KB columns:
+ * q = x / s rounded (s = the block's largest magnitude / 127), with base = -128 * the block's sum
+ * of q (the weights are stored plus 128: a sum starting at base comes out as the sum of q * w); or
+ * for the bf16 products, each x rounded to bf16 (q only) */
 typedef struct {
-    const int8_t *q;   /* [M, stride]: the row's columns, zero-padded to a multiple of KB */
-    const float *s;    /* [M, blocks] */
+    const void *q;       /* [M, stride] int8 or bf16: the row's columns, zero-padded to a multiple of KB */
+    const float *s;      /* [M, blocks] */
     const int32_t *base; /* [M, blocks] */
     int64_t stride, blocks;
 } QIn;
@@ -70,13 +80,14 @@ typedef struct {
     const float *x; /* [M, m->cols] */
     float *y;       /* [M, m->rows] */
     int epi;
-    QIn qin;        /* m->vnni: x quantized (run_jobs) */
+    QIn qin;        /* m->layout VNNI or BF16: x rounded (run_jobs) */
 } Job;
 
 int rwkv7_native_version(void) { return 6; }
 
-/* 0: portable C, 1: AVX2, 2: AVX2 and AVX-512 VNNI (int8 products on 8-bit inputs) */
-int rwkv7_native_simd(void) { return RWKV_VNNI ? 2 : RWKV_AVX2; }
+/* what the build has: 1 AVX2, | 2 AVX-512 VNNI (int8 products on 8-bit inputs), | 4 AVX-512 BF16
+ * (bf16 products); 0: portable C */
+int rwkv7_native_simd(void) { return RWKV_AVX2 | RWKV_VNNI << 1 | RWKV_BF16 << 2; }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -208,7 +219,7 @@ static inline __m512i bcast4(const int8_t *q) {
             const int8_t *xq[NM];                                                                   \
             for (int b = 0; b < NM; b++) {                                                          \
                 acc[b] = _mm512_set1_epi32(qs->base[rows[b] * qs->blocks + blk]);                   \
-                xq[b] = qs->q + rows[b] * qs->stride;                                               \
+                xq[b] = (const int8_t *)qs->q + rows[b] * qs->stride;                               \
             }                                                                                       \
             for (int64_t k = k0; k < k1; k += 4) {                                                  \
                 if (pf) _mm_prefetch(pf + k * pf_step, _MM_HINT_T1);                                \
@@ -248,12 +259,79 @@ static void group_vnni(const uint8_t *w, int64_t K4, const QIn *qs, float *out) 
         const __m512i base = _mm512_set1_epi32(qs->base[blk]);
         for (int g = 0; g < GROUP; g++) acc[g] = base;
         for (int64_t k = k0; k < k1; k += 4) {
-            const __m512i xb = bcast4(qs->q + k);
+            const __m512i xb = bcast4((const int8_t *)qs->q + k);
             for (int g = 0; g < GROUP; g++)
                 acc[g] = _mm512_dpbusd_epi32(acc[g], _mm512_loadu_si512((const void *)(w + (g * K4 + k) * P)), xb);
         }
         const __m512 sb = _mm512_set1_ps(qs->s[blk]);
         for (int g = 0; g < GROUP; g++) tot[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[g]), sb, tot[g]);
+    }
+    for (int g = 0; g < GROUP; g++) _mm512_storeu_ps(out + g * P, tot[g]);
+}
+#endif
+#if RWKV_BF16
+static inline __m512bh bcast2(const uint16_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+static inline __m512bh load_bf16(const uint16_t *w) { return (__m512bh)_mm512_loadu_si512((const void *)w); }
+/* the bf16 products: per output, pairs of columns multiplied exactly and summed in float32, in
+ * column order within blocks of KB columns, each block's sum then added to the total (as the
+ * float32 tiles do); the same operations whatever NM is */
+#define DEFINE_PANEL_BF16(NM)                                                                       \
+    static void panel_bf16_##NM(const uint16_t *w, int64_t K2, const QIn *qs, const int64_t *rows,  \
+                                float *out, const char *pf, int64_t pf_step) {                      \
+        __m512 tot[NM];                                                                             \
+        const uint16_t *xs[NM];                                                                     \
+        for (int b = 0; b < NM; b++) {                                                              \
+            tot[b] = _mm512_setzero_ps();                                                           \
+            xs[b] = (const uint16_t *)qs->q + rows[b] * qs->stride;                                 \
+        }                                                                                           \
+        for (int64_t k0 = 0; k0 < K2; k0 += KB) {                                                   \
+            const int64_t k1 = k0 + KB < K2 ? k0 + KB : K2;                                         \
+            __m512 acc[NM];                                                                         \
+            for (int b = 0; b < NM; b++) acc[b] = _mm512_setzero_ps();                              \
+            for (int64_t k = k0; k < k1; k += 2) {                                                  \
+                if (pf) _mm_prefetch(pf + k * pf_step, _MM_HINT_T1);                                \
+                const __m512bh wv = load_bf16(w + k * P);                                           \
+                for (int b = 0; b < NM; b++) acc[b] = _mm512_dpbf16_ps(acc[b], wv, bcast2(xs[b] + k)); \
+            }                                                                                       \
+            for (int b = 0; b < NM; b++) tot[b] = _mm512_add_ps(tot[b], acc[b]);                    \
+        }                                                                                           \
+        for (int b = 0; b < NM; b++) _mm512_storeu_ps(out + b * P, tot[b]);                         \
+    }
+DEFINE_PANEL_BF16(1)
+DEFINE_PANEL_BF16(2)
+DEFINE_PANEL_BF16(3)
+DEFINE_PANEL_BF16(4)
+DEFINE_PANEL_BF16(5)
+DEFINE_PANEL_BF16(6)
+static void panel_bf16(int nm, const uint16_t *w, int64_t K2, const QIn *qs, const int64_t *rows, float *out,
+                       const char *pf, int64_t pf_step) {
+    switch (nm) {
+    case 1: panel_bf16_1(w, K2, qs, rows, out, pf, pf_step); break;
+    case 2: panel_bf16_2(w, K2, qs, rows, out, pf, pf_step); break;
+    case 3: panel_bf16_3(w, K2, qs, rows, out, pf, pf_step); break;
+    case 4: panel_bf16_4(w, K2, qs, rows, out, pf, pf_step); break;
+    case 5: panel_bf16_5(w, K2, qs, rows, out, pf, pf_step); break;
+    default: panel_bf16_6(w, K2, qs, rows, out, pf, pf_step); break;
+    }
+}
+/* GROUP panels for input row 0 (one sequence's decode step), the same operations per output */
+static void group_bf16(const uint16_t *w, int64_t K2, const QIn *qs, float *out) {
+    __m512 tot[GROUP];
+    const uint16_t *x = (const uint16_t *)qs->q;
+    for (int g = 0; g < GROUP; g++) tot[g] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K2; k0 += KB) {
+        const int64_t k1 = k0 + KB < K2 ? k0 + KB : K2;
+        __m512 acc[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 2) {
+            const __m512bh xb = bcast2(x + k);
+            for (int g = 0; g < GROUP; g++) acc[g] = _mm512_dpbf16_ps(acc[g], load_bf16(w + (g * K2 + k) * P), xb);
+        }
+        for (int g = 0; g < GROUP; g++) tot[g] = _mm512_add_ps(tot[g], acc[g]);
     }
     for (int g = 0; g < GROUP; g++) _mm512_storeu_ps(out + g * P, tot[g]);
 }
@@ -331,8 +409,33 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
     const size_t esize = A->scale ? 1 : 4, pstride = (size_t)K * P * esize;
     const char *base = (const char *)A->w + (size_t)p0 * pstride;
     float sums[MR * P > GROUP * P ? MR * P : GROUP * P];
+#if RWKV_BF16
+    if (A->layout == LAYOUT_BF16) {
+        const int64_t K2 = (K + 1) / 2 * 2;
+        const size_t bstride = (size_t)K2 * P;
+        const uint16_t *bbase = (const uint16_t *)A->w + (size_t)p0 * bstride;
+        if (M == 1 && np == GROUP) {
+            group_bf16(bbase, K2, &job->qin, sums);
+            for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);
+            return;
+        }
+        for (int64_t p = 0; p < np; p++) {
+            const uint16_t *w = bbase + (size_t)p * bstride;
+            for (int64_t m0 = 0; m0 < M;) {
+                const int nm = tile_rows(M - m0);
+                int64_t rows[MR];
+                for (int b = 0; b < nm; b++) rows[b] = m0 + b;
+                const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)(w + bstride) : NULL;
+                panel_bf16(nm, w, K2, &job->qin, rows, sums, pf, 2 * P);
+                for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
+                m0 += nm;
+            }
+        }
+        return;
+    }
+#endif
 #if RWKV_VNNI
-    if (A->vnni) {
+    if (A->layout == LAYOUT_VNNI) {
         const int64_t K4 = (K + 3) / 4 * 4;
         const size_t vstride = (size_t)K4 * P;
         const uint8_t *vbase = (const uint8_t *)A->w + (size_t)p0 * vstride;
@@ -448,14 +551,31 @@ static void quantize_row(const float *x, int64_t K, const QIn *qi, int64_t m) {
     }
 }
 
-/* bytes of a quantized input row of K columns (QIn: the columns, then a scale and a base a block) */
-static inline int64_t qin_row_bytes(int64_t K) { return (K + KB - 1) / KB * (KB + 8); }
+#endif
+#if RWKV_BF16
+/* row m of x [M, K] rounded to bf16 (to nearest, ties to even) for the bf16 products */
+static void bf16_row(const float *x, int64_t K, const QIn *qi, int64_t m) {
+    uint16_t *q = (uint16_t *)qi->q + m * qi->stride;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256((__m256i *)(q + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + k)));
+    if (k < K) {
+        const __mmask16 left = (__mmask16)((1u << (K - k)) - 1);
+        _mm256_storeu_si256((__m256i *)(q + k), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(left, x + k)));
+        k += 16;
+    }
+    for (; k < qi->stride; k++) q[k] = 0;
+}
 #endif
 
-/* bytes of quantized inputs per input row that a layer's (or the head's) jobs take at most: the
- * three int8 ones on the time mix's inputs, or the channel mix's second */
+/* bytes of a rounded input row of K columns (QIn: int8 columns, then a scale and a base a block;
+ * or bf16 columns) */
+static inline int64_t qin_row_bytes(int64_t K) { return (K + KB - 1) / KB * 2 * KB; }
+
+/* bytes of rounded inputs per input row that a layer's (or the head's) jobs take at most: the
+ * three large products on the time mix's inputs, or the channel mix's second */
 static int64_t qin_bytes(int64_t C, int64_t F) {
-#if RWKV_VNNI
+#if RWKV_VNNI || RWKV_BF16
     const int64_t three = 3 * qin_row_bytes(C), ffn = qin_row_bytes(F);
     return three > ffn ? three : ffn;
 #else
@@ -465,17 +585,17 @@ static int64_t qin_bytes(int64_t C, int64_t F) {
 }
 
 /* all blocks of all jobs, shared among the team (call inside a parallel region); the inputs of
- * int8 products on 8-bit inputs are quantized first, into qwork (qin_bytes per row) */
+ * products on 8-bit or bf16 inputs are rounded first, into qwork (qin_bytes per row) */
 static void run_jobs(Job *jobs, int n, int64_t M, char *qwork) {
-#if RWKV_VNNI
+#if RWKV_VNNI || RWKV_BF16
     int nq = 0, which[16];
     for (int j = 0; j < n; j++) {
-        if (!jobs[j].m->vnni) continue;
+        if (jobs[j].m->layout == LAYOUT_PANELS) continue;
         const int64_t K = jobs[j].m->cols, blocks = (K + KB - 1) / KB;
         QIn *qi = &jobs[j].qin;
         qi->stride = blocks * KB;
         qi->blocks = blocks;
-        qi->q = (const int8_t *)qwork;
+        qi->q = qwork;
         qi->s = (const float *)(qwork + M * qi->stride);
         qi->base = (const int32_t *)(qwork + M * (qi->stride + 4 * blocks));
         qwork += M * qin_row_bytes(K);
@@ -485,7 +605,16 @@ static void run_jobs(Job *jobs, int n, int64_t M, char *qwork) {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < nq * M; i++) {
             const Job *job = &jobs[which[i / M]];
-            quantize_row(job->x + (i % M) * job->m->cols, job->m->cols, &job->qin, i % M);
+            const float *x = job->x + (i % M) * job->m->cols;
+#if RWKV_BF16
+            if (job->m->layout == LAYOUT_BF16) {
+                bf16_row(x, job->m->cols, &job->qin, i % M);
+                continue;
+            }
+#endif
+#if RWKV_VNNI
+            quantize_row(x, job->m->cols, &job->qin, i % M);
+#endif
         }
     }
 #else

@@ -28,7 +28,7 @@ from engine import native
 from engine.cpu_features import this_cpu
 from engine.errors import EngineError
 from engine.heap import release_free_heap
-from engine.kernels import Linear, Recurrence, int8_report, load_fla, quantize_inputs
+from engine.kernels import Linear, Recurrence, int8_report, load_fla
 from engine.models.base import BatchedModel, LayerStates, StateTensor
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,12 @@ DECAY_SCALE = -0.606531  # -exp(-0.5): the log decay is DECAY_SCALE * sigmoid(w0
 # refuses it; it computes what PyTorch does on the same weights, so only the summation order
 # differs (measured: under 1e-6 on random models)
 NATIVE_SELF_CHECK = 1e-4
-# The same on 8-bit inputs (AVX-512 VNNI): PyTorch rounds the inputs as the C step does, but an
-# input a rounding apart upstream can land on the other side of a step (measured: a relative change
-# of 1e-7 in a prompt's input moves a later step's output by 3e-3 on PyTorch alone; the C step
-# against PyTorch 7e-3 to 1.1e-2 on random models of width 256 to 1088); a wrong product is off by
-# its whole size
-NATIVE_SELF_CHECK_8BIT = 5e-2
+# The same where the products' inputs are rounded (to 8 bits with AVX-512 VNNI, to bf16 with
+# AVX-512 BF16): PyTorch rounds them as the C step does, but an input a rounding apart upstream can
+# land on the other side of a step (measured on 8-bit inputs: a relative change of 1e-7 in a
+# prompt's input moves a later step's output by 3e-3 on PyTorch alone; the C step against PyTorch
+# 7e-3 to 1.1e-2 on random models of width 256 to 1088); a wrong product is off by its whole size
+NATIVE_SELF_CHECK_ROUNDED = 5e-2
 
 
 # The block's six large matrices: attribute, and key in the file under "blocks.N."
@@ -136,6 +136,20 @@ class RWKV7(BatchedModel):
     ) -> None:
         if any(".s_emb" in k or ".s1" in k for k in weights):
             raise EngineError("DeepEmbed RWKV-7 checkpoints are not supported by the batched engine")
+        # The C step (engine.native) on the CPU in float32, where it builds: the whole forward
+        # pass, with int8 weights (one scale per row) under 'cpu int8', and under 'cpu bf16' where
+        # it is built with AVX-512 BF16, bf16 weights whose products take bf16 inputs and sum in
+        # float32, everything else in float32. Elsewhere PyTorch, with fbgemm's dynamic int8
+        # products under 'cpu int8': the large products (the block's six, the head) in int8, the
+        # small LoRA ones not; 8-bit inputs only where fbgemm runs its AVX-512 VNNI kernels (32-bit
+        # sums); elsewhere its 16-bit sums of pairs saturate on them (engine.cpu_features)
+        lib = native.load() if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        use_native = lib is not None and lib.lib is not None and native_step_fits(weights)
+        bf16 = use_native and dtype == torch.bfloat16
+        if dtype == torch.bfloat16:
+            use_native = bf16 = bf16 and lib is not None and lib.bf16
+            if bf16:
+                dtype = torch.float32  # the state and everything but the large weights
         self.device, self.dtype = device, dtype
         r_k = weights["blocks.0.att.r_k"]
         self.n_head, self.head_size = int(r_k.shape[0]), int(r_k.shape[1])
@@ -149,16 +163,7 @@ class RWKV7(BatchedModel):
             # and every page the loading read resident, as much again as the model
             return t.clone() if t.data_ptr() == source.data_ptr() else t
 
-        # The C step (engine.native) on the CPU in float32, where it builds: the whole forward
-        # pass, with int8 weights (one scale per row) under 'cpu int8'. Elsewhere PyTorch, with
-        # fbgemm's dynamic int8 products under 'cpu int8': the large products (the block's six,
-        # the head) in int8, the small LoRA ones not; 8-bit inputs only where fbgemm runs its
-        # AVX-512 VNNI kernels (32-bit sums); elsewhere its 16-bit sums of pairs saturate on them
-        # (engine.cpu_features)
-        lib = native.load() if device.type == "cpu" and dtype == torch.float32 else None
-        use_native = lib is not None and lib.lib is not None and native_step_fits(weights)
         reduce_range = not this_cpu().vnni if int8 else True  # fbgemm's inputs; the C step has none
-
         vnni = use_native and lib is not None and lib.vnni  # the C step's int8 on 8-bit inputs
 
         def lin(key: str, c_step: bool = use_native) -> Linear:
@@ -171,6 +176,7 @@ class RWKV7(BatchedModel):
                 reduce_range=reduce_range,
                 native=c_step,
                 vnni=vnni and c_step,
+                bf16=bf16 and c_step,
             )
 
         with torch.no_grad():
@@ -277,7 +283,7 @@ class RWKV7(BatchedModel):
                 worst = max(worst, error)
         except (ValueError, RuntimeError, OSError) as exc:
             return f"failed its self-check ({exc})"
-        limit = NATIVE_SELF_CHECK_8BIT if self.head.native_vnni else NATIVE_SELF_CHECK
+        limit = NATIVE_SELF_CHECK if self.head.native_inputs == "float32" else NATIVE_SELF_CHECK_ROUNDED
         if not worst <= limit:
             return f"disagrees with PyTorch (relative error {worst:.2e}, limit {limit})"
         return None
@@ -285,7 +291,7 @@ class RWKV7(BatchedModel):
     def _head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """The PyTorch path's logits for the first 4096 tokens of the C step's head."""
         h = F.layer_norm(hidden, (self.n_embd,), weight=self.ln_out_w, bias=self.ln_out_b)
-        return F.linear(quantize_inputs(h) if self.head.native_vnni else h, self.head.plain_weight(4096))
+        return F.linear(self.head.round_inputs(h), self.head.plain_weight(4096))
 
     def install_fused(self, recurrence: Recurrence, in_place: bool) -> None:
         """Run the recurrence with ``recurrence`` (fla-core's, or a test's stand-in on the CPU);
@@ -323,8 +329,10 @@ class RWKV7(BatchedModel):
             parts.append(self._native.describe())
             if self.head.native_scale is not None:
                 parts.append("int8 weights (one scale per row)")
-                if self.head.native_vnni:
+                if self.head.native_inputs == "int8":
                     parts.append("8-bit inputs (one scale per 64 columns)")
+            if self.head.native_inputs == "bf16":
+                parts.append("bf16 weights and inputs of the products, float32 sums")
         int8 = self._int8_report()[0]
         if int8 is not None:
             parts.append(int8)

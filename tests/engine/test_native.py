@@ -209,14 +209,22 @@ def test_the_c_step_gets_the_same_bits_on_any_number_of_threads(runners: dict[st
 # ---------------------------------------------------------------------------------- int8 weights
 
 
-def test_int8_weights_are_close_to_fp32_and_not_equal(c_step: native.Native, tmp_path: Path) -> None:
-    """'cpu int8' on the C step (weight-only int8, one scale per row) against 'cpu fp32', width
+@pytest.mark.parametrize("strategy", ["cpu int8", "cpu bf16"])
+def test_reduced_weights_are_close_to_fp32_and_not_equal(
+    c_step: native.Native, tmp_path: Path, strategy: str
+) -> None:
+    """'cpu int8' on the C step (int8 weights, one scale per row) and 'cpu bf16' on it (bf16
+    weights, where it is built with AVX-512 BF16; its state in float32) against 'cpu fp32', width
     256, teacher-forced on fp32's greedy tokens: the logits within 5% and not fp32's (above 1e-5),
     most greedy tokens the same."""
+    if strategy == "cpu bf16" and not c_step.bf16:
+        pytest.skip("this CPU has no AVX-512 BF16: 'cpu bf16' runs PyTorch")
     path = write_random_model(tmp_path / "w.pth", 7, ModelShape(2, 256, 1024), seed=6)
-    fp32, int8 = load(path, "cpu fp32", max_slots=3), load(path, "cpu int8", max_slots=3)
-    assert "int8 weights" in int8.describe_kernels() and "C step" in int8.describe_kernels()
-    assert "int8" not in fp32.describe_kernels()
+    fp32, int8 = load(path, "cpu fp32", max_slots=3), load(path, strategy, max_slots=3)
+    kind = "int8 weights" if strategy == "cpu int8" else "bf16 weights"
+    assert kind in int8.describe_kernels() and "C step" in int8.describe_kernels()
+    assert "int8" not in fp32.describe_kernels() and "bf16" not in fp32.describe_kernels()
+    assert all(t.dtype == torch.float32 for t in int8.export_slot(0))
     slots = [0, 1, 2]
     for runner in (fp32, int8):
         for slot in slots:
@@ -314,6 +322,27 @@ def test_mat_refuses_what_the_c_step_cannot_read() -> None:
         native.mat(packed.transpose(0, 1), 37, None)  # not contiguous / not the layout
 
 
+@pytest.mark.parametrize("shape", [(37, 24), (16, 5), (1, 7), (48, 131)])
+def test_pack_bf16_and_unpack_round_trip(shape: tuple[int, int]) -> None:
+    """pack_bf16() gives panels of 16 rows with two columns of a row together, rounded to bf16,
+    the padding zeros; unpack_bf16() gives the rounded weight back; native.mat() marks it bf16 and
+    refuses it with scales or without its columns."""
+    rows, cols = shape
+    weight = torch.randn(rows, cols)
+    packed = native.pack_bf16(weight)
+    panels, pairs = -(-rows // 16), -(-cols // 2)
+    assert packed.shape == (panels, pairs, 16, 2) and packed.dtype == torch.bfloat16
+    assert torch.equal(packed[0, 0, 0, : min(cols, 2)], weight[0, :2].bfloat16())
+    wide = packed.transpose(1, 2).reshape(panels * 16, pairs * 2)
+    assert not wide[rows:].any() and not wide[:, cols:].any()
+    assert torch.equal(native.unpack_bf16(packed, rows, cols), weight.bfloat16())
+    assert native.mat(packed, rows, None, cols).layout == native.LAYOUT_BF16
+    with pytest.raises(ValueError):
+        native.mat(packed, rows, torch.ones(rows), cols)
+    with pytest.raises(ValueError):
+        native.mat(packed, rows, None)
+
+
 @pytest.mark.parametrize("shape", [(37, 24), (16, 5), (1, 7), (48, 130)])
 def test_pack_vnni_and_unpack_round_trip(shape: tuple[int, int]) -> None:
     """pack_vnni() gives panels of 16 rows with four columns of a row together, each int8 weight
@@ -339,8 +368,8 @@ def test_mat_takes_the_vnni_layout_only_with_its_scales_and_columns() -> None:
     q, scale = quantize_rows(torch.randn(37, 30))
     packed = native.pack_vnni(q)
     m = native.mat(packed, 37, scale, 30)
-    assert (m.rows, m.cols, m.vnni, m.scale) == (37, 30, 1, scale.data_ptr())
-    assert native.mat(native.pack(q), 37, scale).vnni == 0
+    assert (m.rows, m.cols, m.layout, m.scale) == (37, 30, native.LAYOUT_VNNI, scale.data_ptr())
+    assert native.mat(native.pack(q), 37, scale).layout == native.LAYOUT_PANELS
     for bad in ((None, 30), (scale, None), (scale, 34), (scale.double(), 30)):
         with pytest.raises(ValueError):
             native.mat(packed, 37, *bad)
@@ -370,18 +399,31 @@ def test_quantize_inputs_rounds_each_block_of_64_columns_on_its_own() -> None:
     assert float((got[2, 64:] - x[2, 64:]).abs().max()) < 0.05
 
 
-def test_the_products_on_8_bit_inputs_are_those_of_quantize_inputs(c_step: native.Native) -> None:
-    """On a CPU with AVX-512 VNNI, the head's int8 product on 8-bit inputs (rows and columns not
-    multiples of 16, 4 or 64; one to seven inputs: each kind of tile) is PyTorch's product of
-    quantize_inputs() and the int8 weight times its scales, to float32 rounding."""
-    if not c_step.vnni:
-        pytest.skip("this CPU has no AVX-512 VNNI: the C step's int8 products take float32 inputs")
+@pytest.mark.parametrize("inputs", ["int8", "bf16"])
+def test_the_products_on_rounded_inputs_are_those_of_round_inputs(c_step: native.Native, inputs: str) -> None:
+    """On a CPU with AVX-512 VNNI, the head's int8 product on 8-bit inputs, and with AVX-512 BF16
+    its bf16 product (rows and columns not multiples of 16, 4, 2 or 64; one to seven inputs: each
+    kind of tile), is PyTorch's product of the inputs rounded the same way (quantize_inputs(), or
+    to bf16) and the weight it holds (int8 times its scales, or bf16), to float32 rounding."""
+    if not (c_step.vnni if inputs == "int8" else c_step.bf16):
+        pytest.skip(f"this CPU has no AVX-512 {'VNNI' if inputs == 'int8' else 'BF16'}")
     assert c_step.lib is not None
     gen = torch.Generator().manual_seed(4)
-    for rows, cols in ((37, 30), (80, 130), (300, 256)):
+    for rows, cols in ((37, 30), (80, 131), (300, 256)):
         weight = torch.randn(rows, cols, generator=gen)
-        lin = Linear(weight, CPU, torch.float32, 4, int8=True, native=True, vnni=True)
-        assert lin.native is not None and lin.native.dtype == torch.uint8
+        lin = Linear(
+            weight,
+            CPU,
+            torch.float32,
+            4,
+            int8=inputs == "int8",
+            native=True,
+            vnni=True,
+            bf16=inputs == "bf16",
+        )
+        assert lin.native is not None and lin.native_inputs == inputs
+        if inputs == "bf16":
+            assert torch.equal(lin.plain_weight(), weight.bfloat16().float())
         m = lin.native_mat()
         ones, zeros = torch.ones(cols), torch.zeros(cols)
         for batch in (1, 2, 5, 7):
@@ -393,7 +435,7 @@ def test_the_products_on_8_bit_inputs_are_those_of_quantize_inputs(c_step: nativ
                 native.ptr(x), native.ptr(out), native.ptr(work), 2,
             )  # fmt: skip
             h = torch.nn.functional.layer_norm(x, (cols,), ones, zeros)
-            want = torch.nn.functional.linear(quantize_inputs(h), lin.plain_weight())
+            want = torch.nn.functional.linear(lin.round_inputs(h), lin.plain_weight())
             assert relative(out, want) < 1e-5
             assert relative(out, torch.nn.functional.linear(h, lin.plain_weight())) > 1e-4  # rounded inputs
 
@@ -466,7 +508,7 @@ def fallback_and_off(
     """``path`` loaded with a C-step self-check nothing passes (checking the one warning), and
     loaded with RWKV_DISCORD_NATIVE=off; both with 2 prompts of 5 tokens read."""
     monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK", -1.0)
-    monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK_8BIT", -1.0)
+    monkeypatch.setattr(rwkv7, "NATIVE_SELF_CHECK_ROUNDED", -1.0)
     with caplog.at_level(logging.WARNING):
         runner = load(path, strategy, max_slots=2)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -627,12 +669,14 @@ def test_layers_of_other_widths_get_scratch_space_of_their_own(c_step: native.Na
     assert runner.model._work.numel() >= needs(second, second.v1.rows)  # type: ignore[attr-defined]
 
 
-def test_only_float32_and_int8_tensors_reach_the_c_step() -> None:
-    """native.ptr refuses other dtypes (the C step reads float32 or int8 memory)."""
-    for dtype in (torch.float64, torch.bfloat16, torch.float16, torch.int32):
+def test_only_the_dtypes_the_c_step_reads_reach_it() -> None:
+    """native.ptr refuses other dtypes (the C step reads float32, int8, uint8 (int8 plus 128) or
+    bf16 memory)."""
+    for dtype in (torch.float64, torch.float16, torch.int32):
         with pytest.raises(ValueError, match="float32 or int8"):
             native.ptr(torch.zeros(4, dtype=dtype))
-    assert native.ptr(torch.zeros(4)) and native.ptr(torch.zeros(4, dtype=torch.int8))
+    for dtype in (torch.float32, torch.int8, torch.uint8, torch.bfloat16):
+        assert native.ptr(torch.zeros(4, dtype=dtype))
 
 
 def test_another_default_dtype_changes_nothing(c_step: native.Native, small_model: Path) -> None:
@@ -691,32 +735,52 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.parametrize("avx512", [False, True])
-def test_int8_takes_8_bit_inputs_only_where_built_with_avx512_vnni(
-    fresh: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path, avx512: bool
+# C step builds on an AVX2 CPU: the compiler's extra words, and the AVX-512 flags the build needs
+BUILDS = {
+    "avx2": ("-mno-avx512f", set()),
+    "vnni": ("-mno-avx512bf16", {"avx512f", "avx512bw", "avx512_vnni"}),
+    "bf16": ("-mno-avx512vnni", {"avx512f", "avx512bw", "avx512_bf16"}),
+    "both": ("", {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}),
+}
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_products_take_rounded_inputs_only_where_built_for_them(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch, small_model: Path, build: str
 ) -> None:
-    """Built without AVX-512 (CC="cc -mno-avx512f" on any AVX2 CPU), 'cpu int8' keeps float32
-    inputs; built with it on a CPU with AVX-512 VNNI, its products take 8-bit inputs and its
-    kernels say so. Either way the self-check passes and a sequence gets the same bits alone or in
-    a batch."""
+    """Built without AVX-512 (CC="cc -mno-avx512f", on any AVX2 CPU), 'cpu int8' keeps float32
+    inputs and 'cpu bf16' runs PyTorch; built with AVX-512 VNNI, 'cpu int8''s products take 8-bit
+    inputs; with AVX-512 BF16, 'cpu bf16' runs the C step on bf16 weights. Their kernels say which,
+    the self-check passes, and a sequence gets the same bits alone or in a batch."""
     flags = cpu_flags()
+    words, needs = BUILDS[build]
     if not c_step_expected() or "avx2" not in flags or shutil.which("cc") is None:
         pytest.skip("no C compiler, or not an AVX2 CPU")
-    if avx512 and not {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    monkeypatch.setenv("CC", f"{shutil.which('cc')}{'' if avx512 else ' -mno-avx512f'}")
+    if not needs <= flags:
+        pytest.skip(f"this CPU lacks {sorted(needs - flags)}")
+    monkeypatch.setenv("CC", f"{shutil.which('cc')} {words}".strip())
     loaded = native.load()
     assert loaded.lib is not None, loaded.why_not
-    assert loaded.vnni is avx512
-    assert loaded.simd == ("AVX2, AVX-512 VNNI" if avx512 else "AVX2")
-    runner = load(small_model, "cpu int8", max_slots=4)
-    kernels = runner.describe_kernels()
-    assert "C step" in kernels and "int8 weights" in kernels
-    assert ("8-bit inputs" in kernels) is avx512
-    for slot in range(4):
-        runner.zero_slot(slot)
-    alone = runner.prefill([0], prompts(1, 5), logits=True)
-    together = runner.prefill([1, 2, 3], [*prompts(2, 5, first=300), *prompts(1, 5)], logits=True)
-    assert alone is not None and together is not None
-    assert torch.equal(alone[0], together[2])
-    assert torch.equal(runner.decode([0], [9])[0], runner.decode([3, 1, 2], [9, 4, 5])[0])
+    vnni, bf16 = "avx512_vnni" in needs, "avx512_bf16" in needs
+    assert (loaded.vnni, loaded.bf16) == (vnni, bf16)
+    assert loaded.simd == ", ".join(
+        ["AVX2", *(["AVX-512 VNNI"] if vnni else []), *(["AVX-512 BF16"] if bf16 else [])]
+    )
+    for strategy in ("cpu int8", "cpu bf16"):
+        runner = load(small_model, strategy, max_slots=4)
+        kernels = runner.describe_kernels()
+        if strategy == "cpu int8":
+            assert "C step" in kernels and "int8 weights" in kernels
+            assert ("8-bit inputs" in kernels) is vnni
+        else:
+            assert ("C step" in kernels) is bf16, kernels
+            assert ("bf16 weights" in kernels) is bf16
+            if not bf16:
+                continue  # PyTorch in bf16, as before
+        for slot in range(4):
+            runner.zero_slot(slot)
+        alone = runner.prefill([0], prompts(1, 5), logits=True)
+        together = runner.prefill([1, 2, 3], [*prompts(2, 5, first=300), *prompts(1, 5)], logits=True)
+        assert alone is not None and together is not None
+        assert torch.equal(alone[0], together[2])
+        assert torch.equal(runner.decode([0], [9])[0], runner.decode([3, 1, 2], [9, 4, 5])[0])
