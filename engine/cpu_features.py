@@ -21,7 +21,8 @@ pairs of products saturate on full 8-bit inputs; those CPUs get 7-bit inputs
 (:attr:`CpuFeatures.vnni`). ``FBGEMM_ENABLE_INSTRUCTIONS`` can hold fbgemm below the CPU's level,
 and is read here too.
 
-:func:`choose_cpu_precision` picks fp32 or bf16 for the ``auto`` precision; the flags come from
+:func:`choose_cpu_precision` picks fp32 or bf16 for the ``auto`` precision (bf16 with AMX, or
+where the C step is built with AVX-512 BF16); the flags come from
 ``/proc/cpuinfo`` and torch's own probes (AMX also needs the kernel's permission, which only the
 probe sees). This module reads no torch on import.
 """
@@ -111,11 +112,16 @@ def fbgemm_may_use_vnni() -> bool:
     return os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").strip().upper() not in _FBGEMM_BELOW_VNNI
 
 
-def choose_cpu_precision(features: CpuFeatures) -> tuple[str, str]:
-    """The precision the ``auto`` strategy runs on this CPU, and why (for the start-up line)."""
+def choose_cpu_precision(features: CpuFeatures, c_step_bf16: bool = False) -> tuple[str, str]:
+    """The precision the ``auto`` strategy runs on this CPU, and why (for the start-up line);
+    ``c_step_bf16``: the C step (engine.native) is built with AVX-512 BF16 here."""
     if features.amx:
         return "bf16", "AMX ran a bf16 product at 3.2x fp32 (one product measured, not the engine)"
-    return "fp32", "without AMX bf16 is not faster than fp32 ('cpu int8' is, with approximate outputs)"
+    if c_step_bf16:
+        return "bf16", "the C step's AVX-512 BF16 products ran a decode step at 1.9x to 2.1x fp32"
+    if features.avx512_bf16:
+        return "fp32", "no C step built with AVX-512 BF16, and PyTorch's bf16 is not faster than fp32"
+    return "fp32", "without bf16 hardware bf16 is not faster than fp32 ('cpu int8' is, approximate)"
 
 
 def cpuinfo_flags(cpuinfo: str) -> set[str]:

@@ -34,27 +34,39 @@ def cpuinfo(flags: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("flags", "amx_usable", "precision", "vnni"),
+    ("flags", "amx_usable", "c_step_bf16", "precision", "vnni"),
     [
-        (SAPPHIRE_RAPIDS, True, "bf16", True),
-        (SAPPHIRE_RAPIDS, False, "fp32", True),  # the kernel does not let the process use AMX
-        (ICE_LAKE, None, "fp32", True),
-        (ZEN4, None, "fp32", True),
-        (OLD, None, "fp32", False),
-        (ALDER_LAKE, None, "fp32", False),
+        (SAPPHIRE_RAPIDS, True, False, "bf16", True),
+        (SAPPHIRE_RAPIDS, False, False, "fp32", True),  # the kernel does not let the process use AMX
+        (SAPPHIRE_RAPIDS, False, True, "bf16", True),  # ... but the C step has AVX-512 BF16
+        (ICE_LAKE, None, False, "fp32", True),
+        (ZEN4, None, True, "bf16", True),
+        (ZEN4, None, False, "fp32", True),  # no C step (no compiler): PyTorch's bf16 is slow
+        (OLD, None, False, "fp32", False),
+        (ALDER_LAKE, None, False, "fp32", False),
     ],
-    ids=["amx", "amx-not-permitted", "avx512-vnni", "avx512-bf16-only", "avx2", "avx-vnni"],
+    ids=[
+        "amx",
+        "amx-not-permitted",
+        "amx-not-permitted-c-step",
+        "avx512-vnni",
+        "avx512-bf16-c-step",
+        "avx512-bf16-no-c-step",
+        "avx2",
+        "avx-vnni",
+    ],
 )
-def test_auto_picks_bf16_only_where_amx_runs(
-    flags: str, amx_usable: bool | None, precision: str, vnni: bool
+def test_auto_picks_bf16_where_amx_or_the_c_step_runs_it(
+    flags: str, amx_usable: bool | None, c_step_bf16: bool, precision: str, vnni: bool
 ) -> None:
-    """bf16 with usable AMX tiles, fp32 everywhere else; int8 is never picked by itself. VNNI:
-    AVX-512 VNNI only, the one fbgemm has kernels for."""
+    """bf16 with usable AMX tiles or with the C step built with AVX-512 BF16, fp32 everywhere
+    else; int8 is never picked by itself. VNNI: AVX-512 VNNI only, the one fbgemm has kernels
+    for."""
     features = CpuFeatures.from_flags(cpuinfo_flags(cpuinfo(flags)), "AVX512", amx_usable=amx_usable)
     assert features.vnni is vnni
-    chosen, why = choose_cpu_precision(features)
+    chosen, why = choose_cpu_precision(features, c_step_bf16)
     assert chosen == precision
-    resolved = resolve_strategy("cpu auto", features)
+    resolved = resolve_strategy("cpu auto", features, c_step_bf16)
     assert resolved.strategy == f"cpu {precision}"
     assert resolved.reason is not None and features.describe() in resolved.reason
     assert resolved.describe() == f"cpu {precision}, auto: this CPU has {features.describe()}; {why}"
