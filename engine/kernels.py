@@ -60,7 +60,6 @@ class Linear:
         vnni: bool = False,
         bf16: bool = False,
     ):
-        w = weight.to(device=device, dtype=dtype)
         self.packed: torch.Tensor | None = None
         self.weight_t: torch.Tensor | None = None
         self.int8: Any = None  # fbgemm's packed int8 weight
@@ -72,19 +71,22 @@ class Linear:
         self.native: torch.Tensor | None = None
         self.native_scale: torch.Tensor | None = None
         self.native_inputs = "float32"  # what the C step rounds this product's inputs to: int8, bf16
-        self.rows, self.cols = int(w.shape[0]), int(w.shape[1])
+        self.rows, self.cols = int(weight.shape[0]), int(weight.shape[1])
         if native and device.type == "cpu" and dtype == torch.float32:
             from engine.native import pack, pack_bf16, pack_vnni
 
+            # from the file's tensor, with no float32 copy of the whole matrix on the way (a
+            # bf16 file's head is 0.5 GB in float32 at 1.5B)
             if int8:
-                q, self.native_scale = quantize_rows(w)
+                q, self.native_scale = quantize_rows_in_chunks(weight)
                 self.native = pack_vnni(q) if vnni else pack(q)
                 self.native_inputs = "int8" if vnni else "float32"
             elif bf16:
-                self.native, self.native_inputs = pack_bf16(w), "bf16"
+                self.native, self.native_inputs = pack_bf16(weight), "bf16"
             else:
-                self.native = pack(w)
+                self.native = pack(weight, torch.float32)
             return
+        w = weight.to(device=device, dtype=dtype)
         if device.type == "cpu" and dtype == torch.float32 and w.numel() >= _PACK_MIN_NUMEL:
             if int8:
                 self.int8, self.int8_check = _int8_pack(w.contiguous(), reduce_range)
@@ -154,6 +156,19 @@ def quantize_inputs(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     q = torch.round(padded * inv).clamp(-127, 127)
     return (q * (amax / 127.0)).reshape(*x.shape[:-1], blocks * INPUT_BLOCK)[..., :K]
+
+
+def quantize_rows_in_chunks(weight: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of any float ``[out, in]`` weight, ``chunk`` rows at a time in
+    float32 (the same values: each row is quantized on its own)."""
+    rows = int(weight.shape[0])
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        q[start : start + chunk], scale[start : start + chunk] = quantize_rows(
+            weight[start : start + chunk].float()
+        )
+    return q, scale
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

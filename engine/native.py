@@ -283,15 +283,15 @@ def ptr(t: torch.Tensor) -> int:
 PANEL = 16  # rows of a panel of a packed weight
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
+def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An ``[rows, cols]`` weight in the C step's layout: panels of 16 rows, column by column,
     ``[ceil(rows / 16), cols, 16]`` (the last panel padded with zeros), in memory asked to be
-    backed by huge pages (:func:`_huge_empty`)."""
+    backed by huge pages (:func:`_huge_empty`); in ``dtype`` if given (converted on the way)."""
     rows, cols = weight.shape
     panels = -(-rows // PANEL)
     if rows % PANEL:
         weight = torch.cat((weight, weight.new_zeros(panels * PANEL - rows, cols)))
-    packed = _huge_empty((panels, cols, PANEL), weight.dtype)
+    packed = _huge_empty((panels, cols, PANEL), dtype or weight.dtype)
     packed.copy_(weight.reshape(panels, PANEL, cols).transpose(1, 2))
     return packed
 
@@ -337,10 +337,12 @@ def _pack_groups(weight: torch.Tensor, group: int, pad: int) -> torch.Tensor:
     ``group`` columns of a row together, padded with ``pad``."""
     rows, cols = weight.shape
     panels, groups = -(-rows // PANEL), -(-cols // group)
-    wide = torch.full((panels * PANEL, groups * group), pad, dtype=weight.dtype)
-    wide[:rows, :cols] = weight
+    wide = weight
+    if (panels * PANEL, groups * group) != (rows, cols):
+        wide = torch.full((panels * PANEL, groups * group), pad, dtype=weight.dtype)
+        wide[:rows, :cols] = weight
     packed = _huge_empty((panels, groups, PANEL, group), weight.dtype)
-    packed.copy_(wide.view(panels, PANEL, groups, group).transpose(1, 2))
+    packed.copy_(wide.reshape(panels, PANEL, groups, group).transpose(1, 2))
     return packed
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine import native
-from engine.kernels import Linear, quantize_inputs, quantize_rows
+from engine.kernels import Linear, quantize_inputs, quantize_rows, quantize_rows_in_chunks
 from engine.models import rwkv7
 from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
@@ -294,6 +294,16 @@ def test_pack_and_unpack_round_trip(shape: tuple[int, int]) -> None:
     assert torch.equal(native.unpack(packed, rows), weight)
     q = quantize_rows(weight)[0]
     assert torch.equal(native.unpack(native.pack(q), rows), q)
+
+
+def test_the_c_step_packs_from_the_files_tensor_without_changing_a_bit() -> None:
+    """A bf16 weight packed straight into float32 is the float32 weight packed; int8 rows
+    quantized a few at a time are those quantized all at once (each row is on its own)."""
+    weight = torch.randn(53, 40).bfloat16()
+    assert torch.equal(native.pack(weight, torch.float32), native.pack(weight.float()))
+    q, scale = quantize_rows(weight.float())
+    q2, scale2 = quantize_rows_in_chunks(weight, chunk=7)
+    assert torch.equal(q, q2) and torch.equal(scale, scale2)
 
 
 def test_mat_refuses_what_the_c_step_cannot_read() -> None:
