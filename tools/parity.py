@@ -77,7 +77,18 @@ def _compare(reference: Any, model: Any, strategy: str) -> dict[str, Any]:
                 want, state = ref_model.forward([token], [t.clone() for t in states[slot]])
                 decode_err = max(decode_err, _rel(got[slot], want))
                 states[slot] = list(state)
-    limit = fp32_limit(model.model.n_layer) if exact else INT8_LIMIT if int8 else 2e-2
+    # the C step's bf16 (engine.native) computes in float32 on bf16 weights; the package's bf16
+    # rounds everything: the kernels line names the former
+    c_step_bf16 = strategy.startswith("cpu") and "bf16 weights" in model.describe_kernels()
+    limit = (
+        fp32_limit(model.model.n_layer)
+        if exact
+        else INT8_LIMIT
+        if int8
+        else CPU_BF16_LIMIT
+        if c_step_bf16
+        else 2e-2
+    )
     prefill_limit = max(limit, SELF_FACTOR * self_err)
     return {
         "decode_rel_err": decode_err,
@@ -142,6 +153,14 @@ def _lengthen(prompt: list[int], length: int) -> list[int]:
 # logits make this relative error a worst case.
 INT8_MIN_PROMPT = 8
 INT8_LIMIT = 0.5
+
+# 'cpu bf16' on the C step (float32 arithmetic, bf16 weights, products on inputs rounded to bf16)
+# against the package's bf16 (bf16 throughout): they differ by the package's own rounding, which
+# the 16-bit limit of 2e-2 does not leave room for. Measured on a random model of 2 layers, width
+# 256, over 2-token prompts: the package's bf16 2.2e-2 from the package's fp32 on prefill and 1e-2
+# on decode, the C step's bf16 1.3e-2 and 7e-3, the two bf16s 2.1e-2 and 1.1e-2 apart; a wrong
+# state shows as 1 and more.
+CPU_BF16_LIMIT = 5e-2
 
 
 def fp32_limit(n_layer: int) -> float:

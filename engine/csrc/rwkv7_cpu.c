@@ -1,8 +1,10 @@
 /* The RWKV-7 forward pass of a batch on the CPU, one layer per call, in float32 arithmetic with
- * float32 or int8 weights (int8: one scale per output row, multiplied in after the row's sum). On a
- * CPU with AVX-512 VNNI the int8 products take 8-bit inputs too (one scale per input row and block
- * of KB columns) and sum in 32-bit integers, the way llama.cpp's q8_0 does: the int8 weights are
- * then read as they are, four columns to an instruction, instead of widened to float32 first.
+ * float32, int8 or bf16 weights (int8: one scale per output row, multiplied in after the row's
+ * sum). On a CPU with AVX-512 VNNI the int8 products take 8-bit inputs too (one scale per input
+ * row and block of KB columns) and sum in 32-bit integers, the way llama.cpp's q8_0 does: the int8
+ * weights are then read as they are, four columns to an instruction, instead of widened to float32
+ * first. With AVX-512 BF16, bf16 weights (cpu bf16; built without it, such a model runs PyTorch)
+ * multiply inputs rounded to bf16, two columns to an instruction, exactly, summed in float32.
  *
  * Built and loaded by engine/native.py (the C compiler at hand, -O3 -march=native -fopenmp; the
  * OpenMP runtime is the one torch has loaded, so torch and these loops share one thread team).

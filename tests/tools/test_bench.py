@@ -14,7 +14,7 @@ from engine.strategy import Resolved, resolve_strategy
 from engine.tokenizer import world_tokenizer
 from tools import bench, parity
 from tools.bench import _token_gaps, main
-from tools.parity import INT8_LIMIT, fp32_limit
+from tools.parity import CPU_BF16_LIMIT, INT8_LIMIT, fp32_limit
 
 
 def test_bench_writes_the_expected_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -188,8 +188,29 @@ def test_int8_parity_at_the_0_1b_shape(tmp_path: Path, capsys: pytest.CaptureFix
     assert parity["ok"] and parity["limit"] == INT8_LIMIT
     assert parity["prefill_tokens"] >= 8 and parity["short_prefill_tokens"] == 2
     assert 0.01 < parity["decode_rel_err"] < INT8_LIMIT and 0.01 < parity["prefill_rel_err"] < INT8_LIMIT
-    assert "int8 products (fbgemm, 73 of 73 matrices" in parity["kernels"]
-    assert f"(limit {INT8_LIMIT:.2g}): ok" in capsys.readouterr().out
+    if native.load().lib is not None:
+        assert "C step" in parity["kernels"] and "int8 weights" in parity["kernels"]
+    else:
+        assert "int8 products (fbgemm, 73 of 73 matrices" in parity["kernels"]
+    printed = capsys.readouterr().out
+    assert f"(limit {INT8_LIMIT:.2g}:" in printed and "): ok [" in printed
+
+
+def test_bf16_on_the_c_step_passes_parity_against_the_packages_bf16(tmp_path: Path) -> None:
+    """'cpu bf16' on the C step (float32 arithmetic on bf16 weights) is held to CPU_BF16_LIMIT
+    against the package's bf16, and passes it (measured: decode 1.1e-2, prefill 2.1e-2, which the
+    16-bit limit of 2e-2 failed)."""
+    if not native.load().bf16:
+        pytest.skip("the C step has no AVX-512 BF16 here: 'cpu bf16' runs PyTorch, held to 2e-2")
+    out = tmp_path / "bench.json"
+    argv = ["--layers", "2", "--embd", "256", "--vocab", "1024", "--concurrency", "1", "--tokens", "2"]
+    assert (
+        main([*argv, "--prompt-tokens", "3", "--strategy", "cpu bf16", "--parity", "--json", str(out)]) == 0
+    )
+    parity = json.loads(out.read_text())["parity"]
+    assert parity["ok"] and parity["limit"] == CPU_BF16_LIMIT
+    assert "bf16 weights" in parity["kernels"]
+    assert 1e-3 < parity["prefill_rel_err"] < CPU_BF16_LIMIT
 
 
 @pytest.mark.parametrize(("self_err", "ok"), [(0.05, True), (0.0, False)])
