@@ -202,6 +202,21 @@ static inline float activation(int epi, float v) {
     }
 DEFINE_ALL(f32, LOAD_F32, 4)
 DEFINE_ALL(i8, LOAD_I8, 1)
+#if RWKV_VNNI || RWKV_BF16
+/* panel_KIND(nm, ...): the tile of nm inputs (1 to MR) of the VNNI or bf16 products */
+#define DEFINE_DISPATCH(KIND, WT)                                                                   \
+    static void panel_##KIND(int nm, const WT *w, int64_t K, const QIn *qs, const int64_t *rows,     \
+                             float *out, const char *pf, int64_t pf_step) {                         \
+        switch (nm) {                                                                               \
+        case 1: panel_##KIND##_1(w, K, qs, rows, out, pf, pf_step); break;                          \
+        case 2: panel_##KIND##_2(w, K, qs, rows, out, pf, pf_step); break;                          \
+        case 3: panel_##KIND##_3(w, K, qs, rows, out, pf, pf_step); break;                          \
+        case 4: panel_##KIND##_4(w, K, qs, rows, out, pf, pf_step); break;                          \
+        case 5: panel_##KIND##_5(w, K, qs, rows, out, pf, pf_step); break;                          \
+        default: panel_##KIND##_6(w, K, qs, rows, out, pf, pf_step); break;                         \
+        }                                                                                           \
+    }
+#endif
 #if RWKV_VNNI
 static inline __m512i bcast4(const int8_t *q) {
     int32_t v;
@@ -240,17 +255,7 @@ DEFINE_PANEL_VNNI(3)
 DEFINE_PANEL_VNNI(4)
 DEFINE_PANEL_VNNI(5)
 DEFINE_PANEL_VNNI(6)
-static void panel_vnni(int nm, const uint8_t *w, int64_t K4, const QIn *qs, const int64_t *rows, float *out,
-                       const char *pf, int64_t pf_step) {
-    switch (nm) {
-    case 1: panel_vnni_1(w, K4, qs, rows, out, pf, pf_step); break;
-    case 2: panel_vnni_2(w, K4, qs, rows, out, pf, pf_step); break;
-    case 3: panel_vnni_3(w, K4, qs, rows, out, pf, pf_step); break;
-    case 4: panel_vnni_4(w, K4, qs, rows, out, pf, pf_step); break;
-    case 5: panel_vnni_5(w, K4, qs, rows, out, pf, pf_step); break;
-    default: panel_vnni_6(w, K4, qs, rows, out, pf, pf_step); break;
-    }
-}
+DEFINE_DISPATCH(vnni, uint8_t)
 /* GROUP panels for input row 0 (one sequence's decode step), the same operations per output */
 static void group_vnni(const uint8_t *w, int64_t K4, const QIn *qs, float *out) {
     __m512 tot[GROUP];
@@ -309,17 +314,7 @@ DEFINE_PANEL_BF16(3)
 DEFINE_PANEL_BF16(4)
 DEFINE_PANEL_BF16(5)
 DEFINE_PANEL_BF16(6)
-static void panel_bf16(int nm, const uint16_t *w, int64_t K2, const QIn *qs, const int64_t *rows, float *out,
-                       const char *pf, int64_t pf_step) {
-    switch (nm) {
-    case 1: panel_bf16_1(w, K2, qs, rows, out, pf, pf_step); break;
-    case 2: panel_bf16_2(w, K2, qs, rows, out, pf, pf_step); break;
-    case 3: panel_bf16_3(w, K2, qs, rows, out, pf, pf_step); break;
-    case 4: panel_bf16_4(w, K2, qs, rows, out, pf, pf_step); break;
-    case 5: panel_bf16_5(w, K2, qs, rows, out, pf, pf_step); break;
-    default: panel_bf16_6(w, K2, qs, rows, out, pf, pf_step); break;
-    }
-}
+DEFINE_DISPATCH(bf16, uint16_t)
 /* GROUP panels for input row 0 (one sequence's decode step), the same operations per output */
 static void group_bf16(const uint16_t *w, int64_t K2, const QIn *qs, float *out) {
     __m512 tot[GROUP];
