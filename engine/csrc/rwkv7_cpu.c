@@ -353,28 +353,42 @@ static void panel_plain(int nm, const Mat *A, const void *w, int64_t K, const fl
 }
 #endif
 
-static void store(const Job *job, const Mat *A, int64_t m, int64_t row0, const float *sums) {
-    const int64_t N = A->rows;
-    const int n = N - row0 < P ? (int)(N - row0) : P;
-    float *y = job->y + m * N + row0;
-    float s[P];
-    if (A->scale) {
-        for (int r = 0; r < n; r++) s[r] = sums[r] * A->scale[row0 + r];
-        sums = s;
+/* y = epilogue(sums [* scale]) for the n outputs of a tile row (n = P but at a matrix's last
+ * rows, where a fixed count lets the compiler write each loop as a vector or two) */
+#define STORE_LOOP(n, value)                                                                        \
+    switch (job->epi) {                                                                             \
+    case EPI_ADD:                                                                                   \
+        for (int r = 0; r < (n); r++) y[r] += (value);                                              \
+        break;                                                                                      \
+    case EPI_SET:                                                                                   \
+        for (int r = 0; r < (n); r++) y[r] = (value);                                               \
+        break;                                                                                      \
+    case EPI_RELU_SQ: /* a compare and a select, not a branch per output: the same values */       \
+        for (int r = 0; r < (n); r++) {                                                             \
+            const float v_ = (value), c_ = v_ > 0.0f ? v_ : 0.0f;                                   \
+            y[r] = c_ * c_;                                                                         \
+        }                                                                                           \
+        break;                                                                                      \
+    default:                                                                                        \
+        for (int r = 0; r < (n); r++) y[r] = activation(job->epi, (value));                         \
     }
-    /* one loop per epilogue (the output is read only where it is added to: a load of a line not
-     * yet in cache stalls, where a store does not) */
-    switch (job->epi) {
-    case EPI_ADD:
-        for (int r = 0; r < n; r++) y[r] += sums[r];
-        break;
-    case EPI_SET:
-        memcpy(y, sums, (size_t)n * sizeof(float));
-        break;
-    default:
-        for (int r = 0; r < n; r++) y[r] = activation(job->epi, sums[r]);
+
+static void store(const Job *job, const Mat *A, int64_t m, int64_t row0, const float *restrict sums) {
+    const int64_t N = A->rows;
+    float *restrict y = job->y + m * N + row0;
+    const float *restrict scale = A->scale ? A->scale + row0 : NULL;
+    /* (the output is read only where it is added to: a load of a line not yet in cache stalls,
+     * where a store does not) */
+    if (N - row0 >= P) {
+        if (scale) STORE_LOOP(P, sums[r] * scale[r])
+        else STORE_LOOP(P, sums[r])
+    } else {
+        const int n = (int)(N - row0);
+        if (scale) STORE_LOOP(n, sums[r] * scale[r])
+        else STORE_LOOP(n, sums[r])
     }
 }
+#undef STORE_LOOP
 
 /* inputs in the next tile: MR, but never leaving a last tile of fewer than 4 where that can be
  * helped (a tile of 1 to 3 inputs has too few sums in flight to keep the multipliers busy) */
