@@ -420,55 +420,40 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
     const size_t esize = A->scale ? 1 : 4, pstride = (size_t)K * P * esize;
     const char *base = (const char *)A->w + (size_t)p0 * pstride;
     float sums[MR * P > GROUP * P ? MR * P : GROUP * P];
+#if RWKV_VNNI || RWKV_BF16
+/* the products on rounded inputs (KIND vnni or bf16: weights of type WT, PACK columns of a row
+ * together, the columns padded to a multiple of PACK), the same way for both: one sequence's
+ * GROUP panels at once, else each panel for tiles of up to MR inputs */
+#define ROUNDED_PRODUCTS(KIND, WT, PACK)                                                            \
+    do {                                                                                            \
+        const int64_t Kp = (K + PACK - 1) / PACK * PACK;                                            \
+        const size_t rstride = (size_t)Kp * P;                                                      \
+        const WT *rbase = (const WT *)A->w + (size_t)p0 * rstride;                                  \
+        if (M == 1 && np == GROUP) {                                                                \
+            group_##KIND(rbase, Kp, &job->qin, sums);                                               \
+            for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);           \
+            return;                                                                                 \
+        }                                                                                           \
+        for (int64_t p = 0; p < np; p++) {                                                          \
+            const WT *w = rbase + (size_t)p * rstride;                                              \
+            for (int64_t m0 = 0; m0 < M;) {                                                         \
+                const int nm = tile_rows(M - m0);                                                   \
+                int64_t rows[MR];                                                                   \
+                for (int b = 0; b < nm; b++) rows[b] = m0 + b;                                      \
+                const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)(w + rstride) : NULL; \
+                panel_##KIND(nm, w, Kp, &job->qin, rows, sums, pf, (int64_t)sizeof(WT) * P);       \
+                for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);     \
+                m0 += nm;                                                                           \
+            }                                                                                       \
+        }                                                                                           \
+        return;                                                                                     \
+    } while (0)
+#endif
 #if RWKV_BF16
-    if (A->layout == LAYOUT_BF16) {
-        const int64_t K2 = (K + 1) / 2 * 2;
-        const size_t bstride = (size_t)K2 * P;
-        const uint16_t *bbase = (const uint16_t *)A->w + (size_t)p0 * bstride;
-        if (M == 1 && np == GROUP) {
-            group_bf16(bbase, K2, &job->qin, sums);
-            for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);
-            return;
-        }
-        for (int64_t p = 0; p < np; p++) {
-            const uint16_t *w = bbase + (size_t)p * bstride;
-            for (int64_t m0 = 0; m0 < M;) {
-                const int nm = tile_rows(M - m0);
-                int64_t rows[MR];
-                for (int b = 0; b < nm; b++) rows[b] = m0 + b;
-                const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)(w + bstride) : NULL;
-                panel_bf16(nm, w, K2, &job->qin, rows, sums, pf, 2 * P);
-                for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
-                m0 += nm;
-            }
-        }
-        return;
-    }
+    if (A->layout == LAYOUT_BF16) ROUNDED_PRODUCTS(bf16, uint16_t, 2);
 #endif
 #if RWKV_VNNI
-    if (A->layout == LAYOUT_VNNI) {
-        const int64_t K4 = (K + 3) / 4 * 4;
-        const size_t vstride = (size_t)K4 * P;
-        const uint8_t *vbase = (const uint8_t *)A->w + (size_t)p0 * vstride;
-        if (M == 1 && np == GROUP) {
-            group_vnni(vbase, K4, &job->qin, sums);
-            for (int g = 0; g < GROUP; g++) store(job, A, 0, (p0 + g) * P, sums + g * P);
-            return;
-        }
-        for (int64_t p = 0; p < np; p++) {
-            const uint8_t *w = vbase + (size_t)p * vstride;
-            for (int64_t m0 = 0; m0 < M;) {
-                const int nm = tile_rows(M - m0);
-                int64_t rows[MR];
-                for (int b = 0; b < nm; b++) rows[b] = m0 + b;
-                const char *pf = m0 == 0 && p0 + p + 1 < panels ? (const char *)w + vstride : NULL;
-                panel_vnni(nm, w, K4, &job->qin, rows, sums, pf, P);
-                for (int b = 0; b < nm; b++) store(job, A, m0 + b, (p0 + p) * P, sums + b * P);
-                m0 += nm;
-            }
-        }
-        return;
-    }
+    if (A->layout == LAYOUT_VNNI) ROUNDED_PRODUCTS(vnni, uint8_t, 4);
 #endif
 #if RWKV_AVX2
     if (M == 1 && np == GROUP) {
@@ -517,6 +502,8 @@ static void mat_block(const Job *job, int64_t M, int64_t unit) {
         }
     }
 }
+
+#undef ROUNDED_PRODUCTS
 
 #if RWKV_VNNI
 /* row m of x [M, K] quantized for the VNNI products (see QIn) */
