@@ -137,6 +137,49 @@ def test_a_model_of_one_layer_runs_the_c_step(c_step: native.Native, tmp_path: P
     assert relative(c.decode([1, 0], [5, 6]), pt.decode([1, 0], [5, 6])) < CLOSE
 
 
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu int8", "cpu bf16"])
+def test_part_filled_last_panels_compute_what_pytorch_computes(
+    c_step: native.Native, tmp_path: Path, strategy: str
+) -> None:
+    """Every product's last panel of 16 rows only part filled (a channel mix 520 wide, decay and
+    gate LoRA ranks of 24 and 40, a vocabulary of 1,001), so that each epilogue (ReLU squared,
+    tanh, sigmoid, the residual's add, the head's set) writes a short row: in fp32 the C step's
+    logits are PyTorch's over a prefill and three decode steps; in int8 and bf16 the C step passes
+    its own check against PyTorch at load time and serves."""
+    if strategy == "cpu bf16" and not c_step.bf16:
+        pytest.skip("this CPU has no AVX-512 BF16: cpu bf16 runs PyTorch")
+    path = write_random_model(tmp_path / "tails.pth", 7, ModelShape(2, 64, 1001), seed=13)
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(3)
+    C, F = 64, 520
+    for layer in range(2):
+        for name, shape in {
+            "att.w1": (C, 24), "att.w2": (24, C), "att.g1": (C, 40), "att.g2": (40, C),
+            "ffn.key.weight": (F, C), "ffn.value.weight": (C, F),
+        }.items():  # fmt: skip
+            weights[f"blocks.{layer}.{name}"] = torch.randn(*shape, generator=gen) * 0.1
+    torch.save(weights, path)
+    runner = load(path, strategy, max_slots=3)
+    assert "C step" in runner.describe_kernels()
+    first = runner.model._native_layers[0]  # type: ignore[attr-defined]
+    assert (first.ffn_key.rows, first.w1.rows, first.g1.rows, runner.vocab_size) == (F, 24, 40, 1001)
+    if strategy != "cpu fp32":
+        return
+    off = load(path, strategy, off=True, max_slots=3)
+    for r in (runner, off):
+        for slot in range(3):
+            r.zero_slot(slot)
+    got, want = (
+        runner.prefill([0, 1, 2], prompts(3, 4), logits=True),
+        off.prefill([0, 1, 2], prompts(3, 4), logits=True),
+    )
+    for _ in range(3):
+        assert got is not None and want is not None
+        assert relative(got, want) < CLOSE
+        tokens = want.argmax(-1).tolist()
+        got, want = runner.decode([0, 1, 2], tokens), off.decode([0, 1, 2], tokens)
+
+
 # ------------------------------------------------------------------- independence of the batch
 
 
