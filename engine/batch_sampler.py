@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine import native
 from engine.gpu import to_device
 from engine.sampling import SamplingParams, sample_token
 
@@ -58,7 +59,7 @@ def sample_batch(
     parts: list[torch.Tensor] = []
     if greedy:
         rows = shaped if len(greedy) == count else shaped.index_select(0, _rows(greedy, device))
-        parts.append(rows.argmax(dim=-1))
+        parts.append(_argmax(rows))
     if drawn:
         probs = torch.softmax(shaped if not greedy else shaped.index_select(0, _rows(drawn, device)), dim=-1)
         params = _RowParams([sampling[i] for i in drawn], [keys[i] for i in drawn], device)
@@ -92,6 +93,22 @@ def sample_batch(
     return tokens
 
 
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` of each row (values, ids), highest first: on the CPU by the C step's library
+    where it is at hand (:func:`engine.native.topk`, a pass over each row), else torch's."""
+    fast = native.topk(x, k) if x.device.type == "cpu" else None
+    if fast is not None:
+        return fast
+    values, ids = torch.topk(x, k, dim=-1)
+    return values, ids
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest value's id (``torch.argmax``), by :func:`_topk`'s pass on the CPU."""
+    fast = native.topk(x, 1) if x.device.type == "cpu" else None
+    return fast[1].flatten() if fast is not None else x.argmax(dim=-1)
+
+
 def _rows(rows: list[int], device: torch.device) -> torch.Tensor:
     """Row numbers as an index on the device (a Python list as an index would wait for it)."""
     return to_device(torch.tensor(rows, dtype=torch.long), device)
@@ -120,7 +137,7 @@ def _draw(probs: torch.Tensor, params: _RowParams, top: int, stage: int) -> tupl
     """One stage of the batched draw: the picked token of each row and whether the row's cut lay
     beyond the top ``top`` probabilities (undecided), both on the device."""
     vocab = probs.shape[-1]
-    values, ids = torch.topk(probs, min(top, vocab), dim=-1)
+    values, ids = _topk(probs, min(top, vocab))
     weights, undecided = _nucleus(values, params, vocab)
     race = _exponentials(params.row_keys, stage, values.shape[-1])
     picks = ids.gather(1, torch.argmax(weights.double() / race, dim=-1, keepdim=True)).flatten()

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "rwkv7_cpu.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "RWKV_DISCORD_NATIVE"  # "off" (or 0, no, false): the PyTorch path everywhere
-VERSION = 6  # rwkv7_native_version() of the source this module speaks to
+VERSION = 7  # rwkv7_native_version() of the source this module speaks to
 
 
 # Mat.layout: pack()'s panels (float32, or int8 with scales), pack_vnni()'s, pack_bf16()'s
@@ -268,6 +268,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rwkv7_layer.argtypes = [p, i32, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i32]
     lib.rwkv7_head.restype = None
     lib.rwkv7_head.argtypes = [p, p, p, i64, i64, p, p, p, i32]
+    lib.rwkv7_topk.restype = i32
+    lib.rwkv7_topk.argtypes = [p, i64, i64, i64, p, p, i32]
 
 
 _C_DTYPES = (torch.float32, torch.int8, torch.uint8, torch.bfloat16)  # uint8: pack_vnni's layout
@@ -278,6 +280,26 @@ def ptr(t: torch.Tensor) -> int:
     if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _C_DTYPES:
         raise ValueError("the C step takes contiguous float32 or int8 (uint8, bf16) CPU tensors")
     return int(t.data_ptr())
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``torch.topk(x, k, dim=-1)`` of a float32 CPU matrix [R, V] in one pass over each row, on
+    the library's threads: (values, ids), highest first, equal values by the lower index first (so
+    ``k = 1`` gives ``torch.argmax``'s ids). None where the library is not at hand or a row holds a
+    NaN (torch ranks NaN highest): the caller asks torch. torch's own top-k sorts more than it
+    needs: 2.2 ms for 64 of 32 x 65,536, and 1.5 ms for its argmax, on 2 cores."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 1 <= k <= x.shape[1]:
+        return None
+    lib = load().lib
+    if lib is None or x.shape[0] == 0:
+        return None
+    x = x.contiguous()
+    values = torch.empty(x.shape[0], k)
+    ids = torch.empty(x.shape[0], k, dtype=torch.long)
+    done = lib.rwkv7_topk(
+        ptr(x), x.shape[0], x.shape[1], k, ptr(values), ids.data_ptr(), torch.get_num_threads()
+    )
+    return (values, ids) if done else None
 
 
 PANEL = 16  # rows of a panel of a packed weight

@@ -85,7 +85,7 @@ typedef struct {
     QIn qin;        /* m->layout VNNI or BF16: x rounded (run_jobs) */
 } Job;
 
-int rwkv7_native_version(void) { return 6; }
+int rwkv7_native_version(void) { return 7; }
 
 /* what the build has: 1 AVX2, | 2 AVX-512 VNNI (int8 products on 8-bit inputs), | 4 AVX-512 BF16
  * (bf16 products); 0: portable C */
@@ -813,4 +813,94 @@ void rwkv7_head(const Mat *head, const float *ln_w, const float *ln_b, int64_t M
         Job jobs[1] = {{head, work, logits, EPI_SET}};
         run_jobs(jobs, 1, M, (char *)(work + M * C));
     }
+}
+
+/* ---------------------------------------------------------------- the sampler's top-k on the CPU */
+
+typedef struct {
+    float v;
+    int64_t i;
+} Ranked;
+
+/* a ranks below b: a smaller value, or the same value at a later index */
+static inline int below(Ranked a, Ranked b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
+
+/* restore the min-heap h[0..n) (the lowest rank at the root) from position at down */
+static void sift_down(Ranked *h, int64_t n, int64_t at) {
+    for (;;) {
+        int64_t low = at;
+        const int64_t l = 2 * at + 1, r = l + 1;
+        if (l < n && below(h[l], h[low])) low = l;
+        if (r < n && below(h[r], h[low])) low = r;
+        if (low == at) return;
+        const Ranked t = h[at];
+        h[at] = h[low];
+        h[low] = t;
+        at = low;
+    }
+}
+
+static int by_rank(const void *a, const void *b) {
+    const Ranked *x = (const Ranked *)a, *y = (const Ranked *)b;
+    return below(*y, *x) ? -1 : below(*x, *y) ? 1 : 0;
+}
+
+/* one row: the k largest of x [V] into h (sorted, highest first); 0 where the row holds a NaN */
+static int top_row(const float *x, int64_t V, int64_t k, Ranked *h) {
+    for (int64_t i = 0; i < k; i++) {
+        if (x[i] != x[i]) return 0;
+        h[i] = (Ranked){x[i], i};
+    }
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(h, k, i);
+    int64_t i = k;
+#if RWKV_AVX2
+    /* eight at a time: most values are below the k-th so far, and a compare tells (NaN as well) */
+    for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 gt = _mm256_cmp_ps(v, _mm256_set1_ps(h[0].v), _CMP_GT_OQ);
+        const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        if (_mm256_movemask_ps(nan)) return 0;
+        int bits = _mm256_movemask_ps(gt);
+        while (bits) {
+            const int j = __builtin_ctz(bits);
+            bits &= bits - 1;
+            if (x[i + j] > h[0].v) { /* the root may have risen since the compare */
+                h[0] = (Ranked){x[i + j], i + j};
+                sift_down(h, k, 0);
+            }
+        }
+    }
+#endif
+    for (; i < V; i++) {
+        if (x[i] != x[i]) return 0;
+        if (x[i] > h[0].v) { /* an equal value at a later index ranks below: kept out */
+            h[0] = (Ranked){x[i], i};
+            sift_down(h, k, 0);
+        }
+    }
+    qsort(h, (size_t)k, sizeof(Ranked), by_rank);
+    return 1;
+}
+
+/* torch.topk(x, k, dim=-1) of x [R, V] (1 <= k <= V) into values [R, k] and ids [R, k], highest
+ * first, equal values by the lower index first (so k = 1 is torch.argmax); returns 0, with the
+ * outputs unspecified, where a row holds a NaN (torch ranks NaN highest: the caller asks it) */
+int rwkv7_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *ids, int threads) {
+    int ok = 1;
+    Ranked *heaps = (Ranked *)malloc((size_t)(R * k) * sizeof(Ranked));
+    if (heaps == NULL) return 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(& : ok)
+    for (int64_t r = 0; r < R; r++) {
+        Ranked *h = heaps + r * k;
+        if (!top_row(x + r * V, V, k, h)) {
+            ok = 0;
+            continue;
+        }
+        for (int64_t j = 0; j < k; j++) {
+            values[r * k + j] = h[j].v;
+            ids[r * k + j] = h[j].i;
+        }
+    }
+    free(heaps);
+    return ok;
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import native
+from engine import batch_sampler, native
+from engine.batch_sampler import sample_batch
 from engine.kernels import Linear, quantize_inputs, quantize_rows, quantize_rows_in_chunks
 from engine.models import rwkv7
 from engine.native import ENV_SWITCH
 from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
 from tools.make_model import ModelShape, write_random_model
 
 CPU = torch.device("cpu")
@@ -491,6 +494,86 @@ def test_the_products_on_rounded_inputs_are_those_of_round_inputs(c_step: native
             want = torch.nn.functional.linear(lin.round_inputs(h), lin.plain_weight())
             assert relative(out, want) < 1e-5
             assert relative(out, torch.nn.functional.linear(h, lin.plain_weight())) > 1e-4  # rounded inputs
+
+
+# ---------------------------------------------------------------------------- the sampler's top-k
+
+
+def test_topk_is_torchs_in_one_pass(c_step: native.Native) -> None:
+    """native.topk gives torch.topk's values, highest first, and its ids where the values differ
+    (random logits and their probabilities, 1 to 64 of 65,536 and all of 9); equal values rank by
+    the lower id first, so k = 1 is torch.argmax even on ties; infinities are values like others."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 65536, generator=gen) * 3
+    for x in (logits, torch.softmax(logits, -1), torch.randn(3, 9, generator=gen)):
+        for k in (1, 2, 64) if x.shape[1] > 64 else (1, 2, x.shape[1]):
+            got, want = native.topk(x, k), torch.topk(x, k, dim=-1)
+            assert got is not None
+            assert torch.equal(got[0], want.values)
+            assert torch.equal(got[1], want.indices)
+            assert got[1].dtype == torch.long
+    ties = torch.tensor(
+        [[1.0, 3.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0], [-math.inf] * 4, [5, math.inf, 1, math.inf]]
+    )
+    got = native.topk(ties, 2)
+    assert got is not None
+    assert got[1].tolist() == [[1, 2], [0, 1], [0, 1], [1, 3]]
+    assert torch.equal(got[1][:, 0], ties.argmax(-1))
+
+
+def test_topk_leaves_a_nan_and_what_it_cannot_take_to_torch(c_step: native.Native) -> None:
+    """A row with a NaN (torch ranks it highest), another dtype, a k beyond the row: None, and
+    the sampler's own helpers then give torch's answer."""
+    x = torch.randn(3, 300)
+    x[1, 17] = math.nan
+    assert native.topk(x, 4) is None
+    assert native.topk(x.double(), 4) is None
+    assert native.topk(x[:, :3], 4) is None
+    assert torch.equal(batch_sampler._argmax(x), x.argmax(-1))
+    assert batch_sampler._argmax(x)[1] == 17
+    _, ids = batch_sampler._topk(x, 4)
+    assert torch.equal(ids, torch.topk(x, 4, dim=-1).indices)
+
+
+def test_the_sampler_picks_the_same_tokens_with_and_without_the_library(
+    c_step: native.Native, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sample_batch with the library's top-k and argmax, and with torch's (RWKV_DISCORD_NATIVE=off):
+    the same tokens for greedy and drawn rows, one of them flat enough to need the 1,024 stage."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 65536, generator=gen) * 4
+    logits[5] = torch.randn(65536, generator=gen) * 0.01  # flat: its cut lies beyond the top 64
+    sampling = [
+        SamplingParams(top_p=0.0),
+        SamplingParams(temperature=1.0, top_p=0.3),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=40),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.3, top_p=0.5),
+        SamplingParams(temperature=1.0, top_p=0.02),
+    ]
+    keys = [(7, i) for i in range(6)]
+
+    def draw() -> list[int]:
+        generators = [torch.Generator().manual_seed(i) for i in range(6)]
+        return sample_batch(logits, sampling, generators, keys)
+
+    served: list[int] = []  # the k of each top-k the library answered
+    real = native.topk
+
+    def counted(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        got = real(x, k)
+        if got is not None:
+            served.append(k)
+        return got
+
+    monkeypatch.setattr(native, "topk", counted)
+    with_library = draw()
+    assert sorted(set(served)) == [1, 64, 1024]  # greedy rows, drawn rows, the flat row's second stage
+    served.clear()
+    monkeypatch.setenv(ENV_SWITCH, "off")
+    assert draw() == with_library
+    assert not served
+    assert with_library[0] == int(logits[0].argmax()) and with_library[3] == int(logits[3].argmax())
 
 
 # ------------------------------------------------------------------------- without the C step
