@@ -96,7 +96,7 @@ def sample_batch(
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``k`` of each row (values, ids), highest first: on the CPU by the C step's library
     where it is at hand (:func:`engine.native.topk`, a pass over each row), else torch's."""
-    fast = native.topk(x, k) if x.device.type == "cpu" else None
+    fast = native.topk(x, k)  # None off the CPU, without the library, or on a NaN
     if fast is not None:
         return fast
     values, ids = torch.topk(x, k, dim=-1)
@@ -105,7 +105,7 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """Each row's first largest value's id (``torch.argmax``), by :func:`_topk`'s pass on the CPU."""
-    fast = native.topk(x, 1) if x.device.type == "cpu" else None
+    fast = native.topk(x, 1)
     return fast[1].flatten() if fast is not None else x.argmax(dim=-1)
 
 

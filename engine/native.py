@@ -4,6 +4,7 @@ A decode step in PyTorch is hundreds of small calls (about 40 a layer) and, at b
 products that do not reach the memory's speed; the C step does a layer in one call and one
 OpenMP parallel region, and reads each weight once per step whatever the batch. It runs float32
 arithmetic on float32 weights, or on int8 weights with one scale per output row (``'cpu int8'``).
+The same library serves the batched sampler's top-k and argmax on the CPU (:func:`topk`).
 
 The library is compiled on first use with the C compiler at hand (``$CC``, else ``cc``) for this
 CPU (``-march=native``) and cached under ``$XDG_CACHE_HOME/rwkv-discord/native`` (else

@@ -15,6 +15,8 @@
  * Every output element is summed in a fixed order that depends neither on the batch size nor on
  * the other rows of the batch nor on the number of threads, so a sequence's results are the same
  * bits alone or in any batch (the engine's exact restores rely on that).
+ *
+ * At the end, rwkv7_topk: the batched sampler's top-k (and argmax) of each row, in one pass.
  */
 #include <math.h>
 #include <stddef.h>
